@@ -1,0 +1,194 @@
+"""The ``clipfnd`` command (also ``python -m clipfnd``).
+
+    clipfnd data synthetic --out DIR --num-samples N [--num-val M] [--seed S] [--shard-size K]
+    clipfnd data digits --out DIR
+    clipfnd data build --from csv|imagefolder|hf --input PATH --out DIR
+    clipfnd train CONFIG.yaml [key=value ...]
+    accelerate launch [flags] -m clipfnd train CONFIG.yaml [key=value ...]
+    clipfnd eval --checkpoint RUN_OR_CHECKPOINT --task retrieval --data PATH
+    clipfnd export --checkpoint RUN_OR_CHECKPOINT --format open_clip|hf|timm --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("root", "accelerate", "open_clip", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+# --- data ----------------------------------------------------------------------------------
+def cmd_data_synthetic(a: argparse.Namespace) -> int:
+    from data_pipelines import synthetic
+    from data_pipelines.shards import write_split
+
+    spec = synthetic.SyntheticSpec(num_concepts=a.num_concepts, seed=a.seed, image_size=a.image_size)
+    names = synthetic.label_names(spec)
+    meta = {"source": "synthetic", "num_concepts": spec.num_concepts, "seed": spec.seed,
+            "image_size": spec.image_size}
+    out = Path(a.out)
+    summary = {}
+    for split, n in (("train", a.num_samples), ("val", a.num_val)):
+        if n <= 0:
+            continue
+        ss = write_split(out / split, synthetic.generate(spec, n, split), shard_size=a.shard_size,
+                         total=n, label_names=names, meta={**meta, "split": split},
+                         desc=f"synthetic {split}")
+        summary[split] = {"dir": str(out / split), "samples": ss.num_samples, "shards": ss.num_shards}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_digits(a: argparse.Namespace) -> int:
+    from data_pipelines import digits
+    from data_pipelines.shards import write_split
+
+    out = Path(a.out)
+    summary = {}
+    for split in ("train", "val"):
+        ss = write_split(out / split, digits.generate(split, seed=a.seed, image_size=a.image_size),
+                         shard_size=a.shard_size, label_names=digits.label_names(),
+                         meta={"source": "sklearn digits", "split": split, "seed": a.seed},
+                         desc=f"digits {split}")
+        summary[split] = {"dir": str(out / split), "samples": ss.num_samples, "shards": ss.num_shards}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_build(a: argparse.Namespace) -> int:
+    from data_pipelines.build import build_shards
+
+    ss = build_shards(
+        a.source, a.input, a.out, shard_size=a.shard_size, image_column=a.image_column,
+        caption_column=a.caption_column, label_column=a.label_column, separator=a.separator,
+        hf_split=a.hf_split,
+    )
+    print(json.dumps({"dir": a.out, "samples": ss.num_samples, "shards": ss.num_shards,
+                      "labels": ss.num_labels}, indent=2))
+    return 0
+
+
+# --- train ---------------------------------------------------------------------------------
+def cmd_train(a: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..train.loop import train
+
+    cfg = load_config(a.config, a.overrides)
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_summary(summary)
+    _finish_distributed()
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    ev = summary.get("eval") or {}
+    lines = [
+        "",
+        "=== clipfnd run summary ===",
+        f"run directory     : {summary['run_dir']}",
+        f"checkpoint        : {summary['checkpoint']}",
+        f"steps / epochs    : {summary['steps']} / {summary['epochs']}",
+        f"processes         : {summary['processes']} (global batch {summary['global_batch_size']})",
+        f"samples/s         : {summary['samples_per_sec']:.1f}",
+        f"final loss        : {summary['loss']:.4f}" if summary.get("loss") is not None else "final loss        : n/a",
+    ]
+    if summary.get("skipped_samples"):
+        lines.append(f"skipped samples   : {summary['skipped_samples']}")
+    if ev:
+        lines.append(f"image->text R@1/5 : {ev['i2t_R@1']:.3f} / {ev['i2t_R@5']:.3f}")
+        lines.append(f"text->image R@1/5 : {ev['t2i_R@1']:.3f} / {ev['t2i_R@5']:.3f}")
+        if "label_i2t_R@1" in ev:
+            lines.append(f"same-concept R@1  : i2t {ev['label_i2t_R@1']:.3f}, t2i {ev['label_t2i_R@1']:.3f}")
+    print("\n".join(lines), flush=True)
+
+
+def _finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# --- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipfnd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="write WebDataset shards")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    syn = dsub.add_parser("synthetic", help="the built-in captioned-shapes data (train + val)")
+    syn.add_argument("--out", required=True)
+    syn.add_argument("--num-samples", type=int, required=True, help="training samples")
+    syn.add_argument("--num-val", type=int, default=1000, help="held-out samples (0: none)")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--shard-size", type=int, default=1000)
+    syn.add_argument("--num-concepts", type=int, default=64, help="distinct caption meanings")
+    syn.add_argument("--image-size", type=int, default=64)
+    syn.set_defaults(func=cmd_data_synthetic)
+
+    dig = dsub.add_parser("digits", help="scikit-learn's handwritten digits (train + val)")
+    dig.add_argument("--out", required=True)
+    dig.add_argument("--seed", type=int, default=0)
+    dig.add_argument("--shard-size", type=int, default=400)
+    dig.add_argument("--image-size", type=int, default=32)
+    dig.set_defaults(func=cmd_data_digits)
+
+    b = dsub.add_parser("build", help="shards from your own data (CSV/TSV, image folder, HF dataset)")
+    b.add_argument("--from", dest="source", required=True, choices=["csv", "imagefolder", "hf"])
+    b.add_argument("--input", required=True, help="CSV/TSV file, image folder, or HF dataset folder/parquet")
+    b.add_argument("--out", required=True)
+    b.add_argument("--shard-size", type=int, default=1000)
+    b.add_argument("--image-column", default="image", help="csv/hf: column with the image (path)")
+    b.add_argument("--caption-column", default="caption", help="csv/hf: column with the caption")
+    b.add_argument("--label-column", default=None, help="optional integer or string label column")
+    b.add_argument("--separator", default=None, help="csv: field separator (default: from the extension)")
+    b.add_argument("--hf-split", default="train", help="hf: split to read from a DatasetDict")
+    b.set_defaults(func=cmd_data_build)
+
+    t = sub.add_parser("train", help="train from a YAML config with key=value overrides")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
+    t.set_defaults(func=cmd_train)
+
+    from .eval_export import add_parsers  # clipfnd eval / clipfnd export
+
+    add_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    from ..config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"clipfnd: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a readable line first, then the traceback for the details
+        from data_pipelines import DataError
+
+        if isinstance(e, (DataError, ValueError)):
+            print(f"clipfnd: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The one typed schema of a run: defaults <- YAML file <- ``key=value`` overrides.
+
+Every hyperparameter's default lives here and nowhere else. Unknown keys, wrong types and
+values out of range are refused when the config is loaded, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A misconfiguration, refused at start-up; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "clipfnd-tiny-vit"  # any open_clip model name, or one of clipfnd's own
+    pretrained: str | None = None  # a local weights file (.pt/.safetensors); never downloaded
+    init_logit_scale: float | None = None  # default: open_clip's log(1/0.07)
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # a shard folder with manifest.json
+    val: str | None = None  # held-out shard folder for evaluation
+    batch_size: int = 64  # GLOBAL batch (all processes together); must divide by processes
+    num_workers: int = 2  # loader processes per training process
+    shuffle_buffer: int = 1000  # samples held for shuffling in each worker
+    chunk_size: int = 32  # raw samples per worker chunk
+    resampled: bool = False  # draw shards with replacement (endless stream)
+    samples_per_epoch: int | None = None  # epoch length with resampled (default: dataset size)
+    on_error: str = "skip"  # skip | raise: what a bad sample does
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.1  # not applied to norms, biases, embeddings' scale, logit_scale
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    schedule: str = "cosine"  # cosine | constant (both after linear warmup)
+    warmup_steps: int = 50
+    grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
+    accum_steps: int = 1  # micro-batches per optimiser step (negatives stay per micro-batch)
+
+
+@dataclass
+class LossConfig:
+    name: str = "clip"  # clip | sogclr | fastclip_v3
+    tau: float = 0.07  # sogclr: the constant temperature; fastclip_v3: the initial one
+    gamma_min: float = 0.2  # u estimator's moving-average weight after decay
+    gamma_decay_epochs: int = 10  # cosine decay of gamma from 1.0 to gamma_min
+    rho: float = 6.5  # fastclip_v3 temperature term
+    tau_lr: float = 1e-4  # fastclip_v3: learning rate of the temperature
+    tau_min: float = 0.01  # fastclip_v3: lower bound of the learned temperature
+
+
+@dataclass
+class FNDConfig:
+    detector: str = "none"  # none | glofnd | oracle
+    alpha: float = 1e-3  # GloFND: share of the dataset above each anchor's threshold
+    lr: float = 0.05  # GloFND threshold learning rate
+    optimizer: str = "adam"  # adam | sgd, for the thresholds
+    beta1: float = 0.9
+    beta2: float = 0.98
+    init_threshold: float = 1.0  # nothing is flagged until thresholds have learned
+    start_update: int = 0  # epoch from which thresholds are learned
+    start_mask: int = 0  # epoch from which flagged negatives are removed (>= start_update)
+    removal: str = "eliminate"  # eliminate | attract
+    rescale: bool = True  # eliminate: rescale the kept negative sum to the full count
+    state_on_cpu: bool = False  # keep per-sample tables in host memory (huge datasets)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimiser steps in all
+    mixed_precision: str = "no"  # no | fp16 | bf16 (through Accelerate)
+    log_every: int = 10
+    checkpoint_every: int = 200  # optimiser steps; 0: only at the end
+    keep_checkpoints: int = 3
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    at_end: bool = True  # retrieval on data.val after training
+    every_steps: int = 0  # also every N optimiser steps (0: never)
+    batch_size: int = 256
+    num_workers: int = 0
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    resume: str | None = None  # latest | a checkpoint folder | null
+    overwrite: bool = False  # allow a fresh run in a folder that holds another run
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    fnd: FNDConfig = field(default_factory=FNDConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.on_error": ("skip", "raise"),
+    "optim.schedule": ("cosine", "constant"),
+    "loss.name": ("clip", "sogclr", "fastclip_v3"),
+    "fnd.detector": ("none", "glofnd", "oracle"),
+    "fnd.optimizer": ("adam", "sgd"),
+    "fnd.removal": ("eliminate", "attract"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+}
+
+
+def _friendly(e: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or getattr(e, "key", None)
+    msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+    if type(e).__name__ == "ConfigKeyError" or "not in" in msg:
+        return ConfigError(f"{where}: unknown config key '{key}' ({msg}). Top-level keys: "
+                           f"{', '.join(f.name for f in Config.__dataclass_fields__.values())}")
+    return ConfigError(f"{where}: bad value for '{key}': {msg}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the run config: schema defaults, then the YAML file, then ``key=value`` overrides."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            file_cfg = OmegaConf.load(p)
+        except Exception as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+        try:
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        except OmegaConfBaseException as e:
+            raise _friendly(e, str(p)) from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _friendly(e, f"override {item!r}") from e
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config keys without a value: {', '.join(missing)} (e.g. data.train=PATH)")
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than a type: choices, ranges, and keys that depend on each other."""
+
+    def get(dotted: str) -> Any:
+        node: Any = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+    for key, choices in CHOICES.items():
+        if get(key) not in choices:
+            raise ConfigError(f"{key}={get(key)!r} is not one of {', '.join(choices)}")
+    positive = ["data.batch_size", "data.chunk_size", "optim.accum_steps", "train.epochs",
+                "train.log_every", "eval.batch_size", "train.keep_checkpoints"]
+    for key in positive:
+        if get(key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {get(key)}")
+    for key in ["data.num_workers", "optim.warmup_steps", "train.checkpoint_every",
+                "eval.every_steps", "fnd.start_update", "fnd.start_mask", "optim.weight_decay"]:
+        if get(key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {get(key)}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
+    if not 0 < cfg.fnd.alpha < 1:
+        raise ConfigError(f"fnd.alpha must be in (0, 1), got {cfg.fnd.alpha}")
+    if cfg.fnd.lr <= 0:
+        raise ConfigError(f"fnd.lr must be > 0, got {cfg.fnd.lr}")
+    if not (0 <= cfg.fnd.beta1 < 1 and 0 <= cfg.fnd.beta2 < 1):
+        raise ConfigError("fnd.beta1 and fnd.beta2 must be in [0, 1)")
+    if cfg.fnd.start_mask < cfg.fnd.start_update:
+        raise ConfigError(
+            f"fnd.start_mask ({cfg.fnd.start_mask}) must be >= fnd.start_update "
+            f"({cfg.fnd.start_update}): masks come from thresholds that have started learning"
+        )
+    if not 0 < cfg.loss.tau <= 1:
+        raise ConfigError(f"loss.tau must be in (0, 1], got {cfg.loss.tau}")
+    if not 0 < cfg.loss.gamma_min <= 1:
+        raise ConfigError(f"loss.gamma_min must be in (0, 1], got {cfg.loss.gamma_min}")
+    if not 0 < cfg.loss.tau_min <= cfg.loss.tau:
+        raise ConfigError(f"loss.tau_min must be in (0, loss.tau], got {cfg.loss.tau_min}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be >= 1 or null, got {cfg.train.max_steps}")
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
+        raise ConfigError(f"resume={cfg.resume!r}: use 'latest' or an existing checkpoint folder")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """A config saved with a checkpoint, read back through the schema."""
+    base = OmegaConf.structured(Config)
+    try:
+        merged: DictConfig = OmegaConf.merge(base, OmegaConf.create(d))
+    except OmegaConfBaseException as e:
+        raise _friendly(e, "saved config") from e
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -1,0 +1,126 @@
+"""GloFND: a learned similarity threshold per anchor that flags global false negatives.
+
+Balmaseda et al., "Discovering Global False Negatives On the Fly for Self-supervised
+Contrastive Learning" (ICML 2025, arXiv 2502.20612). METHODS.md, "GloFND".
+
+Anchor ``n`` owns ``lambda_n``, the ``(1 - alpha)``-quantile of its similarities to the whole
+dataset, learned from mini-batches by minimising ``alpha * l + mean_j (s_nj - l)_+``::
+
+    g_n = alpha - (1 / (K |N_n|)) sum_k sum_{j in N_n} 1[s^k_nj > lambda_n]
+    m_n <- beta1 m_n + (1 - beta1) g_n ;  v_n <- beta2 v_n + (1 - beta2) g_n^2
+    lambda_n <- clamp(lambda_n - lr * mhat_n / (sqrt(vhat_n) + 1e-8), -1, 1)
+
+with the bias correction counted per sample (``c_n`` updates so far). ``K`` is the number of
+similarity rows an anchor has: 1 per modality (bimodal), 2 (the two views, unimodal).
+Negatives above the threshold are flagged: ``F_n = {j in N_n : s_nj > lambda_n}``.
+
+The detector reads and computes; it never writes the tables itself. ``update`` returns the
+new rows, and the training step writes every table's rows in one synchronised call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..state import StateTables
+
+EPS = 1e-8
+
+
+class GloFND:
+    """Per-sample thresholds for each anchor type.
+
+    Args:
+        tables: the per-sample tables; four are added per anchor type ``t``:
+            ``glofnd.lambda_t``, ``glofnd.m_t``, ``glofnd.v_t``, ``glofnd.count_t``.
+        anchor_types: ``("img", "txt")`` bimodal (image anchors vs texts, text anchors vs
+            images), ``("view",)`` unimodal (both views of an image share one threshold).
+        alpha: share of the dataset above each threshold, in (0, 1).
+        lr, optimizer ("adam" | "sgd"), beta1, beta2, init_threshold: the update rule.
+    """
+
+    def __init__(
+        self,
+        tables: StateTables,
+        anchor_types: tuple[str, ...] = ("img", "txt"),
+        *,
+        alpha: float = 1e-3,
+        lr: float = 0.05,
+        optimizer: str = "adam",
+        beta1: float = 0.9,
+        beta2: float = 0.98,
+        init_threshold: float = 1.0,
+    ):
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        self.tables = tables
+        self.anchor_types = anchor_types
+        self.alpha, self.lr, self.optimizer = alpha, lr, optimizer
+        self.beta1, self.beta2 = beta1, beta2
+        for t in anchor_types:
+            tables.add(f"glofnd.lambda_{t}", init_threshold)
+            tables.add(f"glofnd.m_{t}", 0.0)
+            tables.add(f"glofnd.v_{t}", 0.0)
+            tables.add(f"glofnd.count_{t}", 0.0)
+
+    def thresholds(self, anchor_type: str, index: torch.Tensor) -> torch.Tensor:
+        return self.tables.rows(f"glofnd.lambda_{anchor_type}", index)
+
+    def flags(self, sim: torch.Tensor, negatives: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """``[b, M]`` bool: negatives whose similarity is above their anchor's threshold."""
+        return (sim > lam[:, None].to(sim.dtype)) & negatives
+
+    @torch.no_grad()
+    def gradient(self, sims: list[torch.Tensor], negatives: list[torch.Tensor], lam: torch.Tensor) -> torch.Tensor:
+        """``g`` per anchor from its ``K`` similarity rows (each ``[b, M_k]``) and negative masks."""
+        above = torch.zeros_like(lam, dtype=torch.float64)
+        count = torch.zeros_like(lam, dtype=torch.float64)
+        for s, neg in zip(sims, negatives):
+            above += self.flags(s, neg, lam).sum(1).to(torch.float64)
+            count += neg.sum(1).to(torch.float64)
+        return (self.alpha - above / count.clamp(min=1)).to(torch.float32)
+
+    @torch.no_grad()
+    def update(
+        self,
+        anchor_type: str,
+        index: torch.Tensor,
+        sims: list[torch.Tensor],
+        negatives: list[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """New rows of this anchor type's tables for anchors ``index`` (not yet written)."""
+        t = anchor_type
+        dev = sims[0].device
+        lam = self.tables.rows(f"glofnd.lambda_{t}", index, dev)
+        g = self.gradient(sims, negatives, lam)
+        count = self.tables.rows(f"glofnd.count_{t}", index, dev) + 1
+        if self.optimizer == "sgd":
+            new_lam = (lam - self.lr * g).clamp(-1.0, 1.0)
+            return {f"glofnd.lambda_{t}": new_lam, f"glofnd.count_{t}": count}
+        m = self.beta1 * self.tables.rows(f"glofnd.m_{t}", index, dev) + (1 - self.beta1) * g
+        v = self.beta2 * self.tables.rows(f"glofnd.v_{t}", index, dev) + (1 - self.beta2) * g * g
+        mhat = m / (1 - torch.pow(torch.tensor(self.beta1, device=dev), count))
+        vhat = v / (1 - torch.pow(torch.tensor(self.beta2, device=dev), count))
+        new_lam = (lam - self.lr * mhat / (torch.sqrt(vhat) + EPS)).clamp(-1.0, 1.0)
+        return {
+            f"glofnd.lambda_{t}": new_lam,
+            f"glofnd.m_{t}": m,
+            f"glofnd.v_{t}": v,
+            f"glofnd.count_{t}": count,
+        }
+
+    @torch.no_grad()
+    def threshold_quantiles(self, anchor_type: str, qs=(0.1, 0.5, 0.9), max_rows: int = 65536) -> dict[str, float]:
+        """Quantiles of the thresholds of samples updated at least once (a fixed subsample)."""
+        lam = self.tables[f"glofnd.lambda_{anchor_type}"]
+        seen = self.tables[f"glofnd.count_{anchor_type}"] > 0
+        vals = lam[seen]
+        if vals.numel() == 0:
+            return {}
+        if vals.numel() > max_rows:
+            step = vals.numel() // max_rows
+            vals = vals[::step][:max_rows]
+        q = torch.quantile(vals.float(), torch.tensor(qs, device=vals.device))
+        return {f"lambda_{anchor_type}_q{int(p * 100):02d}": float(v) for p, v in zip(qs, q.tolist())}

@@ -1,0 +1,22 @@
+"""Loss functions: pure math over features and masks; no communication inside."""
+
+from .clip import clip_loss, contrastive_rows
+from .global_contrastive import (
+    attraction,
+    gamma_schedule,
+    global_contrastive_loss,
+    kept_negatives,
+    negative_ratio,
+    temperature_terms,
+)
+
+__all__ = [
+    "attraction",
+    "clip_loss",
+    "contrastive_rows",
+    "gamma_schedule",
+    "global_contrastive_loss",
+    "kept_negatives",
+    "negative_ratio",
+    "temperature_terms",
+]

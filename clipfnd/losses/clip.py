@@ -1,0 +1,100 @@
+"""Mini-batch contrastive loss (CLIP, bidirectional), with false-negative removal.
+
+Radford et al., "Learning Transferable Visual Models From Natural Language Supervision"
+(ICML 2021). METHODS.md, "Base losses" and "Removing detected false negatives".
+
+For local anchors ``i`` (this rank's ``b`` samples) against the gathered ``B`` samples of the
+other modality, with logits ``l_ij = s_ij / tau`` and positive column ``p(i) = offset + i``::
+
+    plain:      L_i = -log( e^{l_ip} / sum_j e^{l_ij} )
+    eliminate:  L_i = -log( e^{l_ip} / ( e^{l_ip} + (|N_i|/|K_i|) sum_{j in K_i} e^{l_ij} ) )
+                (no rescaling: the factor is 1; K_i empty: the negative sum is 0, L_i = 0)
+    attract:    L_i = -mean_{q in {p} U F_i} log( e^{l_iq} / sum_j e^{l_ij} )
+
+    L = 1/2 * mean_i L_i(image -> text) + 1/2 * mean_i L_i(text -> image)
+
+The loss knows nothing of how the features were gathered: the caller passes local and
+gathered features and the column offset of its first sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def contrastive_rows(
+    logits: torch.Tensor,
+    pos: torch.Tensor,
+    fn_mask: torch.Tensor | None = None,
+    removal: str = "eliminate",
+    rescale: bool = True,
+) -> torch.Tensor:
+    """Per-anchor InfoNCE losses for rows of ``logits`` with false negatives handled.
+
+    Shape:
+        logits: ``[b, M]`` (already divided by the temperature); pos: ``[b]`` positive columns;
+        fn_mask: ``[b, M]`` bool, True where a negative is a flagged false negative (must be
+        False at the positive). Returns ``[b]``.
+    """
+    if fn_mask is None:
+        return F.cross_entropy(logits, pos, reduction="none")
+    b, m = logits.shape
+    rows = torch.arange(b, device=logits.device)
+    is_pos = torch.zeros_like(fn_mask)
+    is_pos[rows, pos] = True
+    fn_mask = fn_mask & ~is_pos
+    logit_pos = logits[rows, pos]
+    if removal == "attract":
+        targets = (fn_mask | is_pos).to(logits.dtype)
+        mean_pos = (logits * targets).sum(1) / targets.sum(1)
+        return torch.logsumexp(logits, dim=1) - mean_pos
+    if removal != "eliminate":
+        raise ValueError(f"removal must be 'eliminate' or 'attract', got {removal!r}")
+    kept = ~fn_mask & ~is_pos
+    n_kept = kept.sum(1)
+    neg_logits = logits.masked_fill(~kept, float("-inf"))
+    if rescale:
+        n_neg = m - 1
+        factor = torch.where(n_kept > 0, math.log(n_neg) - torch.log(n_kept.clamp(min=1).to(logits.dtype)), 0.0)
+        neg_logits = neg_logits + factor[:, None]
+    # A row with nothing kept has negative sum 0; keep its logsumexp finite so that no NaN
+    # reaches the backward pass, then select -inf for it.
+    empty = n_kept == 0
+    neg_lse = torch.logsumexp(neg_logits.masked_fill(empty[:, None], 0.0), dim=1)
+    neg_lse = torch.where(empty, torch.full_like(neg_lse, float("-inf")), neg_lse)
+    denom = torch.logaddexp(logit_pos, neg_lse)
+    return denom - logit_pos
+
+
+def clip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    image_all: torch.Tensor,
+    text_all: torch.Tensor,
+    logit_scale: torch.Tensor,
+    offset: int = 0,
+    fn_i2t: torch.Tensor | None = None,
+    fn_t2i: torch.Tensor | None = None,
+    removal: str = "eliminate",
+    rescale: bool = True,
+) -> torch.Tensor:
+    """Bidirectional CLIP loss of this rank's anchors.
+
+    Shape:
+        image, text: ``[b, d]`` local normalised features; image_all, text_all: ``[B, d]``
+        gathered (with gradient) features; logit_scale: scalar ``1/tau``; fn_i2t, fn_t2i:
+        optional ``[b, B]`` bool false-negative masks of the image and text anchors.
+
+    Returns the mean over local anchors; the mean of this over ranks is the loss of the
+    global batch (and DDP's gradient averaging gives that loss's gradient).
+    """
+    b = image.shape[0]
+    pos = torch.arange(b, device=image.device) + offset
+    logits_i2t = logit_scale * image @ text_all.T
+    logits_t2i = logit_scale * text @ image_all.T
+    loss_i = contrastive_rows(logits_i2t, pos, fn_i2t, removal, rescale)
+    loss_t = contrastive_rows(logits_t2i, pos, fn_t2i, removal, rescale)
+    return 0.5 * (loss_i.mean() + loss_t.mean())

@@ -1,0 +1,93 @@
+"""Global contrastive loss: SogCLR and FastCLIP (v1: constant temperature, v3: learned).
+
+Yuan et al., "Provable Stochastic Optimization for Global Contrastive Learning: Small Batch
+Does Not Harm Performance" (ICML 2022, SogCLR); Wei et al., "FastCLIP: A Suite of
+Optimization Techniques to Accelerate CLIP Training with Limited Resources" (2024).
+METHODS.md, "Global contrastive loss".
+
+For a local anchor ``i`` with dataset index ``n``, positive ``p``, kept negatives ``K_i``::
+
+    g_i = mean_{j in K_i} exp( (s_ij - s_ip) / tau )        (0 when K_i is empty)
+    u_n <- (1 - gamma) u_n + gamma g_i.detach()              (done by the caller's state)
+    L   = tau * mean_i [ g_i / u_n ]                         (u_n a constant)
+
+With ``attract``, the flagged false negatives ``F_i`` join the positive: the objective
+``tau * mean_{q in {p} U F_i} log mean_{j in N_i} exp((s_ij - s_iq)/tau)`` equals
+``tau * log g_i - (mean_q s_iq - s_ip)`` with ``g_i`` over all of ``N_i``, so its surrogate
+is ``tau * g_i / u_n - (mean_q s_iq - s_ip)``.
+
+FastCLIP-v3 adds ``rho * tau + tau * mean_i log u_n``, and ``tau`` is learned.
+
+The functions here are pure: the ``u`` table is read and written by the training step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def negative_ratio(
+    sim: torch.Tensor,
+    pos: torch.Tensor,
+    tau: torch.Tensor | float,
+    kept: torch.Tensor,
+) -> torch.Tensor:
+    """``g_i``: mean over kept negatives of ``exp((s_ij - s_ip)/tau)``.
+
+    Shape: sim ``[b, M]`` cosine similarities; pos ``[b]``; kept ``[b, M]`` bool (False at the
+    positive and at removed negatives). Returns ``[b]``; 0 for a row with nothing kept.
+    """
+    rows = torch.arange(sim.shape[0], device=sim.device)
+    s_pos = sim[rows, pos]
+    z = (sim - s_pos[:, None]) / tau
+    # exp of masked entries is replaced by 0 without ever computing exp(+large) into a NaN grad
+    e = torch.where(kept, torch.exp(z.masked_fill(~kept, 0.0)), torch.zeros_like(z))
+    n_kept = kept.sum(1)
+    return e.sum(1) / n_kept.clamp(min=1).to(sim.dtype)
+
+
+def kept_negatives(pos: torch.Tensor, shape: tuple[int, int], fn_mask: torch.Tensor | None, removal: str, device) -> torch.Tensor:
+    """Negatives that stay in ``g``: everything but the positive, minus ``F_i`` under eliminate."""
+    b, m = shape
+    kept = torch.ones(b, m, dtype=torch.bool, device=device)
+    kept[torch.arange(b, device=device), pos] = False
+    if fn_mask is not None and removal == "eliminate":
+        kept &= ~fn_mask
+    return kept
+
+
+def attraction(sim: torch.Tensor, pos: torch.Tensor, fn_mask: torch.Tensor) -> torch.Tensor:
+    """``mean_{q in {p} U F_i} s_iq - s_ip`` per row (0 where nothing is flagged). ``[b]``."""
+    b = sim.shape[0]
+    rows = torch.arange(b, device=sim.device)
+    targets = fn_mask.clone()
+    targets[rows, pos] = True
+    t = targets.to(sim.dtype)
+    return (sim * t).sum(1) / t.sum(1) - sim[rows, pos]
+
+
+def global_contrastive_loss(
+    g: torch.Tensor,
+    u: torch.Tensor,
+    tau: torch.Tensor | float,
+    attract: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``tau * mean(g / u)`` (minus the attraction term when given). ``u`` must be detached."""
+    loss = tau * (g / u).mean()
+    if attract is not None:
+        loss = loss - attract.mean()
+    return loss
+
+
+def temperature_terms(u: torch.Tensor, tau: torch.Tensor, rho: float) -> torch.Tensor:
+    """FastCLIP-v3's extra terms for one anchor type: ``rho * tau + tau * mean log u``."""
+    return rho * tau + tau * torch.log(u).mean()
+
+
+def gamma_schedule(epoch: int, gamma_min: float, decay_epochs: int) -> float:
+    """Cosine decay of the moving-average weight from 1.0 to ``gamma_min``, then constant."""
+    if decay_epochs <= 0 or epoch >= decay_epochs:
+        return gamma_min
+    return gamma_min + (1.0 - gamma_min) * 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs))

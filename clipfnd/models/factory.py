@@ -1,0 +1,93 @@
+"""Building CLIP models from open_clip: any open_clip config by name, plus clipfnd's own.
+
+clipfnd's small configs (``clipfnd-tiny-vit``, ``clipfnd-small-vit``) ship in
+``clipfnd/models/model_configs`` and are registered with ``open_clip.add_model_config``.
+Weights are only ever read from local files; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def register_builtin_configs() -> None:
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def available_models() -> list[str]:
+    register_builtin_configs()
+    return open_clip.list_models()
+
+
+def check_model_name(name: str) -> None:
+    """Refuse an unknown model name with the closest known names."""
+    if name.startswith("local-dir:"):
+        return
+    models = available_models()
+    if name not in models:
+        close = difflib.get_close_matches(name, models, n=5, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown model name {name!r} (model.name): not an open_clip config or one of "
+            f"clipfnd's ({', '.join(p.stem for p in sorted(CONFIG_DIR.glob('*.json')))}).{hint}"
+        )
+
+
+@dataclass
+class ClipBundle:
+    model: torch.nn.Module
+    preprocess_train: Any
+    preprocess_val: Any
+    tokenizer: Any
+    name: str
+
+
+def create_clip(
+    name: str,
+    *,
+    pretrained: str | None = None,
+    init_logit_scale: float | None = None,
+    device: str | torch.device = "cpu",
+) -> ClipBundle:
+    """An open_clip CLIP model, its train/val image transforms and its tokenizer.
+
+    ``pretrained`` must be a local file (state dict, ``.pt`` or ``.safetensors``).
+    """
+    check_model_name(name)
+    if pretrained is not None and not Path(pretrained).exists():
+        raise FileNotFoundError(
+            f"model.pretrained={pretrained!r} does not exist (clipfnd loads weights only from "
+            "local files)"
+        )
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, device=device, output_dict=True
+    )
+    if init_logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(float(init_logit_scale))
+    tokenizer = open_clip.get_tokenizer(name)
+    return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, name)
+
+
+def model_config(name: str) -> dict[str, Any]:
+    register_builtin_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"no open_clip config named {name!r}")
+    return cfg
+
+
+MAX_LOGIT_SCALE = math.log(100.0)

@@ -1,0 +1,107 @@
+"""Per-sample state: named tables of length N keyed by the dataset index.
+
+Every rank holds a full replica of every table. A step changes only the rows of the samples
+in the global batch: each rank computes the new values of its own anchors' rows, then
+``write_rows`` all-gathers (indices, values) from every rank and scatters them into every
+replica, so the replicas stay identical with ``O(B)`` communication per step and nothing
+``O(N)``. The tables are saved and restored with the Accelerate checkpoint
+(``state_dict``/``load_state_dict``; register the object with
+``accelerator.register_for_checkpointing``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import distributed
+
+
+class TableIndexError(IndexError):
+    """A dataset index outside the tables (names the index and the table size)."""
+
+
+class StateTables:
+    """Named float32 tables of ``num_rows`` rows.
+
+    Args:
+        num_rows: the dataset size N.
+        device: where the tables live (the accelerator, or "cpu" for datasets whose tables
+            do not fit in accelerator memory; rows are moved to the compute device on read).
+    """
+
+    def __init__(self, num_rows: int, device: torch.device | str = "cpu"):
+        if num_rows < 1:
+            raise ValueError(f"num_rows must be >= 1, got {num_rows}")
+        self.num_rows = num_rows
+        self.device = torch.device(device)
+        self._tables: dict[str, torch.Tensor] = {}
+        self._init: dict[str, float] = {}
+
+    def add(self, name: str, init: float = 0.0) -> torch.Tensor:
+        if name in self._tables:
+            raise KeyError(f"table {name!r} already exists")
+        self._tables[name] = torch.full((self.num_rows,), float(init), dtype=torch.float32, device=self.device)
+        self._init[name] = float(init)
+        return self._tables[name]
+
+    def names(self) -> list[str]:
+        return list(self._tables)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tables
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tables[name]
+
+    def check_indices(self, index: torch.Tensor) -> None:
+        if index.numel() == 0:
+            return
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= self.num_rows:
+            bad = lo if lo < 0 else hi
+            raise TableIndexError(
+                f"dataset index {bad} is outside the per-sample tables of {self.num_rows} rows "
+                "(the dataset's manifest says it has that many samples; a shard with indices "
+                "from another dataset would do this)"
+            )
+
+    def rows(self, name: str, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Values of ``name`` at dataset indices ``index``, on ``device`` (default: index's)."""
+        idx = index.to(self.device)
+        out = self._tables[name][idx]
+        return out.to(device if device is not None else index.device, non_blocking=True)
+
+    @torch.no_grad()
+    def write_rows(self, index: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Set rows ``index`` of each named table on every rank.
+
+        Each rank passes its own anchors' indices ``[b]`` and new values ``{name: [b]}``; the
+        call gathers every rank's rows and writes them all, in one all-gather for the values.
+        Indices must be distinct over the whole global batch.
+        """
+        names = sorted(values)
+        if not names:
+            return
+        stacked = torch.stack([values[n].detach().to(torch.float32) for n in names], dim=1)
+        all_index = distributed.gather(index.to(stacked.device))
+        all_values = distributed.gather(stacked)
+        idx = all_index.to(self.device)
+        vals = all_values.to(self.device)
+        for k, n in enumerate(names):
+            self._tables[n][idx] = vals[:, k]
+
+    def state_dict(self) -> dict[str, object]:
+        return {"num_rows": self.num_rows, "tables": {n: t.cpu() for n, t in self._tables.items()}}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if state["num_rows"] != self.num_rows:
+            raise ValueError(
+                f"checkpoint tables have {state['num_rows']} rows, this run's dataset has "
+                f"{self.num_rows}: resume with the same training data"
+            )
+        tables = state["tables"]
+        missing = set(self._tables) - set(tables)  # type: ignore[arg-type]
+        if missing:
+            raise KeyError(f"checkpoint lacks per-sample tables {sorted(missing)}")
+        for n in self._tables:
+            self._tables[n].copy_(tables[n])  # type: ignore[index]

@@ -1,0 +1,214 @@
+"""One training step's loss for image-text (CLIP) training: batch -> features -> loss.
+
+The only place where the pieces meet: features are gathered (``clipfnd.distributed``),
+detectors turn detached similarities into false-negative masks (``clipfnd.fnd``), the loss
+math consumes features and masks (``clipfnd.losses``), and the per-sample tables
+(``clipfnd.state``) are read, then written once per step with every rank's new rows.
+
+Order inside a step, for each anchor type (image anchors vs texts, text anchors vs images):
+1. similarities of this rank's anchors against the gathered batch (detached copy for the
+   detector);
+2. false-negative masks from the thresholds *before* this step's update (from
+   ``fnd.start_mask`` on);
+3. GloFND's threshold update from the same similarities (from ``fnd.start_update`` on);
+4. the loss (CLIP, or the global loss with its ``u`` update);
+5. one ``write_rows`` for every table row changed (all ranks' rows, so replicas agree).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import distributed
+from ..config import Config
+from ..fnd import GloFND, detection_counts, detection_metrics, same_label
+from ..losses import (
+    attraction,
+    clip_loss,
+    gamma_schedule,
+    global_contrastive_loss,
+    kept_negatives,
+    negative_ratio,
+    temperature_terms,
+)
+from ..state import StateTables
+
+ANCHORS = ("img", "txt")
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    detection: torch.Tensor | None = None  # summed counts, see fnd.detection_counts
+
+
+class ClipObjective:
+    """Loss of one batch for CLIP training, with optional false-negative detection.
+
+    Args:
+        cfg: the run config (``loss`` and ``fnd`` sections are read).
+        tables: per-sample tables of the training set (GloFND thresholds, ``u`` estimators).
+        has_labels: the data carries labels (enables the oracle and detection quality).
+    """
+
+    def __init__(self, cfg: Config, tables: StateTables, has_labels: bool):
+        self.cfg = cfg
+        self.tables = tables
+        self.has_labels = has_labels
+        self.loss_name = cfg.loss.name
+        self.fnd = cfg.fnd
+        self.glofnd: GloFND | None = None
+        if cfg.fnd.detector == "oracle" and not has_labels:
+            raise ValueError(
+                "fnd.detector=oracle needs labels, and the training data has none "
+                "(its manifest lists no label_names)"
+            )
+        if cfg.fnd.detector == "glofnd":
+            f = cfg.fnd
+            self.glofnd = GloFND(
+                tables, ANCHORS, alpha=f.alpha, lr=f.lr, optimizer=f.optimizer,
+                beta1=f.beta1, beta2=f.beta2, init_threshold=f.init_threshold,
+            )
+        if self.loss_name != "clip":
+            for t in ANCHORS:
+                tables.add(f"gcl.u_{t}", 0.0)
+                tables.add(f"gcl.visits_{t}", 0.0)
+
+    # ------------------------------------------------------------------------------------
+    def temperature(self, logit_scale: torch.Tensor) -> torch.Tensor:
+        """``tau`` for the global losses: the constant, or the learned ``1 / logit_scale``."""
+        if self.loss_name == "sogclr":
+            return torch.tensor(self.cfg.loss.tau, device=logit_scale.device)
+        return 1.0 / logit_scale
+
+    def masking(self, epoch: int) -> bool:
+        return self.fnd.detector != "none" and epoch >= self.fnd.start_mask
+
+    def updating(self, epoch: int) -> bool:
+        return self.glofnd is not None and epoch >= self.fnd.start_update
+
+    def __call__(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        index: torch.Tensor,
+        label: torch.Tensor,
+        epoch: int,
+    ) -> StepOutput:
+        """Loss of this rank's anchors.
+
+        Args:
+            image_features, text_features: ``[b, d]`` normalised features of this rank.
+            logit_scale: ``1/tau`` as the model outputs it (``exp`` of its parameter).
+            index, label: ``[b]`` dataset indices and labels (-1: none) of this rank's samples.
+            epoch: the current epoch (schedules).
+        """
+        img = image_features.float()
+        txt = text_features.float()
+        b = img.shape[0]
+        self.tables.check_indices(index)
+        img_all = distributed.gather_with_grad(img)
+        txt_all = distributed.gather_with_grad(txt)
+        label_all = distributed.gather(label)
+        offset = distributed.label_offset(b)
+        pos = torch.arange(b, device=img.device) + offset
+        others = {"img": txt_all, "txt": img_all}
+        anchors = {"img": img, "txt": txt}
+        labels_local = label.to(img.device)
+
+        with torch.no_grad():
+            sims = {t: anchors[t] @ others[t].T for t in ANCHORS}
+        negatives = torch.ones(b, img_all.shape[0], dtype=torch.bool, device=img.device)
+        negatives[torch.arange(b, device=img.device), pos] = False
+
+        masks: dict[str, torch.Tensor | None] = {t: None for t in ANCHORS}
+        truth: dict[str, torch.Tensor] = {}
+        if self.has_labels:
+            truth = {t: same_label(labels_local, label_all.to(img.device), negatives) for t in ANCHORS}
+        if self.masking(epoch):
+            if self.fnd.detector == "oracle":
+                masks = dict(truth)
+            else:
+                assert self.glofnd is not None
+                for t in ANCHORS:
+                    lam = self.glofnd.thresholds(t, index).to(img.device)
+                    masks[t] = self.glofnd.flags(sims[t], negatives, lam)
+
+        new_rows: dict[str, torch.Tensor] = {}
+        if self.updating(epoch):
+            assert self.glofnd is not None
+            for t in ANCHORS:
+                new_rows.update(self.glofnd.update(t, index.to(img.device), [sims[t]], [negatives]))
+
+        metrics: dict[str, float] = {}
+        if self.loss_name == "clip":
+            loss = clip_loss(
+                img, txt, img_all, txt_all, logit_scale, offset,
+                masks["img"], masks["txt"], self.fnd.removal, self.fnd.rescale,
+            )
+        else:
+            loss, rows = self._global_loss(anchors, others, pos, masks, index, logit_scale, epoch, metrics)
+            new_rows.update(rows)
+        self.tables.write_rows(index.to(img.device), new_rows)
+
+        detection = None
+        if masks["img"] is not None:
+            counts = torch.zeros(5, dtype=torch.float64, device=img.device)
+            for t in ANCHORS:
+                flags = masks[t] if masks[t] is not None else torch.zeros_like(negatives)
+                tr = truth.get(t, torch.zeros_like(negatives))
+                counts += detection_counts(flags, tr, negatives)
+            detection = counts
+        return StepOutput(loss=loss, metrics=metrics, detection=detection)
+
+    def _global_loss(self, anchors, others, pos, masks, index, logit_scale, epoch, metrics):
+        tau = self.temperature(logit_scale)
+        gamma = gamma_schedule(epoch, self.cfg.loss.gamma_min, self.cfg.loss.gamma_decay_epochs)
+        loss = torch.zeros((), device=pos.device)
+        rows: dict[str, torch.Tensor] = {}
+        dev = pos.device
+        for t in ANCHORS:
+            sim = anchors[t] @ others[t].T  # with gradient
+            kept = kept_negatives(pos, tuple(sim.shape), masks[t], self.fnd.removal, dev)
+            g = negative_ratio(sim, pos, tau, kept)
+            u_old = self.tables.rows(f"gcl.u_{t}", index, dev)
+            visits = self.tables.rows(f"gcl.visits_{t}", index, dev)
+            gam = torch.where(visits > 0, torch.full_like(u_old, gamma), torch.ones_like(u_old))
+            u_new = (1 - gam) * u_old + gam * g.detach()
+            att = attraction(sim, pos, masks[t]) if (masks[t] is not None and self.fnd.removal == "attract") else None
+            loss = loss + 0.5 * global_contrastive_loss(g, u_new.clamp(min=1e-30), tau, att)
+            if self.loss_name == "fastclip_v3":  # rho * tau is added once below
+                loss = loss + 0.5 * temperature_terms(u_new.clamp(min=1e-30), tau, rho=0.0)
+            rows[f"gcl.u_{t}"] = u_new
+            rows[f"gcl.visits_{t}"] = visits + 1
+        if self.loss_name == "fastclip_v3":
+            loss = loss + self.cfg.loss.rho * tau
+        metrics["tau"] = float(tau.detach()) if torch.is_tensor(tau) else float(tau)
+        metrics["gamma"] = gamma
+        return loss, rows
+
+    def summarise(self, detection: torch.Tensor | None) -> dict[str, float]:
+        """Detection quality from counts summed over ranks (and steps)."""
+        if detection is None:
+            return {}
+        return detection_metrics(detection, "fnd/", with_truth=self.has_labels)
+
+    def threshold_metrics(self) -> dict[str, float]:
+        if self.glofnd is None:
+            return {}
+        out: dict[str, float] = {}
+        for t in ANCHORS:
+            out.update({f"fnd/{k}": v for k, v in self.glofnd.threshold_quantiles(t).items()})
+        return out
+
+
+def clamp_logit_scale(logit_scale: torch.nn.Parameter, loss_name: str, tau_min: float) -> None:
+    """Keep ``logit_scale`` in [0, ln 100] (CLIP, as open_clip does) or in [0, ln(1/tau_min)]."""
+    upper = math.log(100.0) if loss_name == "clip" else math.log(1.0 / tau_min)
+    with torch.no_grad():
+        logit_scale.clamp_(0.0, upper)

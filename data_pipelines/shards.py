@@ -1,0 +1,294 @@
+"""Writing WebDataset shards with dense dataset indices, and reading their manifest.
+
+Every sample written here gets its dense dataset index ``n`` in ``[0, N)`` in write order:
+in ``__key__`` (zero-padded) and in the sample's ``.json``. Samples that cannot be used
+(unreadable image, empty caption) are skipped *before* an index is given, so indices stay
+dense, and the skips are counted in the manifest.
+
+A shard folder looks like::
+
+    DIR/shard-000000.tar  DIR/shard-000001.tar ...  DIR/manifest.json
+
+``manifest.json`` records the sample count of every shard (the loader needs it to give every
+rank the same number of batches), the label names when the data has labels, and where the
+data came from.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = "shard-{:06d}.tar"
+FORMAT_NAME = "clipfnd-shards"
+FORMAT_VERSION = 1
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+class DataError(RuntimeError):
+    """Bad data or a bad data location; the message names the file, sample or key."""
+
+
+@dataclass
+class RawSample:
+    """One sample before it gets its dataset index: encoded image bytes and a caption."""
+
+    image: bytes
+    image_ext: str
+    caption: str
+    label: int | None = None
+    source: str = ""  # where it came from (a path or a row), for messages
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShardInfo:
+    path: str
+    num_samples: int
+
+
+@dataclass
+class ShardSet:
+    """The shards of one split and what the manifest says about them."""
+
+    root: str
+    shards: list[ShardInfo]
+    label_names: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names) if self.label_names else 0
+
+
+def check_image(data: bytes) -> str | None:
+    """Return None if ``data`` decodes as an image, else the reason it does not."""
+    if not data:
+        return "zero-byte image"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as e:  # PIL raises many types for bad bytes
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None
+
+
+class ShardWriter:
+    """Writes samples into numbered shards of ``shard_size`` samples and a manifest.
+
+    Output is deterministic: the same samples in the same order give the same bytes
+    (fixed tar mtime, owner and mode). Each shard is written to a temporary name and
+    renamed when complete, so a crash never leaves a half-written shard under a real name.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, shard_size: int = 1000, *, verify_images: bool = True):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.out_dir.glob("shard-*.tar"))
+        if existing:
+            raise DataError(
+                f"{self.out_dir} already holds shards ({existing[0].name}, ...); "
+                "write into an empty folder"
+            )
+        self.shard_size = shard_size
+        self.verify_images = verify_images
+        self.shards: list[ShardInfo] = []
+        self.skipped: dict[str, int] = {}
+        self.skipped_examples: list[str] = []
+        self._tar: wds.TarWriter | None = None
+        self._stream = None
+        self._in_shard = 0
+        self._next_index = 0
+
+    @property
+    def num_written(self) -> int:
+        return self._next_index
+
+    def _skip(self, reason: str, source: str) -> None:
+        kind = reason.split(" (")[0]
+        self.skipped[kind] = self.skipped.get(kind, 0) + 1
+        if len(self.skipped_examples) < 20:
+            self.skipped_examples.append(f"{source}: {reason}")
+
+    def _open_next(self) -> None:
+        name = SHARD_PATTERN.format(len(self.shards))
+        self._tmp_path = self.out_dir / (name + ".tmp")
+        self._final_path = self.out_dir / name
+        self._stream = open(self._tmp_path, "wb")
+        self._tar = wds.TarWriter(self._stream, user="clipfnd", group="clipfnd", mtime=0.0)
+        self._in_shard = 0
+
+    def _close_current(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()  # closes the stream too
+        os.replace(self._tmp_path, self._final_path)
+        self.shards.append(ShardInfo(self._final_path.name, self._in_shard))
+        self._tar = None
+
+    def write(self, sample: RawSample) -> int | None:
+        """Write one sample; return its dataset index, or None if it was skipped."""
+        caption = sample.caption.strip() if sample.caption else ""
+        if not caption:
+            self._skip("empty caption", sample.source)
+            return None
+        ext = sample.image_ext.lower().lstrip(".")
+        if ext == "jpeg":
+            ext = "jpg"
+        if ext not in IMAGE_EXTENSIONS:
+            self._skip(f"unsupported image type .{ext}", sample.source)
+            return None
+        if self.verify_images:
+            bad = check_image(sample.image)
+            if bad:
+                self._skip(bad, sample.source)
+                return None
+        if self._tar is None:
+            self._open_next()
+        n = self._next_index
+        meta: dict[str, Any] = {"index": n}
+        if sample.label is not None:
+            meta["label"] = int(sample.label)
+        meta.update(sample.extra)
+        self._tar.write(
+            {
+                "__key__": f"{n:09d}",
+                ext: sample.image,
+                "txt": caption.encode("utf-8"),
+                "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+            }
+        )
+        self._next_index += 1
+        self._in_shard += 1
+        if self._in_shard >= self.shard_size:
+            self._close_current()
+        return n
+
+    def write_all(self, samples: Iterable[RawSample]) -> None:
+        for s in samples:
+            self.write(s)
+
+    def finish(self, *, label_names: list[str] | None = None, meta: dict[str, Any] | None = None) -> ShardSet:
+        """Close the last shard and write ``manifest.json``; return the ShardSet."""
+        self._close_current()
+        if not self.shards:
+            raise DataError(
+                f"no usable sample was written to {self.out_dir} "
+                f"(skipped: {self.skipped or 'none'}; e.g. {self.skipped_examples[:3]})"
+            )
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "num_samples": self.num_written,
+            "num_shards": len(self.shards),
+            "shards": [{"file": s.path, "num_samples": s.num_samples} for s in self.shards],
+            "label_names": label_names,
+            "num_labels": len(label_names) if label_names else 0,
+            "skipped": dict(sorted(self.skipped.items())),
+            "meta": meta or {},
+        }
+        tmp = self.out_dir / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.out_dir / MANIFEST_NAME)
+        return load_shard_set(self.out_dir)
+
+
+def load_shard_set(spec: str | os.PathLike) -> ShardSet:
+    """Open a split: a folder with ``manifest.json``, or the manifest file itself.
+
+    Shards listed in the manifest must exist; a missing one is named in the error.
+    """
+    path = Path(spec)
+    manifest_path = path / MANIFEST_NAME if path.is_dir() else path
+    if not manifest_path.exists():
+        if path.is_dir() and sorted(path.glob("*.tar")):
+            raise DataError(
+                f"{path} holds .tar shards but no {MANIFEST_NAME}: clipfnd needs every sample's "
+                "dense dataset index and every shard's sample count; re-shard the data with "
+                "`clipfnd data build` (it writes both)"
+            )
+        raise DataError(f"no dataset at {spec}: expected a folder with {MANIFEST_NAME}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{manifest_path} is not valid JSON: {e}") from e
+    if manifest.get("format") != FORMAT_NAME:
+        raise DataError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
+    root = manifest_path.parent
+    shards = []
+    for entry in manifest["shards"]:
+        p = root / entry["file"]
+        if not p.exists():
+            raise DataError(f"shard {p} is listed in {manifest_path} but does not exist")
+        shards.append(ShardInfo(str(p), int(entry["num_samples"])))
+    return ShardSet(
+        root=str(root),
+        shards=shards,
+        label_names=manifest.get("label_names"),
+        meta=manifest.get("meta", {}),
+    )
+
+
+def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
+    """Group the members of one tar into samples by key (no decoding)."""
+    with tarfile.open(path, "r:") as tf:
+        current: dict[str, Any] | None = None
+        for member in tf:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            data = tf.extractfile(member).read()
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": path}
+            current[ext] = data
+        if current is not None:
+            yield current
+
+
+def write_split(
+    out_dir: str | os.PathLike,
+    samples: Iterable[RawSample],
+    *,
+    shard_size: int,
+    total: int | None = None,
+    label_names: list[str] | None = None,
+    meta: dict[str, Any] | None = None,
+    desc: str = "writing shards",
+    progress: bool = True,
+) -> ShardSet:
+    """Write ``samples`` into shards under ``out_dir`` with a progress bar; return the ShardSet."""
+    from tqdm.auto import tqdm
+
+    writer = ShardWriter(out_dir, shard_size)
+    for s in tqdm(samples, total=total, desc=desc, unit="sample", disable=not progress):
+        writer.write(s)
+    shard_set = writer.finish(label_names=label_names, meta=meta)
+    if writer.skipped:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: skipped %s (e.g. %s)", out_dir, writer.skipped, "; ".join(writer.skipped_examples[:3])
+        )
+    return shard_set

@@ -1,0 +1,1 @@
+"""Evaluation: reads a model and a dataset; knows nothing of training."""
