@@ -6,9 +6,15 @@ act on the default group when one is initialised, and are the identity otherwise
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+
+# torch marks this autograd all-gather deprecated in favour of a private API; it is the
+# public, documented way to gather with gradients, so keep it and keep logs quiet.
+warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
 
 
 def is_distributed() -> bool:

@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,7 +273,7 @@ def train(cfg: Config) -> dict[str, Any]:
     B = cfg.data.batch_size
     bar = tqdm(total=s.total_steps, initial=step, desc="train", unit="step",
                disable=not (cfg.train.progress and acc.is_main_process))
-    recent = deque(maxlen=50)
+    recent: list[torch.Tensor] = []  # losses since the last log line
     detection = None
     window_start, window_steps = time.perf_counter(), 0
     train_start, steps_at_start = time.perf_counter(), step
@@ -333,6 +332,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 metrics.write(record)
                 bar.set_postfix(loss=f"{loss_mean:.4f}")
                 last_record = record
+                recent.clear()
                 window_start, window_steps = time.perf_counter(), 0
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < s.total_steps:
                 save(cfg, s, step, epoch, it.state())

@@ -108,8 +108,9 @@ class ClipObjective:
             index, label: ``[b]`` dataset indices and labels (-1: none) of this rank's samples.
             epoch: the current epoch (schedules).
         """
-        img = image_features.float()
-        txt = text_features.float()
+        dtype = torch.promote_types(image_features.dtype, torch.float32)  # bf16/fp16 -> fp32
+        img = image_features.to(dtype)
+        txt = text_features.to(dtype)
         b = img.shape[0]
         self.tables.check_indices(index)
         img_all = distributed.gather_with_grad(img)

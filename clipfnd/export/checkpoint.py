@@ -1,0 +1,145 @@
+"""Reading a training checkpoint as an inference model: the weights and what describes them.
+
+A training checkpoint (``RUN/checkpoints/step_NNNNNNNN/``) holds the model's state dict
+(``model.safetensors``), ``trainer_state.json`` (step, epoch, model name, full run config) and
+training-only state (optimiser, scheduler, per-sample tables, RNG and loader states). Only the
+first two are read here; evaluation and export never see the rest.
+
+``RUN_OR_CHECKPOINT`` may be a run directory (its newest checkpoint with weights is used), a
+checkpoint directory, or the ``model.safetensors`` file inside one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from ..models.factory import ClipBundle, create_clip
+from ..train.checkpoint import TRAINER_STATE, list_checkpoints, read_trainer_state
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's model (eval mode, on CPU) with its provenance."""
+
+    path: Path  # the checkpoint directory
+    run_dir: Path | None
+    step: int | None
+    epoch: int | None
+    model_name: str
+    config: dict[str, Any]  # the full run config recorded at training time
+    bundle: ClipBundle
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bundle.model
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance for result and export files."""
+        return {
+            "checkpoint": str(self.path),
+            "run_dir": str(self.run_dir) if self.run_dir else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "model_name": self.model_name,
+        }
+
+
+def _usable(ckpt: Path) -> bool:
+    return (ckpt / TRAINER_STATE).is_file() and (ckpt / WEIGHTS_NAME).is_file()
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """The checkpoint directory that ``spec`` (run dir, checkpoint dir or weights file) names."""
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        if path.name != WEIGHTS_NAME:
+            raise FileNotFoundError(
+                f"{path} is a file; give a run directory, a checkpoint directory "
+                f"(RUN/checkpoints/step_NNNNNNNN) or its {WEIGHTS_NAME}"
+            )
+        path = path.parent
+    if (path / WEIGHTS_NAME).is_file():
+        if not (path / TRAINER_STATE).is_file():
+            raise FileNotFoundError(
+                f"{path} has {WEIGHTS_NAME} but no {TRAINER_STATE}, so the model it holds is "
+                "unknown (an incomplete checkpoint?)"
+            )
+        return path
+    found = list_checkpoints(path)
+    for ckpt in reversed(found):  # newest first; the loader state is not needed here
+        if _usable(ckpt):
+            return ckpt
+        log.warning("skipping %s: no %s or %s", ckpt, WEIGHTS_NAME, TRAINER_STATE)
+    if found:
+        raise FileNotFoundError(
+            f"no checkpoint under {path / 'checkpoints'} has both {WEIGHTS_NAME} and "
+            f"{TRAINER_STATE} (checked {len(found)})"
+        )
+    raise FileNotFoundError(
+        f"no checkpoint in {path}: expected a run directory with checkpoints/step_NNNNNNNN/ "
+        f"or a checkpoint directory with {WEIGHTS_NAME} and {TRAINER_STATE}"
+    )
+
+
+def check_fits(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, model_name: str,
+               source: Path) -> None:
+    """Refuse weights that do not fit ``model`` (missing/unexpected keys, other shapes)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [
+        f"{k} (checkpoint {list(state_dict[k].shape)}, model {list(v.shape)})"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches, e.g. {'; '.join(shapes[:3])}")
+    if missing:
+        parts.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
+    raise ValueError(
+        f"the weights in {source} do not fit model {model_name!r} (the model name recorded in "
+        f"{TRAINER_STATE}): {'; '.join(parts)}. Was the checkpoint written for another model?"
+    )
+
+
+def load_checkpoint(spec: str | os.PathLike) -> LoadedCheckpoint:
+    """Build the recorded model and load the checkpoint's weights into it (strictly)."""
+    ckpt = resolve_checkpoint(spec)
+    state = read_trainer_state(ckpt)
+    config = state.get("config") or {}
+    model_name = state.get("model_name") or (config.get("model") or {}).get("name")
+    if not model_name:
+        raise ValueError(f"{ckpt / TRAINER_STATE} names no model (no model_name, no config.model.name)")
+    bundle = create_clip(model_name)
+    weights = safetensors.torch.load_file(str(ckpt / WEIGHTS_NAME))
+    check_fits(weights, bundle.model, model_name, ckpt / WEIGHTS_NAME)
+    bundle.model.load_state_dict(weights, strict=True)
+    bundle.model.eval()
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    return LoadedCheckpoint(
+        path=ckpt.resolve(),
+        run_dir=run_dir.resolve() if run_dir else None,
+        step=state.get("step"),
+        epoch=state.get("epoch"),
+        model_name=model_name,
+        config=config,
+        bundle=bundle,
+    )

@@ -1,0 +1,51 @@
+"""Run a function on real gloo process groups of CPU processes (spawned), collect results.
+
+    results = run_group(fn, world=2, *args)   # fn(rank, world, *args) -> picklable
+
+Each process joins a fresh gloo group (file rendezvous), runs ``fn``, and its return value
+comes back in rank order. A failure in any process fails the caller with its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, fn, world: int, init_file: str, out_dir: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        torch.save({"ok": result}, Path(out_dir) / f"{rank}.pt")
+    except BaseException:
+        torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"{rank}.pt")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_group(fn, world: int, *args):
+    with tempfile.TemporaryDirectory() as d:
+        init_file = os.path.join(d, "rendezvous")
+        out_dir = os.path.join(d, "out")
+        os.makedirs(out_dir)
+        try:
+            mp.start_processes(_entry, args=(fn, world, init_file, out_dir, args), nprocs=world,
+                               start_method="spawn", join=True)
+        except Exception as e:
+            errors = []
+            for r in range(world):
+                p = Path(out_dir) / f"{r}.pt"
+                if p.exists():
+                    got = torch.load(p, weights_only=False)
+                    if "error" in got:
+                        errors.append(f"rank {r}:\n{got['error']}")
+            raise AssertionError("\n".join(errors) or str(e)) from e
+        return [torch.load(Path(out_dir) / f"{r}.pt", weights_only=False)["ok"] for r in range(world)]
