@@ -44,13 +44,12 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .shards import IMAGE_EXTENSIONS, DataError, RawSample, ShardSet, ShardWriter
+from .shards import IMAGE_EXTENSIONS, DataError, RawSample, ShardSet, SkippedInput, write_split
 
 SOURCES = ("csv", "imagefolder", "hf")
 
@@ -63,15 +62,7 @@ _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 _INT_TEXT = re.compile(r"\s*\+?\d+\s*")
 
 
-@dataclass
-class _Skip:
-    """An input that yields no sample (e.g. its image file is missing); counted, not written."""
-
-    reason: str
-    source: str
-
-
-_Item = RawSample | _Skip
+_Item = RawSample | SkippedInput
 
 
 def build_shards(
@@ -125,7 +116,7 @@ def build_shards(
         items, total, label_names = _from_hf(
             path, image_column, caption_column, label_column, hf_split
         )
-    return _write(
+    return write_split(
         out,
         items,
         shard_size=shard_size,
@@ -137,43 +128,13 @@ def build_shards(
     )
 
 
-# --- writing ------------------------------------------------------------------------------------
-def _write(
-    out: str,
-    items: Iterable[_Item],
-    *,
-    shard_size: int,
-    total: int | None,
-    label_names: list[str] | None,
-    meta: dict[str, Any],
-    desc: str,
-    progress: bool,
-) -> ShardSet:
-    """Like ``shards.write_split``, but also counts inputs that give no sample at all."""
-    from tqdm.auto import tqdm
-
-    writer = ShardWriter(out, shard_size)
-    for item in tqdm(items, total=total, desc=desc, unit="sample", disable=not progress):
-        if isinstance(item, _Skip):
-            # ShardWriter counts its own skips only; this is the same bookkeeping for ours
-            writer._skip(item.reason, item.source)
-        else:
-            writer.write(item)
-    shard_set = writer.finish(label_names=label_names, meta=meta)
-    if writer.skipped:
-        log.warning(
-            "%s: skipped %s (e.g. %s)", out, writer.skipped, "; ".join(writer.skipped_examples[:3])
-        )
-    return shard_set
-
-
-def _read_image_file(path: Path, source: str) -> bytes | _Skip:
+def _read_image_file(path: Path, source: str) -> bytes | SkippedInput:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        return _Skip("missing image file", source)
+        return SkippedInput("missing image file", source)
     except OSError as e:  # a folder, no permission, ...
-        return _Skip(f"unreadable image file ({type(e).__name__}: {e})", source)
+        return SkippedInput(f"unreadable image file ({type(e).__name__}: {e})", source)
 
 
 # --- labels -------------------------------------------------------------------------------------
@@ -257,12 +218,12 @@ def _from_csv(
     def items() -> Iterator[_Item]:
         for line, image, caption, label in rows:
             if not image:
-                yield _Skip("no image path", f"{path.name}:{line}")
+                yield SkippedInput("no image path", f"{path.name}:{line}")
                 continue
             image_path = base / image  # an absolute `image` replaces `base`
             source = f"{path.name}:{line} ({image_path})"
             data = _read_image_file(image_path, source)
-            if isinstance(data, _Skip):
+            if isinstance(data, SkippedInput):
                 yield data
                 continue
             yield RawSample(
@@ -313,7 +274,7 @@ def _from_imagefolder(
             sidecar = image_path.with_suffix(".txt")
             source = rel.as_posix()
             data = _read_image_file(image_path, source)
-            if isinstance(data, _Skip):
+            if isinstance(data, SkippedInput):
                 yield data
                 continue
             try:
@@ -391,7 +352,7 @@ def _png_bytes(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _hf_image(value: Any, base: Path, column: str, source: str) -> tuple[bytes, str] | _Skip:
+def _hf_image(value: Any, base: Path, column: str, source: str) -> tuple[bytes, str] | SkippedInput:
     if isinstance(value, Image.Image):
         return _png_bytes(value), "png"
     if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
@@ -400,14 +361,14 @@ def _hf_image(value: Any, base: Path, column: str, source: str) -> tuple[bytes, 
         if value.get("path"):
             value = value["path"]
         else:
-            return _Skip("no image", source)
+            return SkippedInput("no image", source)
     if isinstance(value, (bytes, bytearray)):
         return _image_bytes(bytes(value))
     if isinstance(value, str):
         data = _read_image_file(base / value, f"{source} ({base / value})")
-        return data if isinstance(data, _Skip) else _image_bytes(data)
+        return data if isinstance(data, SkippedInput) else _image_bytes(data)
     if value is None:
-        return _Skip("no image", source)
+        return SkippedInput("no image", source)
     raise DataError(
         f"{source}: column {column!r} holds a {type(value).__name__}; expected an Image() "
         "feature, image bytes or a path"
@@ -453,7 +414,7 @@ def _from_hf(
             source = f"{path.name} row {i}"
             value = row[image_column]
             image = _hf_image(value, base, image_column, source)
-            if isinstance(image, _Skip):
+            if isinstance(image, SkippedInput):
                 yield image
                 continue
             captions = row[caption_column]

@@ -52,6 +52,14 @@ class RawSample:
 
 
 @dataclass
+class SkippedInput:
+    """An input that yields no sample at all (e.g. a missing image file): counted, not written."""
+
+    reason: str
+    source: str
+
+
+@dataclass
 class ShardInfo:
     path: str
     num_samples: int
@@ -124,7 +132,8 @@ class ShardWriter:
     def num_written(self) -> int:
         return self._next_index
 
-    def _skip(self, reason: str, source: str) -> None:
+    def skip(self, reason: str, source: str) -> None:
+        """Count an input that will not become a sample (``reason`` up to " (" is its kind)."""
         kind = reason.split(" (")[0]
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
         if len(self.skipped_examples) < 20:
@@ -150,18 +159,18 @@ class ShardWriter:
         """Write one sample; return its dataset index, or None if it was skipped."""
         caption = sample.caption.strip() if sample.caption else ""
         if not caption:
-            self._skip("empty caption", sample.source)
+            self.skip("empty caption", sample.source)
             return None
         ext = sample.image_ext.lower().lstrip(".")
         if ext == "jpeg":
             ext = "jpg"
         if ext not in IMAGE_EXTENSIONS:
-            self._skip(f"unsupported image type .{ext}", sample.source)
+            self.skip(f"unsupported image type .{ext}", sample.source)
             return None
         if self.verify_images:
             bad = check_image(sample.image)
             if bad:
-                self._skip(bad, sample.source)
+                self.skip(bad, sample.source)
                 return None
         if self._tar is None:
             self._open_next()
@@ -269,7 +278,7 @@ def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
 
 def write_split(
     out_dir: str | os.PathLike,
-    samples: Iterable[RawSample],
+    samples: Iterable[RawSample | SkippedInput],
     *,
     shard_size: int,
     total: int | None = None,
@@ -278,12 +287,18 @@ def write_split(
     desc: str = "writing shards",
     progress: bool = True,
 ) -> ShardSet:
-    """Write ``samples`` into shards under ``out_dir`` with a progress bar; return the ShardSet."""
+    """Write ``samples`` into shards under ``out_dir`` with a progress bar; return the ShardSet.
+
+    A ``SkippedInput`` in the stream is counted in the manifest like any skipped sample.
+    """
     from tqdm.auto import tqdm
 
     writer = ShardWriter(out_dir, shard_size)
     for s in tqdm(samples, total=total, desc=desc, unit="sample", disable=not progress):
-        writer.write(s)
+        if isinstance(s, SkippedInput):
+            writer.skip(s.reason, s.source)
+        else:
+            writer.write(s)
     shard_set = writer.finish(label_names=label_names, meta=meta)
     if writer.skipped:
         import logging

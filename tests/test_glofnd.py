@@ -88,7 +88,7 @@ def test_update_matches_naive_loop(optimizer, views):
         idx = torch.randperm(N, generator=g)[:B]
         rows = []
         negs = []
-        for k in range(views):
+        for _view in range(views):
             noisy = F.normalize(X[idx] + 0.3 * torch.randn(B, d, generator=g), dim=1)
             others = torch.cat([X[idx], noisy]) if views == 2 else X[idx]
             rows.append(noisy @ others.T)
@@ -167,7 +167,6 @@ def test_objective_before_start_mask_equals_plain_clip_and_updates_only_from_sta
     assert (tables["glofnd.lambda_img"] < 1.0).all() and (tables["glofnd.lambda_txt"] < 1.0).all()
     assert out1.detection is None
     out2 = obj(img, txt, scale, idx, lab, epoch=2)
-    lam_i = tables["glofnd.lambda_img"]
     assert out2.detection is not None
 
 

@@ -26,8 +26,12 @@ def _setup_logging() -> None:
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("root", "accelerate", "open_clip", "PIL"):
+    for noisy in ("accelerate", "open_clip", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # open_clip logs this on the root logger for every model built without weights, which
+    # is how clipfnd always builds before loading its own checkpoints.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
 
 
 # --- data ----------------------------------------------------------------------------------

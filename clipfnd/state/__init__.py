@@ -1,5 +1,5 @@
 """Per-sample state tables, replicated across ranks and checkpointed."""
 
-from .tables import TableIndexError, StateTables
+from .tables import StateTables, TableIndexError
 
 __all__ = ["TableIndexError", "StateTables"]
