@@ -169,6 +169,8 @@ class _RankStream(IterableDataset):
             return BadSample(url, key, f"dataset index {index} out of range [0, {o.num_samples})")
         label = meta.get("label", -1)
         label = label if isinstance(label, int) else -1
+        if not sample[ext]:
+            return BadSample(url, key, "zero-byte image")
         try:
             with Image.open(io.BytesIO(sample[ext])) as im:
                 image = im.convert("RGB")

@@ -71,3 +71,32 @@ def label_retrieval_metrics(image: torch.Tensor, text: torch.Tensor, label: torc
     out = rank_metrics(first_positive_rank(scores, pos), "label_t2i_", ks)
     out.update(rank_metrics(first_positive_rank(scores.T, pos.T), "label_i2t_", ks))
     return out
+
+
+def grouped_retrieval_metrics(
+    image: torch.Tensor,
+    image_id: list[str],
+    text: torch.Tensor,
+    text_item: torch.Tensor,
+    ks=(1, 5, 10),
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Retrieval over distinct images, from per-item embeddings and captions.
+
+    Items with the same ``image_id`` are one image (its first item's embedding is used) and
+    pool their captions; ``text_item[j]`` is the item of caption ``j``. Images without any
+    caption cannot be image->text queries and are left out of the gallery (counted).
+
+    Returns the metrics and the counts ``{"images", "texts", "images_without_caption"}``.
+    """
+    if text.shape[0] == 0:
+        raise ValueError("retrieval needs captions, and the data has none")
+    item_to_image, rows = group_images(image_id)
+    caption_image = item_to_image[text_item]
+    has_caption = torch.zeros(len(rows), dtype=torch.bool)
+    has_caption[caption_image] = True
+    new_index = torch.cumsum(has_caption.long(), 0) - 1
+    gallery = image[torch.tensor(rows)][has_caption]
+    metrics = retrieval_metrics(gallery, text, new_index[caption_image], ks)
+    counts = {"images": int(gallery.shape[0]), "texts": int(text.shape[0]),
+              "images_without_caption": int((~has_caption).sum())}
+    return metrics, counts

@@ -110,14 +110,20 @@ def write_tokenizer_files(out: Path, vocab: dict[str, int], merges: list[tuple[s
     (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def check(loaded: LoadedCheckpoint) -> tuple[VisionSpec, TextSpec]:
+    """Both towers' dimensions, or UnsupportedExport when CLIPModel cannot represent them."""
+    cfg = model_config(loaded.model_name)
+    vision = vision_spec(loaded.model, cfg, loaded.model_name, TARGET)
+    return vision, text_spec(loaded.model, cfg, loaded.model_name, TARGET)
+
+
 def export(loaded: LoadedCheckpoint, out: Path) -> list[str]:
     """Write the transformers folder; return the files written."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     cfg = model_config(loaded.model_name)
     model = loaded.model
-    vision = vision_spec(model, cfg, loaded.model_name, TARGET)
-    text = text_spec(model, cfg, loaded.model_name, TARGET)
+    vision, text = check(loaded)
     sd = state_dict_for_export(model)
     hf_config = clip_config(vision, text, int(cfg["embed_dim"]), sd["logit_scale"].item())
     hf_model = CLIPModel(hf_config)

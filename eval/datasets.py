@@ -1,0 +1,155 @@
+"""Evaluation data in several layouts, all read as one stream of items with stable keys.
+
+Layouts (detected from ``--data``, see :func:`open_dataset`):
+
+- ``clipfnd-shards``: a folder with ``manifest.json`` and ``shard-*.tar`` (``clipfnd data``);
+- ``clip_benchmark``: the WebDataset layout of clip_benchmark,
+  ``ROOT/{split}/nshards.txt``, ``ROOT/{split}/0.tar ...``, ``ROOT/classnames.txt``,
+  ``ROOT/zeroshot_classification_templates.txt``, ``ROOT/dataset_type.txt``;
+- ``csv``: a CSV/TSV file with an image-path column and a caption (and/or label) column;
+- ``hf``: a local Hugging Face dataset (``save_to_disk`` folder, or parquet file(s)).
+
+An **item** is one image with its captions (zero or more), its label (-1: none) and its
+``image_id`` (items with the same ``image_id`` show the same image). A dataset is a list of
+**parts** (shards, or blocks of rows) read in order; an item's key is
+``part << 32 | position in part``, so sorting by key gives the dataset order whatever the
+number of processes and workers that read it.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from data_pipelines import DataError
+
+KEY_SHIFT = 32
+IMAGE_COLUMNS = ("image", "img", "filepath", "image_path", "path", "file", "filename", "jpg")
+CAPTION_COLUMNS = ("caption", "captions", "text", "title", "sentences", "sentence", "texts", "txt")
+LABEL_COLUMNS = ("label", "labels", "class", "cls", "target", "fine_label")
+IMAGE_ID_COLUMNS = ("image_id", "img_id", "imgid")
+
+
+@dataclass
+class Item:
+    """One image of the dataset; ``load_image`` decodes it only when called."""
+
+    position: int
+    load_image: Callable[[], Image.Image]
+    captions: list[str] = field(default_factory=list)
+    label: int = -1
+    image_id: str = ""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+class EvalDataset(ABC):
+    """A read-only dataset for evaluation: parts of items, plus what the data says about it."""
+
+    layout: str = ""
+
+    def __init__(self, path: str | os.PathLike, *, split: str | None = None,
+                 classnames: list[str] | None = None, templates: list[str] | None = None,
+                 num_items: int | None = None, kind: str | None = None):
+        self.path = str(path)
+        self.split = split
+        self.classnames = classnames  # label names when the data has them
+        self.templates = templates  # zero-shot templates shipped with the data
+        self.num_items = num_items  # when known up front (for the progress bar)
+        self.kind = kind  # "retrieval" / "classification" when the data says so
+
+    @abstractmethod
+    def num_parts(self) -> int:
+        """How many independently readable parts the dataset has."""
+
+    @abstractmethod
+    def read_part(self, part: int) -> Iterator[Item]:
+        """The items of one part, in order (images not decoded yet)."""
+
+    def iter_slice(self, reader: int, readers: int) -> Iterator[tuple[int, Item]]:
+        """``(key, item)`` for reader ``reader`` of ``readers``; the readers cover every item once.
+
+        With at least as many parts as readers each reader takes whole parts; otherwise every
+        reader walks all parts and keeps every ``readers``-th item.
+        """
+        n = self.num_parts()
+        if n >= readers:
+            for part in range(reader, n, readers):
+                for item in self.read_part(part):
+                    yield (part << KEY_SHIFT) | item.position, item
+            return
+        counter = itertools.count()
+        for part in range(n):
+            for item in self.read_part(part):
+                if next(counter) % readers == reader:
+                    yield (part << KEY_SHIFT) | item.position, item
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": self.path, "layout": self.layout, "split": self.split}
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """Non-empty stripped lines of a text file."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def open_dataset(
+    path: str | os.PathLike,
+    *,
+    split: str | None = None,
+    default_split: str = "test",
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
+) -> EvalDataset:
+    """Open ``path`` in whichever layout it has (see the module docstring)."""
+    from .table_layouts import CsvTable, HFTable, find_parquet, is_saved_hf_dataset
+    from .tar_layouts import ClipBenchmarkWds, ClipfndShards, is_clip_benchmark_root
+
+    columns = {"image_column": image_column, "caption_column": caption_column,
+               "label_column": label_column}
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no dataset at {p}")
+    if p.is_file():
+        if p.name == "manifest.json":
+            return ClipfndShards(p)
+        if p.suffix.lower() in (".csv", ".tsv"):
+            return CsvTable(p, **columns)
+        if p.suffix.lower() == ".parquet":
+            return HFTable.from_parquet([p], p, split=split, **columns)
+        raise DataError(f"{p}: not a dataset file (expected .csv, .tsv, .parquet or manifest.json)")
+    if (p / "manifest.json").is_file():
+        return ClipfndShards(p)
+    if is_clip_benchmark_root(p, split or default_split):
+        return ClipBenchmarkWds(p, split or default_split)
+    if (p / "nshards.txt").is_file():  # pointed at ROOT/{split} itself
+        return ClipBenchmarkWds(p.parent, p.name)
+    if is_saved_hf_dataset(p):
+        return HFTable.from_disk(p, split=split, default_split=default_split, **columns)
+    parquet = find_parquet(p, split, default_split)
+    if parquet:
+        return HFTable.from_parquet(parquet, p, split=split, **columns)
+    raise DataError(
+        f"{p}: no known dataset layout. Expected one of: a clipfnd shard folder (manifest.json); "
+        f"a clip_benchmark WebDataset root ({split or default_split}/nshards.txt, "
+        f"{split or default_split}/0.tar, classnames.txt); a CSV/TSV file; a Hugging Face "
+        "dataset saved with save_to_disk; parquet file(s)"
+    )

@@ -1,0 +1,172 @@
+"""Embedding an evaluation dataset: every item once, batched, gathered, in dataset order.
+
+Each process reads its slice of the dataset (and each DataLoader worker a slice of that, see
+:meth:`eval.datasets.EvalDataset.iter_slice`), encodes images (and captions, when asked) under
+``torch.no_grad``, and the rows of all processes are gathered, sorted by item key and
+de-duplicated. The result is the same on any number of processes and workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
+
+from data_pipelines import DataError
+
+from .datasets import EvalDataset
+from .processes import Processes, gather_list, gather_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Features:
+    """Normalised embeddings of a dataset's items, sorted by key.
+
+    ``text[j]`` is a caption of item ``text_item[j]`` (a row of ``image``).
+    """
+
+    image: torch.Tensor  # [N, d]
+    key: torch.Tensor  # [N]
+    label: torch.Tensor  # [N], -1: none
+    image_id: list[str]  # [N]
+    text: torch.Tensor | None  # [M, d]
+    text_item: torch.Tensor | None  # [M]
+    skipped: int  # items whose image could not be read
+
+    @property
+    def num_items(self) -> int:
+        return self.image.shape[0]
+
+
+class _Reader(IterableDataset):
+    def __init__(self, dataset: EvalDataset, transform: Callable, tokenize: Callable | None,
+                 rank: int, world: int):
+        super().__init__()
+        self.dataset, self.transform, self.tokenize = dataset, transform, tokenize
+        self.rank, self.world = rank, world
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        reader, readers = self.rank * workers + worker, self.world * workers
+        for key, item in self.dataset.iter_slice(reader, readers):
+            try:
+                image = self.transform(item.load_image())
+            except Exception as e:  # unreadable image: counted, not fatal
+                log.debug("item %s: %s", key, e)
+                yield {"bad": True}
+                continue
+            out = {"bad": False, "key": key, "image": image, "label": item.label,
+                   "image_id": item.image_id}
+            if self.tokenize is not None:
+                out["text"] = self.tokenize(item.captions) if item.captions else None
+                out["num_captions"] = len(item.captions)
+            yield out
+
+
+def _collate(items: list[dict]) -> dict:
+    good = [i for i in items if not i["bad"]]
+    out = {"skipped": len(items) - len(good), "n": len(good)}
+    if not good:
+        return out
+    out["image"] = torch.stack([g["image"] for g in good])
+    out["key"] = torch.tensor([g["key"] for g in good], dtype=torch.long)
+    out["label"] = torch.tensor([g["label"] for g in good], dtype=torch.long)
+    out["image_id"] = [g["image_id"] for g in good]
+    if "num_captions" in good[0]:
+        texts = [g["text"] for g in good if g["text"] is not None]
+        out["text"] = torch.cat(texts) if texts else None
+        counts = torch.tensor([g["num_captions"] for g in good])
+        out["text_owner"] = torch.repeat_interleave(out["key"], counts)
+        out["text_position"] = torch.cat([torch.arange(int(c)) for c in counts])
+    return out
+
+
+@torch.no_grad()
+def encode_dataset(
+    model: torch.nn.Module,
+    dataset: EvalDataset,
+    transform: Callable,
+    tokenize: Callable | None = None,
+    *,
+    processes: Processes,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "encoding",
+) -> Features:
+    """Normalised image embeddings of every item (and of every caption if ``tokenize``)."""
+    model.eval()
+    device = processes.device
+    reader = _Reader(dataset, transform, tokenize, processes.rank, processes.world)
+    loader = DataLoader(reader, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate)
+    parts: dict[str, list] = {k: [] for k in ("image", "key", "label", "text", "owner", "pos")}
+    image_ids: list[tuple[int, str]] = []
+    skipped = 0
+    total = None
+    if dataset.num_items is not None:
+        total = (dataset.num_items + processes.world - 1) // processes.world
+    bar = tqdm(total=total, desc=desc, unit="image", disable=not (progress and processes.is_main))
+    for batch in loader:
+        skipped += batch["skipped"]
+        bar.update(batch["n"] + batch["skipped"])
+        if not batch["n"]:
+            continue
+        parts["image"].append(model.encode_image(batch["image"].to(device), normalize=True).float())
+        parts["key"].append(batch["key"].to(device))
+        parts["label"].append(batch["label"].to(device))
+        image_ids.extend(zip(batch["key"].tolist(), batch["image_id"]))
+        if batch.get("text") is not None:
+            parts["text"].append(model.encode_text(batch["text"].to(device), normalize=True).float())
+            parts["owner"].append(batch["text_owner"].to(device))
+            parts["pos"].append(batch["text_position"].to(device))
+    bar.close()
+    return _gather_sorted(parts, image_ids, skipped, device, with_text=tokenize is not None)
+
+
+def _cat(chunks: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    return torch.cat(chunks) if chunks else empty
+
+
+def _gather_sorted(parts: dict[str, list], image_ids: list[tuple[int, str]], skipped: int,
+                   device: torch.device, with_text: bool) -> Features:
+    dim = parts["image"][0].shape[1] if parts["image"] else 0
+    # every rank must agree on the width of empty tensors before gathering
+    dim = int(gather_rows(torch.tensor([dim], device=device)).max().item())
+    no_rows = torch.zeros((0, dim), device=device)
+    no_ids = torch.zeros((0,), dtype=torch.long, device=device)
+    image = gather_rows(_cat(parts["image"], no_rows)).cpu()
+    key = gather_rows(_cat(parts["key"], no_ids)).cpu()
+    label = gather_rows(_cat(parts["label"], no_ids)).cpu()
+    skipped = int(gather_rows(torch.tensor([skipped], device=device)).sum().item())
+    ids = dict(gather_list(image_ids))
+    if key.numel() == 0:
+        raise DataError(f"no readable image in the dataset (skipped {skipped})")
+    order = torch.argsort(key, stable=True)
+    key, image, label = key[order], image[order], label[order]
+    keep = torch.ones_like(key, dtype=torch.bool)
+    keep[1:] = key[1:] != key[:-1]  # an item read twice counts once
+    if not bool(keep.all()):
+        log.warning("dropped %d duplicate rows while gathering", int((~keep).sum()))
+    key, image, label = key[keep], image[keep], label[keep]
+    text = text_item = None
+    if with_text:
+        text = gather_rows(_cat(parts["text"], no_rows)).cpu()
+        owner = gather_rows(_cat(parts["owner"], no_ids)).cpu()
+        pos = gather_rows(_cat(parts["pos"], no_ids)).cpu()
+        # sort captions by (owner key, position); drop repeats
+        order = torch.argsort(pos, stable=True)
+        order = order[torch.argsort(owner[order], stable=True)]
+        text, owner, pos = text[order], owner[order], pos[order]
+        first = torch.ones_like(owner, dtype=torch.bool)
+        first[1:] = (owner[1:] != owner[:-1]) | (pos[1:] != pos[:-1])
+        text, owner = text[first], owner[first]
+        text_item = torch.searchsorted(key, owner)
+    return Features(image, key, label, [ids[k] for k in key.tolist()], text, text_item, skipped)

@@ -1,0 +1,157 @@
+"""``clipfnd eval``: one evaluation task of a checkpoint on one dataset.
+
+Tasks (definitions in METHODS.md, "Evaluation definitions"):
+
+- ``retrieval``: image->text and text->image Recall@1/5/10, mean and median rank;
+- ``zeroshot``: top-1, top-5 and mean per-class recall with a prompt-ensemble classifier;
+- ``linear-probe``: logistic regression on frozen features of ``train_data``; top-1;
+- ``knn``: weighted 20-NN on frozen features of ``train_data``; top-1.
+
+Every check that can fail on the user's input (task, data layout, class names, templates,
+labels) runs before any image is encoded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from clipfnd.export.checkpoint import LoadedCheckpoint, load_checkpoint
+
+from .datasets import EvalDataset, open_dataset
+from .features import Features, encode_dataset
+from .knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_metrics
+from .linear_probe import linear_probe
+from .processes import Processes, setup_processes
+from .retrieval import grouped_retrieval_metrics, label_retrieval_metrics
+from .zeroshot import (
+    DEFAULT_TEMPLATES,
+    class_embeddings,
+    load_classnames,
+    load_templates,
+    zeroshot_metrics,
+)
+
+TASKS = ("retrieval", "zeroshot", "linear-probe", "knn")
+
+
+@dataclass
+class EvalOptions:
+    task: str
+    data: str
+    train_data: str | None = None  # linear-probe / knn
+    split: str | None = None  # clip_benchmark / HF: default "test"
+    train_split: str | None = None  # default "train"
+    classnames: str | None = None  # zeroshot: file or "imagenet"
+    templates: str | None = None  # zeroshot: file or "openai" / "simple"
+    batch_size: int = 256
+    num_workers: int = 2
+    image_column: str | None = None
+    caption_column: str | None = None
+    label_column: str | None = None
+    k: int = DEFAULT_K
+    temperature: float = DEFAULT_TEMPERATURE
+    device: str | None = None  # default: cuda if available
+    progress: bool = True
+
+
+def _open(opts: EvalOptions, path: str, split: str | None, default_split: str) -> EvalDataset:
+    return open_dataset(path, split=split, default_split=default_split,
+                        image_column=opts.image_column, caption_column=opts.caption_column,
+                        label_column=opts.label_column)
+
+
+def _prompts(opts: EvalOptions, ds: EvalDataset) -> tuple[list[str], list, dict[str, Any]]:
+    if opts.classnames:
+        classnames, names_from = load_classnames(opts.classnames), opts.classnames
+    elif ds.classnames:
+        classnames, names_from = list(ds.classnames), f"dataset ({ds.layout})"
+    else:
+        raise ValueError(
+            f"zero-shot classification needs class names and {ds.path} has none: pass "
+            "--classnames FILE (one name a line) or --classnames imagenet"
+        )
+    if opts.templates:
+        templates, templates_from = load_templates(opts.templates), opts.templates
+    elif ds.templates:
+        templates, templates_from = list(ds.templates), f"dataset ({ds.layout})"
+    elif opts.classnames == "imagenet":
+        templates, templates_from = load_templates("openai"), "openai"
+    else:
+        templates, templates_from = list(DEFAULT_TEMPLATES), "default"
+    info = {"num_classes": len(classnames), "classnames": names_from,
+            "num_templates": len(templates), "templates": templates_from}
+    return classnames, templates, info
+
+
+def _labelled(f: Features, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    keep = f.label >= 0
+    if not bool(keep.any()):
+        raise ValueError(f"the {what} data has no labels")
+    return f.image[keep], f.label[keep], int((~keep).sum())
+
+
+def run_eval(checkpoint: str | os.PathLike | LoadedCheckpoint, opts: EvalOptions,
+             processes: Processes | None = None) -> dict[str, Any]:
+    """Run ``opts.task``; the results on the main process (``{}`` on the others)."""
+    if opts.task not in TASKS:
+        raise ValueError(f"unknown task {opts.task!r}; choose one of {', '.join(TASKS)}")
+    needs_train = opts.task in ("linear-probe", "knn")
+    if needs_train and not opts.train_data:
+        raise ValueError(f"--task {opts.task} needs --train-data (the split to fit on)")
+    ds = _open(opts, opts.data, opts.split, "test")
+    train_ds = _open(opts, opts.train_data, opts.train_split, "train") if needs_train else None
+    prompts = _prompts(opts, ds) if opts.task == "zeroshot" else None
+    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+
+    processes = processes or setup_processes(opts.device)
+    model = loaded.model.to(processes.device).eval()
+    bundle = loaded.bundle
+    common = dict(processes=processes, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                  progress=opts.progress)
+    tokenize = bundle.tokenizer if opts.task == "retrieval" else None
+    feats = encode_dataset(model, ds, bundle.preprocess_val, tokenize, **common)
+    train = (encode_dataset(model, train_ds, bundle.preprocess_val, None, desc="encoding train",
+                            **common) if train_ds else None)
+    if not processes.is_main:
+        return {}
+
+    results: dict[str, Any] = {
+        "task": opts.task,
+        "model": loaded.describe(),
+        "data": {**ds.describe(), "num_images": feats.num_items, "skipped": feats.skipped},
+        "processes": processes.world,
+    }
+    if opts.task == "retrieval":
+        metrics, counts = grouped_retrieval_metrics(feats.image, feats.image_id, feats.text,
+                                                    feats.text_item)
+        results["data"].update(counts)
+        one_caption = feats.text.shape[0] == feats.num_items and len(set(feats.image_id)) == \
+            feats.num_items
+        if one_caption and bool((feats.label >= 0).all()):
+            metrics.update(label_retrieval_metrics(feats.image, feats.text, feats.label))
+    elif opts.task == "zeroshot":
+        classnames, templates, info = prompts
+        image, labels, unlabelled = _labelled(feats, "evaluation")
+        classes = class_embeddings(model, bundle.tokenizer, classnames, templates,
+                                   processes.device).cpu()
+        metrics = zeroshot_metrics(image, labels, classes)
+        results["zeroshot"] = info
+        results["data"]["unlabelled"] = unlabelled
+    else:
+        image, labels, unlabelled = _labelled(feats, "evaluation")
+        train_image, train_labels, train_unlabelled = _labelled(train, "training")
+        results["train_data"] = {**train_ds.describe(), "num_images": train.num_items,
+                                 "skipped": train.skipped, "unlabelled": train_unlabelled}
+        results["data"]["unlabelled"] = unlabelled
+        if opts.task == "linear-probe":
+            metrics = linear_probe(train_image, train_labels, image, labels)
+        else:
+            metrics = knn_metrics(train_image, train_labels, image, labels, k=opts.k,
+                                  temperature=opts.temperature)
+            results["knn"] = {"k": opts.k, "temperature": opts.temperature}
+    results["metrics"] = metrics
+    return results

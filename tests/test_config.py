@@ -1,0 +1,55 @@
+"""The typed config: defaults <- YAML <- key=value, and misconfiguration refused by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipfnd.cli.main import main
+from clipfnd.config import ConfigError, load_config
+
+
+def test_layers_and_types(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  train: /x\n  batch_size: 32\noptim:\n  lr: 1.0e-3\n")
+    cfg = load_config(f, ["optim.lr=2e-3", "fnd.detector=glofnd"])
+    assert cfg.data.batch_size == 32 and cfg.optim.lr == 2e-3 and cfg.fnd.detector == "glofnd"
+    assert cfg.fnd.alpha == 1e-3  # schema default
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+        ("data.batch_size=abc", "bad value for 'data.batch_size'"),
+        ("nope=1", "unknown config key 'nope'"),
+        ("fnd.detector=magic", "fnd.detector='magic' is not one of none, glofnd, oracle"),
+        ("fnd.alpha=1.5", "fnd.alpha must be in \\(0, 1\\)"),
+        ("fnd.start_update=3", "fnd.start_mask \\(0\\) must be >= fnd.start_update \\(3\\)"),
+        ("loss.name=infonce", "loss.name='infonce' is not one of"),
+        ("data.batch_size=0", "data.batch_size must be >= 1"),
+        ("optim.lr", "not of the form key=value"),
+    ],
+)
+def test_bad_values_are_refused_by_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.train=/x", override])
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="data.train"):
+        load_config(None, [])
+
+
+def test_bad_yaml_key_names_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  train: /x\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown config key 'data.batchsize'"):
+        load_config(f)
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  train: /x\n")
+    assert main(["train", str(f), "optim.warmup=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'optim.warmup'" in err and "Traceback" not in err

@@ -1,0 +1,204 @@
+"""Built-in data and the shard loader: determinism, exactly-once epochs, resume, bad data."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+
+import pytest
+import torch
+import torchvision.transforms as T
+
+from data_pipelines import DataError, digits, load_shard_set, synthetic
+from data_pipelines.loader import LoaderState, ShardStream
+from data_pipelines.shards import iter_tar_samples, write_split
+
+TRANSFORM = T.Compose([T.RandomResizedCrop(16, scale=(0.5, 1.0)), T.ToTensor()])
+
+
+def tokenize(captions):
+    """A stand-in tokenizer: caption bytes as ids (enough to compare batches)."""
+    out = torch.zeros(len(captions), 48, dtype=torch.long)
+    for i, c in enumerate(captions):
+        ids = list(c.encode())[:48]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def stream(shard_set, **kw):
+    args = dict(global_batch_size=32, image_transform=TRANSFORM, tokenize=tokenize, num_workers=2,
+                seed=5, shuffle_buffer=50, chunk_size=8)
+    args.update(kw)
+    return ShardStream(shard_set, **args)
+
+
+def digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# --- built-in data ---------------------------------------------------------------------------
+def test_synthetic_same_seed_same_bytes_and_manifest(tmp_path):
+    spec = synthetic.SyntheticSpec(num_concepts=8, seed=11)
+    for name in ("a", "b"):
+        write_split(tmp_path / name, synthetic.generate(spec, 50), shard_size=16,
+                    label_names=synthetic.label_names(spec), progress=False)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    other = synthetic.SyntheticSpec(num_concepts=8, seed=12)
+    write_split(tmp_path / "c", synthetic.generate(other, 50), shard_size=16, progress=False)
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 50 and manifest["num_shards"] == 4
+    assert [s["num_samples"] for s in manifest["shards"]] == [16, 16, 16, 2]
+    assert manifest["num_labels"] == 8 and len(manifest["label_names"]) == 8
+    seen = [json.loads(s["json"]) for p in sorted((tmp_path / "a").glob("*.tar")) for s in iter_tar_samples(str(p))]
+    assert [s["index"] for s in seen] == list(range(50))
+    assert all(0 <= s["label"] < 8 for s in seen)
+
+
+def test_synthetic_captions_state_the_concept():
+    spec = synthetic.SyntheticSpec(num_concepts=6, seed=2)
+    concepts = spec.concepts()
+    for sample in synthetic.generate(spec, 30):
+        for colour, shape, pos in concepts[sample.label]:
+            for word in (colour, shape, pos):
+                assert word in sample.caption, (sample.caption, concepts[sample.label])
+
+
+def test_digits_are_real_and_split():
+    train = list(digits.generate("train"))
+    val = list(digits.generate("val"))
+    assert len(train) + len(val) == 1797 and len(val) == 359
+    assert {s.label for s in train} == set(range(10))
+    assert any(digits.DIGIT_NAMES[s.label] in s.caption or str(s.label) in s.caption for s in train)
+
+
+# --- loader ---------------------------------------------------------------------------------
+def test_two_ranks_two_workers_see_every_sample_once(shapes):
+    ss = load_shard_set(shapes / "train")
+    for epoch in (0, 1):
+        counts = collections.Counter()
+        batches = []
+        for rank in range(2):
+            it = stream(ss, rank=rank, world=2).epoch(epoch)
+            n = 0
+            for batch in it:
+                assert batch["image"].shape == (16, 3, 16, 16)
+                counts.update(batch["index"].tolist())
+                n += 1
+            batches.append(n)
+        assert batches[0] == batches[1] == 512 // 32
+        assert sorted(counts) == list(range(512)) and set(counts.values()) == {1}
+
+
+def test_epochs_differ_and_ranks_agree(shapes):
+    ss = load_shard_set(shapes / "train")
+    first = [next(iter(stream(ss, rank=0, world=2).epoch(e)))["index"] for e in (0, 1)]
+    assert not torch.equal(first[0], first[1])
+    again = next(iter(stream(ss, rank=0, world=2).epoch(0)))["index"]
+    assert torch.equal(first[0], again)
+
+
+def test_uneven_shards_give_equal_batch_counts(tmp_path):
+    spec = synthetic.SyntheticSpec(num_concepts=4, seed=1, image_size=16)
+    ss = write_split(tmp_path, synthetic.generate(spec, 200), shard_size=60, progress=False)  # 60,60,60,20
+    counts = []
+    for rank in range(2):
+        s = stream(ss, rank=rank, world=2, global_batch_size=16, num_workers=1)
+        counts.append((s.steps_per_epoch(0), sum(1 for _ in s.epoch(0))))
+    assert counts[0] == counts[1] and counts[0][0] == counts[0][1] > 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_gives_the_same_batches(shapes, num_workers):
+    ss = load_shard_set(shapes / "train")
+    s = stream(ss, rank=1, world=2, num_workers=num_workers, chunk_size=5)
+    full = list(s.epoch(1))
+    it = s.epoch(1)
+    head = []
+    for batch in it:
+        head.append(batch)
+        if len(head) == 5:
+            state = it.state()
+            break
+    state = LoaderState.from_dict(json.loads(json.dumps(state.to_dict())))  # as a checkpoint would
+    rest = list(stream(ss, rank=1, world=2, num_workers=num_workers, chunk_size=5).epoch(1, state))
+    assert len(head) + len(rest) == len(full)
+    for a, b in zip(head + rest, full):
+        for key in ("index", "label", "text", "image"):
+            assert torch.equal(a[key], b[key]), key
+
+
+def _corrupt_copy(shapes, tmp_path):
+    """A copy of the train split whose shard 0 has a corrupt image, a zero-byte image and an
+    empty caption (shards are rewritten member by member)."""
+    dst = tmp_path / "bad"
+    shutil.copytree(shapes / "train", dst)
+    src = dst / "shard-000000.tar"
+    samples = list(iter_tar_samples(str(src)))
+    samples[3]["jpg"] = b"\xff\xd8 not a jpeg"
+    samples[5]["jpg"] = b""
+    samples[7]["txt"] = b"   "
+    with tarfile.open(src, "w") as tf:
+        for s in samples:
+            for ext in ("jpg", "json", "txt"):
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size = len(s[ext])
+                tf.addfile(info, io.BytesIO(s[ext]))
+    return dst
+
+
+def test_bad_samples_are_skipped_and_counted(shapes, tmp_path):
+    ss = load_shard_set(_corrupt_copy(shapes, tmp_path))
+    bad = collections.Counter()
+    seen = set()
+    for rank in range(2):
+        it = stream(ss, rank=rank, world=2, global_batch_size=16)
+        it = it.epoch(0)
+        for batch in it:
+            seen.update(batch["index"].tolist())
+        bad.update(it.bad)
+    reasons = collections.Counter()
+    for (_, why), n in bad.items():
+        reasons[why] += n
+    assert reasons == {"unreadable image": 1, "zero-byte image": 1, "empty caption": 1}
+    assert all(shard.endswith("shard-000000.tar") for shard, _ in bad)
+    assert not ({3, 5, 7} & seen)
+
+
+def test_bad_sample_raises_under_on_error_raise(shapes, tmp_path):
+    ss = load_shard_set(_corrupt_copy(shapes, tmp_path))
+    with pytest.raises(Exception, match="shard-000000.tar"):
+        for rank in range(2):
+            for _ in stream(ss, rank=rank, world=2, on_error="raise", num_workers=0).epoch(0):
+                pass
+
+
+def test_too_few_shards_is_explained(tmp_path):
+    spec = synthetic.SyntheticSpec(num_concepts=4, seed=1, image_size=16)
+    ss = write_split(tmp_path, synthetic.generate(spec, 40), shard_size=40, progress=False)
+    with pytest.raises(DataError, match="1 shard.* but 2 processes"):
+        stream(ss, rank=0, world=2, global_batch_size=8)
+    s = stream(ss, rank=0, world=1, global_batch_size=8, num_workers=4)  # fewer workers, a warning
+    assert s.num_workers == 1
+
+
+def test_missing_shard_is_named(shapes, tmp_path):
+    dst = tmp_path / "missing"
+    shutil.copytree(shapes / "train", dst)
+    (dst / "shard-000002.tar").unlink()
+    with pytest.raises(DataError, match="shard-000002.tar"):
+        load_shard_set(dst)
+
+
+def test_resampled_stream_has_fixed_epoch_length(shapes):
+    ss = load_shard_set(shapes / "train")
+    s = stream(ss, rank=0, world=2, resampled=True, samples_per_epoch=256)
+    assert sum(1 for _ in s.epoch(0)) == 256 // 32
