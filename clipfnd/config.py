@@ -86,6 +86,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200  # optimiser steps; 0: only at the end
     keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5  # skipped non-finite steps in a row before the run stops
     progress: bool = True
     tensorboard: bool = True
 
@@ -176,7 +177,8 @@ def validate(cfg: Config) -> None:
         if get(key) not in choices:
             raise ConfigError(f"{key}={get(key)!r} is not one of {', '.join(choices)}")
     positive = ["data.batch_size", "data.chunk_size", "optim.accum_steps", "train.epochs",
-                "train.log_every", "eval.batch_size", "train.keep_checkpoints"]
+                "train.log_every", "eval.batch_size", "train.keep_checkpoints",
+                "train.max_nonfinite_steps"]
     for key in positive:
         if get(key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {get(key)}")

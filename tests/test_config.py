@@ -53,3 +53,15 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     assert main(["train", str(f), "optim.warmup=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'optim.warmup'" in err and "Traceback" not in err
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    from clipfnd.models import check_model_name
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        cfg = load_config(path)
+        check_model_name(cfg.model.name)

@@ -93,6 +93,7 @@ def run_steps(rank: int, world: int, overrides: dict, steps: int = STEPS):
         img = F.normalize(wi(xi[idx]), dim=1)
         txt = F.normalize(wt(xt[idx]), dim=1)
         out = obj(img, txt, log_scale.exp(), idx, labels[idx], epoch=step // 3)
+        obj.commit(out)
         out.loss.backward()
         for p in params:
             if p.grad is not None:  # sogclr: the temperature is a constant

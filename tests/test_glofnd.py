@@ -163,6 +163,8 @@ def test_objective_before_start_mask_equals_plain_clip_and_updates_only_from_sta
     torch.testing.assert_close(out0.loss, plain)
     assert tables["glofnd.lambda_img"].tolist() == [1.0] * 8  # no update before start_update
     out1 = obj(img, txt, scale, idx, lab, epoch=1)
+    assert tables["glofnd.lambda_img"].tolist() == [1.0] * 8  # nothing written before commit
+    obj.commit(out1)
     torch.testing.assert_close(out1.loss, plain)  # updating, not yet masking
     assert (tables["glofnd.lambda_img"] < 1.0).all() and (tables["glofnd.lambda_txt"] < 1.0).all()
     assert out1.detection is None

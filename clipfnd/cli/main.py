@@ -178,20 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
+    from data_pipelines import DataError
+
     from ..config import ConfigError
+    from ..train.loop import NonFiniteError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except NonFiniteError as e:
+        print(f"clipfnd: error: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        # a readable line for what the user can fix; anything else keeps its traceback
         print(f"clipfnd: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # a readable line first, then the traceback for the details
-        from data_pipelines import DataError
-
-        if isinstance(e, (DataError, ValueError)):
-            print(f"clipfnd: error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

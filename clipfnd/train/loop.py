@@ -74,6 +74,39 @@ class MetricsWriter:
         self.accelerator.log(scalars, step=record.get("step"))
 
 
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the message names the checkpoint to go back to."""
+
+
+class FaultCounter:
+    """Counts optimiser steps skipped for a non-finite loss or gradient."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.in_a_row = 0
+
+    def skip(self, step: int, epoch: int) -> None:
+        self.total += 1
+        self.in_a_row += 1
+        log.warning("non-finite loss or gradient after step %d (epoch %d): step skipped "
+                    "(%d in a row, %d in all)", step, epoch, self.in_a_row, self.total)
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+    def give_up(self, cfg: Config, s: Setup, step: int, epoch: int, it) -> str:
+        """Make sure a checkpoint from before the fault exists; return the message."""
+        latest = ckpt.find_latest(s.run_dir)
+        if latest is None:  # the weights are still those of the last good step
+            latest = save(cfg, s, step, epoch, it.state())
+        return (
+            f"{self.in_a_row} optimiser steps in a row had a non-finite loss or gradient "
+            f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}) after step {step}; "
+            f"stopping. The newest checkpoint from before the fault is {latest}: lower optim.lr "
+            "or check the data, then resume with resume=latest"
+        )
+
+
 @dataclass
 class Setup:
     accelerator: Accelerator
@@ -281,6 +314,8 @@ def train(cfg: Config) -> dict[str, Any]:
     bad_total = 0
     done = step >= s.total_steps
     epoch = start_epoch
+    faults = FaultCounter()
+    poisoned = False
     it = None
     for epoch in range(start_epoch, cfg.train.epochs):
         if done:
@@ -296,15 +331,33 @@ def train(cfg: Config) -> dict[str, Any]:
                 out = model(image=batch["image"].to(acc.device), text=batch["text"].to(acc.device))
                 res = s.objective(out["image_features"], out["text_features"], out["logit_scale"],
                                   batch["index"].to(acc.device), batch["label"].to(acc.device), epoch)
-                acc.backward(res.loss)
-                if acc.sync_gradients and cfg.optim.grad_clip:
-                    acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                s.optimizer.step()
-                s.optimizer.zero_grad(set_to_none=True)
-            recent.append(res.loss.detach())
-            if res.detection is not None:
-                detection = res.detection if detection is None else detection + res.detection
+                # Every rank takes the same branch: a non-finite loss anywhere skips the step
+                # everywhere (no rank waits alone in a backward collective).
+                if distributed.all_true(bool(torch.isfinite(res.loss.detach())), acc.device):
+                    acc.backward(res.loss)
+                    s.objective.commit(res)  # per-sample tables change only for kept steps
+                    recent.append(res.loss.detach())
+                    if res.detection is not None:
+                        detection = res.detection if detection is None else detection + res.detection
+                else:
+                    poisoned = True
+                if acc.sync_gradients:
+                    norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+                    # fp16: the gradient scaler handles overflowing gradients by itself
+                    grad_ok = cfg.train.mixed_precision == "fp16" or bool(torch.isfinite(norm))
+                    if poisoned or not distributed.all_true(grad_ok, acc.device):
+                        faults.skip(step, epoch)
+                    else:
+                        s.optimizer.step()
+                        faults.ok()
+                    s.optimizer.zero_grad(set_to_none=True)
             if not acc.sync_gradients:
+                continue
+            was_poisoned, poisoned = poisoned, False
+            if was_poisoned or faults.in_a_row:
+                if faults.in_a_row >= cfg.train.max_nonfinite_steps:
+                    stop = faults.give_up(cfg, s, step, epoch, it)
+                    raise NonFiniteError(stop)
                 continue
             if not acc.optimizer_step_was_skipped:
                 s.scheduler.step()
@@ -329,6 +382,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 bad = sum(it.bad.values())
                 if bad:
                     record["data/skipped"] = bad
+                if faults.total:
+                    record["train/nonfinite_skipped"] = faults.total
                 metrics.write(record)
                 bar.set_postfix(loss=f"{loss_mean:.4f}")
                 last_record = record
@@ -362,6 +417,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "samples_per_sec": (step - steps_at_start) * B * cfg.optim.accum_steps / max(train_time, 1e-9),
         "loss": last_record.get("loss"),
         "skipped_samples": bad_total,
+        "nonfinite_steps_skipped": faults.total,
         "eval": results,
     }
     if acc.is_main_process:

@@ -12,7 +12,9 @@ Order inside a step, for each anchor type (image anchors vs texts, text anchors 
    ``fnd.start_mask`` on);
 3. GloFND's threshold update from the same similarities (from ``fnd.start_update`` on);
 4. the loss (CLIP, or the global loss with its ``u`` update);
-5. one ``write_rows`` for every table row changed (all ranks' rows, so replicas agree).
+5. ``commit``: one ``write_rows`` for every table row changed (all ranks' rows, so replicas
+   agree). The training loop commits only a step it keeps: a step skipped for a non-finite
+   loss or gradient leaves every table as it was.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class StepOutput:
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
     detection: torch.Tensor | None = None  # summed counts, see fnd.detection_counts
+    index: torch.Tensor | None = None  # this rank's dataset indices
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # new table rows, not yet written
 
 
 class ClipObjective:
@@ -155,8 +159,6 @@ class ClipObjective:
         else:
             loss, rows = self._global_loss(anchors, others, pos, masks, index, logit_scale, epoch, metrics)
             new_rows.update(rows)
-        self.tables.write_rows(index.to(img.device), new_rows)
-
         detection = None
         if masks["img"] is not None:
             counts = torch.zeros(5, dtype=torch.float64, device=img.device)
@@ -165,7 +167,13 @@ class ClipObjective:
                 tr = truth.get(t, torch.zeros_like(negatives))
                 counts += detection_counts(flags, tr, negatives)
             detection = counts
-        return StepOutput(loss=loss, metrics=metrics, detection=detection)
+        return StepOutput(loss=loss, metrics=metrics, detection=detection,
+                          index=index.to(img.device), rows=new_rows)
+
+    def commit(self, out: StepOutput) -> None:
+        """Write the step's new rows into every replica (a collective: all ranks call it)."""
+        if out.index is not None:
+            self.tables.write_rows(out.index, out.rows)
 
     def _global_loss(self, anchors, others, pos, masks, index, logit_scale, epoch, metrics):
         tau = self.temperature(logit_scale)

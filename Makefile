@@ -1,0 +1,41 @@
+# clipfnd: the two commands of the README, and a few more.
+#   make demo   install, generate the built-in data, train CLIP+GloFND on 2 CPU processes, evaluate
+#   make test   install with the test extra, run the test suite
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+PORT   ?= 29517
+DATA   ?= data/shapes
+
+.PHONY: install demo data test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DATA)/train/manifest.json: | install
+	$(PY) -m clipfnd data synthetic --out $(DATA) --num-samples 8192 --num-val 1024 \
+		--num-concepts 64 --shard-size 1024 --seed 0
+
+data: $(DATA)/train/manifest.json
+
+demo: install data
+	OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+		--mixed_precision no --dynamo_backend no --main_process_port $(PORT) \
+		-m clipfnd train configs/demo.yaml data.train=$(DATA)/train data.val=$(DATA)/val overwrite=true
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/glofnd_overhead.py
+
+clean:
+	rm -rf runs data
