@@ -81,6 +81,7 @@ class BadSample:
     shard: str
     key: str
     reason: str
+    pos: int = -1  # raw position in its worker's stream (counted once consumed past)
 
 
 class _ErrorLog:
@@ -158,6 +159,8 @@ class _RankStream(IterableDataset):
             try:
                 meta = json.loads(sample["json"])
             except (json.JSONDecodeError, UnicodeDecodeError):
+                meta = None
+            if not isinstance(meta, dict):
                 return BadSample(url, key, "unreadable .json")
         index = meta.get("index")
         if index is None:
@@ -220,14 +223,19 @@ class _RankStream(IterableDataset):
             if isinstance(out, BadSample):
                 if self.o.on_error == "raise":
                     raise DataError(f"bad sample {out.key!r} in {out.shard}: {out.reason}")
+                out.pos = pos
                 bad.append(out)
             else:
                 items.append((pos, *out))
+            for e in errors.errors:
+                e.pos = pos
             bad.extend(errors.errors)
             errors.errors.clear()
             if (pos + 1) % c == 0:
                 yield self._make_chunk(items, bad, worker, start, pos + 1)
                 items, bad, start = [], [], None
+        for e in errors.errors:
+            e.pos = pos
         bad.extend(errors.errors)
         if start is not None or bad:
             end = pos + 1 if start is not None else max(skip, 0)
@@ -305,7 +313,7 @@ class EpochIterator:
             msg = f"duplicate dataset index {n}"
             if self.o.on_error == "raise":
                 raise DataError(f"{msg} (worker {chunk['worker']}, raw position {int(chunk['pos'][i])})")
-            chunk["bad"].append(asdict(BadSample("?", f"index {n}", msg)))
+            chunk["bad"].append(asdict(BadSample("?", f"index {n}", msg, int(chunk["pos"][i]))))
         keep = ~dup
         for k in ("image", "text", "index", "label", "pos"):
             chunk[k] = chunk[k][keep]
@@ -313,8 +321,10 @@ class EpochIterator:
             for k in ("image", "text", "index", "label"):
                 del chunk[k]
 
-    def _note_bad(self, chunk: dict[str, Any]) -> None:
-        for b in chunk["bad"]:
+    def _note_bad(self, bad: list[dict[str, Any]]) -> None:
+        """Count bad samples once the batches have consumed past them (so a resumed epoch,
+        which fast-forwards over them without decoding, never counts one twice)."""
+        for b in bad:
             bs = BadSample(**b)
             self.bad[(bs.shard, bs.reason.split(" (")[0])] += 1
             if len(self.bad_examples) < 50:
@@ -329,7 +339,6 @@ class EpochIterator:
         have = 0
         for chunk in self._chunks():
             self._drop_duplicates(chunk)
-            self._note_bad(chunk)
             pending.append(chunk)
             have += len(chunk["index"]) if "image" in chunk else 0
             while have >= b:
@@ -340,7 +349,10 @@ class EpochIterator:
                 if self._state.batches >= self.steps:
                     return
         # The stream ran dry before `steps` batches: the caller sees fewer batches (the
-        # training loop stops every rank together when any rank runs out).
+        # training loop stops every rank together when any rank runs out). What is left was
+        # read to the end, so its bad samples count too.
+        for chunk in pending:
+            self._note_bad(chunk["bad"])
 
     def _take(self, pending: list[dict[str, Any]], b: int):
         """Cut the first ``b`` usable samples off ``pending``; update the resume state."""
@@ -358,6 +370,7 @@ class EpochIterator:
                     if n:
                         parts[k].append(chunk[k])
                 need -= n
+                self._note_bad(chunk["bad"])
                 self._state.consumed[w] = chunk["end"]
                 self._state.next_worker = (w + 1) % self._n_workers
             else:
@@ -367,7 +380,8 @@ class EpochIterator:
                 tail = dict(chunk)
                 for k in ("image", "text", "index", "label", "pos"):
                     tail[k] = chunk[k][need:]
-                tail["bad"] = []
+                self._note_bad([b for b in chunk["bad"] if b["pos"] <= last_pos])
+                tail["bad"] = [b for b in chunk["bad"] if b["pos"] > last_pos]
                 tail["start"] = last_pos + 1
                 self._state.consumed[w] = last_pos + 1
                 self._state.next_worker = w

@@ -202,3 +202,22 @@ def test_resampled_stream_has_fixed_epoch_length(shapes):
     ss = load_shard_set(shapes / "train")
     s = stream(ss, rank=0, world=2, resampled=True, samples_per_epoch=256)
     assert sum(1 for _ in s.epoch(0)) == 256 // 32
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_fast_forwards_without_decoding_and_counts_each_bad_sample_once(shapes, tmp_path, num_workers):
+    """Bad samples before the resume point are neither decoded again nor counted again."""
+    ss = load_shard_set(_corrupt_copy(shapes, tmp_path))
+    s = stream(ss, rank=0, world=1, num_workers=num_workers, chunk_size=5)
+    full = s.epoch(0)
+    n_full = sum(1 for _ in full)
+    it = s.epoch(0)
+    for k, _ in enumerate(it, 1):
+        if k == n_full // 2:
+            break
+    head_bad = sum(it.bad.values())
+    rest = stream(ss, rank=0, world=1, num_workers=num_workers, chunk_size=5).epoch(0, it.state())
+    n_rest = sum(1 for _ in rest)
+    assert n_full // 2 + n_rest == n_full
+    assert head_bad + sum(rest.bad.values()) == sum(full.bad.values()) == 3
+    assert head_bad > 0  # some bad samples lie before the resume point (seeded order)

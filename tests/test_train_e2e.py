@@ -3,75 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from runs import launch, launch_and_kill, losses, write_config
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_config(path: Path, shapes: Path, run_dir: Path, **extra) -> Path:
-    lines = {
-        "output_dir": str(run_dir),
-        "model.name": "clipfnd-tiny-vit",
-        "data.train": str(shapes / "train"),
-        "data.val": str(shapes / "val"),
-        "data.batch_size": 64,
-        "data.num_workers": 1,
-        "data.shuffle_buffer": 100,
-        "optim.lr": 2e-3,
-        "optim.warmup_steps": 2,
-        "fnd.detector": "glofnd",
-        "fnd.alpha": 0.06,
-        "fnd.lr": 0.1,
-        "fnd.start_mask": 1,
-        "train.epochs": 2,
-        "train.log_every": 1,
-        "train.checkpoint_every": 4,
-        "train.keep_checkpoints": 10,
-        "train.progress": False,
-        "train.tensorboard": False,
-        "eval.batch_size": 128,
-    }
-    lines.update(extra)
-    from omegaconf import OmegaConf
-
-    dotlist = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in lines.items()]
-    path.write_text(OmegaConf.to_yaml(OmegaConf.from_dotlist(dotlist)))
-    return path
-
-
-def launch(config: Path, *overrides: str, processes: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if processes > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "clipfnd", "train", str(config), *overrides]
-    else:
-        cmd = [sys.executable, "-m", "clipfnd", "train", str(config), *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +58,59 @@ def test_existing_run_dir_is_not_overwritten_silently(two_process_run):
     from clipfnd.cli.main import main
 
     assert main(["train", str(cfg), "train.epochs=1"]) == 2
+
+
+@pytest.fixture(scope="module")
+def one_process_run(shapes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e1")
+    cfg = write_config(root / "c.yaml", shapes, root / "run")
+    launch(cfg, processes=1)
+    return cfg, root / "run"
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(processes, shapes, one_process_run,
+                                                           two_process_run, tmp_path):
+    """SIGKILL (no clean exit) after step 6; resume=latest restarts from step 4, in the middle
+    of epoch 0, and every later loss equals the uninterrupted run's."""
+    _, reference = (one_process_run if processes == 1 else two_process_run)[:2]
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", shapes, run)
+    launch_and_kill(cfg, run, after_step=6, processes=processes)
+    assert not (run / "summary.json").exists()
+    launch(cfg, "resume=latest", processes=processes)
+    got, want = losses(run), losses(reference)
+    assert sorted(got) == list(range(1, 17))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+
+
+def test_crash_while_writing_a_checkpoint_falls_back_to_a_valid_one(two_process_run, tmp_path):
+    """A half-written checkpoint (crash before the rename) is never picked up, and a complete
+    one whose weights are corrupt is skipped with a warning for the one before it."""
+    cfg, run, _ = two_process_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    ckpts = resumed / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000016")
+    shutil.copytree(ckpts / "step_00000012", ckpts / "step_00000016.tmp")  # crash mid-write
+    (ckpts / "step_00000016.tmp" / "trainer_state.json").unlink()
+    weights = ckpts / "step_00000012" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # corrupt newest
+    (resumed / "metrics.jsonl").write_text("")
+    proc = launch(cfg, f"output_dir={resumed}", "resume=latest")
+    assert "step_00000012 cannot be loaded" in proc.stderr and "falling back" in proc.stderr
+    got, want = losses(resumed), losses(run)
+    assert sorted(got) == list(range(9, 17))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    assert not (ckpts / "step_00000016.tmp").exists()  # stale temporary folders are cleaned
+
+
+def test_resume_with_another_config_is_refused(two_process_run, tmp_path):
+    cfg, run, _ = two_process_run
+    resumed = tmp_path / "other"
+    shutil.copytree(run, resumed)
+    proc = launch(cfg, f"output_dir={resumed}", "resume=latest", "data.batch_size=32", expect_ok=False)
+    assert proc.returncode != 0
+    assert "data.batch_size: checkpoint 64, now 32" in proc.stderr

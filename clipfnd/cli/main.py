@@ -20,16 +20,17 @@ from pathlib import Path
 
 
 def _setup_logging() -> None:
+    """Warnings from everyone; clipfnd's own progress messages (INFO) from rank 0."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
+        level=logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("accelerate", "open_clip", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    # open_clip logs this on the root logger for every model built without weights, which
-    # is how clipfnd always builds before loading its own checkpoints.
+    for ours in ("clipfnd", "data_pipelines", "eval"):
+        logging.getLogger(ours).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # open_clip warns on the root logger for every model built without weights, which is
+    # how clipfnd always builds a model before loading its own checkpoint into it.
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
 

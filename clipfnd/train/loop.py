@@ -229,19 +229,60 @@ def setup(cfg: Config) -> Setup:
     return Setup(accelerator, run_dir, model, bundle, stream, tables, objective, optimizer, scheduler, total_steps)
 
 
+# Keys a resumed run must share with the checkpoint: they decide what the weights, the
+# per-sample tables and the data position mean.
+RESUME_KEYS = ("model.name", "data.train", "data.batch_size", "data.num_workers",
+               "data.chunk_size", "data.shuffle_buffer", "data.resampled", "seed", "loss.name",
+               "fnd.detector")
+
+
+def _config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+    now = to_dict(cfg)
+    out = []
+    for key in RESUME_KEYS:
+        a, b = saved, now
+        for part in key.split("."):
+            a, b = a.get(part) if isinstance(a, dict) else None, b.get(part) if isinstance(b, dict) else None
+        if a != b:
+            out.append(f"{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
 def _resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
-    """Load the checkpoint ``cfg.resume`` names; return (step, epoch, this rank's loader state)."""
+    """Load the checkpoint ``cfg.resume`` names; return (step, epoch, this rank's loader state).
+
+    With ``resume=latest`` the newest complete checkpoint is used; one that fails to load
+    (corrupt files) is skipped with a warning in favour of the one before it.
+    """
     if cfg.resume is None:
         return 0, 0, None
-    path = ckpt.find_latest(s.run_dir) if cfg.resume == "latest" else Path(cfg.resume)
-    if path is None:
-        log.info("resume=latest: no checkpoint in %s, starting from scratch", s.run_dir)
-        return 0, 0, None
-    if not ckpt.is_valid(path):
-        raise ValueError(f"resume={cfg.resume!r}: {path} is not a complete checkpoint")
-    state = ckpt.read_trainer_state(path)
-    s.accelerator.load_state(str(path))
-    loader = json.loads((path / f"loader_rank{s.accelerator.process_index}.json").read_text())
+    if cfg.resume == "latest":
+        candidates = [p for p in reversed(ckpt.list_checkpoints(s.run_dir)) if ckpt.is_valid(p)]
+        if not candidates:
+            log.info("resume=latest: no checkpoint in %s, starting from scratch", s.run_dir)
+            return 0, 0, None
+    else:
+        candidates = [Path(cfg.resume)]
+        if not ckpt.is_valid(candidates[0]):
+            raise ValueError(f"resume={cfg.resume!r}: {candidates[0]} is not a complete checkpoint")
+    for i, path in enumerate(candidates):
+        state = ckpt.read_trainer_state(path)
+        diffs = _config_differences(state.get("config", {}), cfg)
+        if diffs:
+            raise ConfigError(
+                f"resume: {path} belongs to a run with another config ({'; '.join(diffs)}); "
+                "resume with the same settings, or start over with overwrite=true"
+            )
+        try:
+            s.accelerator.load_state(str(path))
+            loader = json.loads((path / f"loader_rank{s.accelerator.process_index}.json").read_text())
+        except Exception as e:
+            if i + 1 == len(candidates):
+                raise ValueError(f"cannot load checkpoint {path}: {e}") from e
+            log.warning("checkpoint %s cannot be loaded (%s: %s); falling back to %s",
+                        path, type(e).__name__, e, candidates[i + 1])
+            continue
+        break
     loader_state = LoaderState.from_dict(loader)
     if state["world_size"] != s.accelerator.num_processes:
         if loader_state.batches < s.stream.steps_per_epoch(loader_state.epoch):
@@ -379,7 +420,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     record.update(s.objective.summarise(distributed.all_reduce_sum(detection)))
                     detection = None
                 record.update(s.objective.threshold_metrics())
-                bad = sum(it.bad.values())
+                bad = distributed.all_reduce_sum(torch.tensor(bad_total + sum(it.bad.values()))).item()
                 if bad:
                     record["data/skipped"] = bad
                 if faults.total:
@@ -397,9 +438,10 @@ def train(cfg: Config) -> dict[str, Any]:
                 done = True
                 break
         bad_total += sum(it.bad.values())
-        if acc.is_main_process and it.bad:
+        if it.bad:  # each process reports the shards it read
             per_shard = {f"{Path(sh).name}: {why}": n for (sh, why), n in sorted(it.bad.items())}
-            log.warning("epoch %d skipped %d bad samples: %s", epoch, sum(it.bad.values()), per_shard)
+            log.warning("epoch %d: process %d skipped %d bad samples: %s",
+                        epoch, acc.process_index, sum(it.bad.values()), per_shard)
     bar.close()
     train_time = time.perf_counter() - train_start
     final_state = it.state() if it is not None else LoaderState(epoch=epoch)
@@ -416,7 +458,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "global_batch_size": B,
         "samples_per_sec": (step - steps_at_start) * B * cfg.optim.accum_steps / max(train_time, 1e-9),
         "loss": last_record.get("loss"),
-        "skipped_samples": bad_total,
+        "skipped_samples": int(distributed.all_reduce_sum(torch.tensor(bad_total)).item()),
         "nonfinite_steps_skipped": faults.total,
         "eval": results,
     }
