@@ -60,6 +60,34 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def gather_uneven(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``x`` (dim 0) in rank order, when ranks hold different counts."""
+    if not is_distributed():
+        return x
+    counts = gather(torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)).tolist()
+    longest = max(counts)
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    everything = gather(padded)
+    return torch.cat([everything[r * longest : r * longest + n] for r, n in enumerate(counts)])
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's list of small picklable items, concatenated in rank order."""
+    if not is_distributed():
+        return items
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (several gloo ranks may abort at exit otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True when ``flag`` is true on every rank (so all ranks take the same branch)."""
     if not is_distributed():

@@ -94,7 +94,8 @@ def encode_shards(
     model.eval()
     paths = [s.path for s in shard_set.shards][rank::world]
     ds = _EvalShards(paths, transform, tokenize)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(paths)), collate_fn=_collate)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(paths)),
+                        collate_fn=_collate)
     total = sum(s.num_samples for s in shard_set.shards[rank::world]) if world == 1 else None
     parts: dict[str, list] = {"image": [], "text": [], "index": [], "label": [], "image_id": []}
     skipped = 0

@@ -16,10 +16,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from clipfnd.distributed import gather_objects, gather_uneven
 from data_pipelines import DataError
 
 from .datasets import EvalDataset
-from .processes import Processes, gather_list, gather_rows
+from .processes import Processes
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,10 @@ def encode_dataset(
         parts["image"].append(model.encode_image(batch["image"].to(device), normalize=True).float())
         parts["key"].append(batch["key"].to(device))
         parts["label"].append(batch["label"].to(device))
-        image_ids.extend(zip(batch["key"].tolist(), batch["image_id"]))
+        image_ids.extend(zip(batch["key"].tolist(), batch["image_id"], strict=True))
         if batch.get("text") is not None:
-            parts["text"].append(model.encode_text(batch["text"].to(device), normalize=True).float())
+            text = model.encode_text(batch["text"].to(device), normalize=True)
+            parts["text"].append(text.float())
             parts["owner"].append(batch["text_owner"].to(device))
             parts["pos"].append(batch["text_position"].to(device))
     bar.close()
@@ -139,14 +141,14 @@ def _gather_sorted(parts: dict[str, list], image_ids: list[tuple[int, str]], ski
                    device: torch.device, with_text: bool) -> Features:
     dim = parts["image"][0].shape[1] if parts["image"] else 0
     # every rank must agree on the width of empty tensors before gathering
-    dim = int(gather_rows(torch.tensor([dim], device=device)).max().item())
+    dim = int(gather_uneven(torch.tensor([dim], device=device)).max().item())
     no_rows = torch.zeros((0, dim), device=device)
     no_ids = torch.zeros((0,), dtype=torch.long, device=device)
-    image = gather_rows(_cat(parts["image"], no_rows)).cpu()
-    key = gather_rows(_cat(parts["key"], no_ids)).cpu()
-    label = gather_rows(_cat(parts["label"], no_ids)).cpu()
-    skipped = int(gather_rows(torch.tensor([skipped], device=device)).sum().item())
-    ids = dict(gather_list(image_ids))
+    image = gather_uneven(_cat(parts["image"], no_rows)).cpu()
+    key = gather_uneven(_cat(parts["key"], no_ids)).cpu()
+    label = gather_uneven(_cat(parts["label"], no_ids)).cpu()
+    skipped = int(gather_uneven(torch.tensor([skipped], device=device)).sum().item())
+    ids = dict(gather_objects(image_ids))
     if key.numel() == 0:
         raise DataError(f"no readable image in the dataset (skipped {skipped})")
     order = torch.argsort(key, stable=True)
@@ -158,9 +160,9 @@ def _gather_sorted(parts: dict[str, list], image_ids: list[tuple[int, str]], ski
     key, image, label = key[keep], image[keep], label[keep]
     text = text_item = None
     if with_text:
-        text = gather_rows(_cat(parts["text"], no_rows)).cpu()
-        owner = gather_rows(_cat(parts["owner"], no_ids)).cpu()
-        pos = gather_rows(_cat(parts["pos"], no_ids)).cpu()
+        text = gather_uneven(_cat(parts["text"], no_rows)).cpu()
+        owner = gather_uneven(_cat(parts["owner"], no_ids)).cpu()
+        pos = gather_uneven(_cat(parts["pos"], no_ids)).cpu()
         # sort captions by (owner key, position); drop repeats
         order = torch.argsort(pos, stable=True)
         order = order[torch.argsort(owner[order], stable=True)]

@@ -2,16 +2,15 @@
 
 Launched plainly, evaluation is one process. Under ``accelerate launch`` (or ``torchrun``),
 Accelerate's ``PartialState`` joins the process group; each process then encodes its slice of
-the data, and :func:`gather_rows` / :func:`gather_list` put every process's rows together
-(unequal counts allowed) so that callers can sort them by sample key and drop duplicates.
-Collectives go through :mod:`clipfnd.distributed`.
+the data, and ``clipfnd.distributed.gather_uneven`` / ``gather_objects`` put every process's
+rows together (unequal counts allowed) so that callers can sort them by sample key and drop
+duplicates.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -45,31 +44,4 @@ def setup_processes(device: str | None = None) -> Processes:
 
 def finish_processes() -> None:
     """Leave the process group (several gloo ranks may abort at exit otherwise)."""
-    if distributed.is_distributed():
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
-        PartialState().destroy_process_group()
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every process's rows of ``x`` (dim 0), concatenated in rank order; counts may differ."""
-    if not distributed.is_distributed():
-        return x
-    count = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    counts = distributed.gather(count).tolist()
-    longest = max(counts)
-    padded = x.new_zeros((longest, *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    everything = distributed.gather(padded)
-    return torch.cat([everything[r * longest : r * longest + n] for r, n in enumerate(counts)])
-
-
-def gather_list(items: list[Any]) -> list[Any]:
-    """Every process's list of small picklable items, concatenated in rank order."""
-    if not distributed.is_distributed():
-        return items
-    out: list[Any] = []
-    for src in range(distributed.world_size()):
-        out.extend(distributed.broadcast_object(items if distributed.rank() == src else None, src))
-    return out
+    distributed.shutdown()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def first_positive_rank(scores: torch.Tensor, positives: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def first_positive_rank(
+    scores: torch.Tensor, positives: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
     """0-based rank of each query's best-scoring positive. ``[Q, G]`` scores and bool mask."""
     if not bool(positives.any(1).all()):
         raise ValueError("every query needs at least one positive in the gallery")
@@ -64,7 +66,9 @@ def group_images(image_ids: list[str]) -> tuple[torch.Tensor, list[int]]:
     return torch.tensor(t2i), rows
 
 
-def label_retrieval_metrics(image: torch.Tensor, text: torch.Tensor, label: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+def label_retrieval_metrics(
+    image: torch.Tensor, text: torch.Tensor, label: torch.Tensor, ks=(1, 5, 10)
+) -> dict[str, float]:
     """Retrieval where any sample of the same label counts as a match (concept level)."""
     scores = text @ image.T
     pos = label[:, None] == label[None, :]

@@ -103,6 +103,9 @@ def run_eval(checkpoint: str | os.PathLike | LoadedCheckpoint, opts: EvalOptions
     if needs_train and not opts.train_data:
         raise ValueError(f"--task {opts.task} needs --train-data (the split to fit on)")
     ds = _open(opts, opts.data, opts.split, "test")
+    if opts.task == "retrieval" and ds.kind == "classification":
+        raise ValueError(f"{ds.path} is a classification set (dataset_type.txt): it has no "
+                         "captions for retrieval; try --task zeroshot")
     train_ds = _open(opts, opts.train_data, opts.train_split, "train") if needs_train else None
     prompts = _prompts(opts, ds) if opts.task == "zeroshot" else None
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
@@ -126,32 +129,34 @@ def run_eval(checkpoint: str | os.PathLike | LoadedCheckpoint, opts: EvalOptions
         "processes": processes.world,
     }
     if opts.task == "retrieval":
-        metrics, counts = grouped_retrieval_metrics(feats.image, feats.image_id, feats.text,
-                                                    feats.text_item)
-        results["data"].update(counts)
-        one_caption = feats.text.shape[0] == feats.num_items and len(set(feats.image_id)) == \
-            feats.num_items
-        if one_caption and bool((feats.label >= 0).all()):
-            metrics.update(label_retrieval_metrics(feats.image, feats.text, feats.label))
+        results["metrics"] = _retrieval(feats, results["data"])
     elif opts.task == "zeroshot":
-        classnames, templates, info = prompts
-        image, labels, unlabelled = _labelled(feats, "evaluation")
+        classnames, templates, results["zeroshot"] = prompts
+        image, labels, results["data"]["unlabelled"] = _labelled(feats, "evaluation")
         classes = class_embeddings(model, bundle.tokenizer, classnames, templates,
                                    processes.device).cpu()
-        metrics = zeroshot_metrics(image, labels, classes)
-        results["zeroshot"] = info
-        results["data"]["unlabelled"] = unlabelled
+        results["metrics"] = zeroshot_metrics(image, labels, classes)
     else:
-        image, labels, unlabelled = _labelled(feats, "evaluation")
+        image, labels, results["data"]["unlabelled"] = _labelled(feats, "evaluation")
         train_image, train_labels, train_unlabelled = _labelled(train, "training")
         results["train_data"] = {**train_ds.describe(), "num_images": train.num_items,
                                  "skipped": train.skipped, "unlabelled": train_unlabelled}
-        results["data"]["unlabelled"] = unlabelled
         if opts.task == "linear-probe":
-            metrics = linear_probe(train_image, train_labels, image, labels)
+            results["metrics"] = linear_probe(train_image, train_labels, image, labels)
         else:
-            metrics = knn_metrics(train_image, train_labels, image, labels, k=opts.k,
-                                  temperature=opts.temperature)
             results["knn"] = {"k": opts.k, "temperature": opts.temperature}
-    results["metrics"] = metrics
+            results["metrics"] = knn_metrics(train_image, train_labels, image, labels, k=opts.k,
+                                             temperature=opts.temperature)
     return results
+
+
+def _retrieval(feats: Features, data_info: dict[str, Any]) -> dict[str, float]:
+    """Retrieval metrics; concept-level ones too when each image has one caption and a label."""
+    metrics, counts = grouped_retrieval_metrics(feats.image, feats.image_id, feats.text,
+                                                feats.text_item)
+    data_info.update(counts)
+    one_caption_each = torch.equal(feats.text_item, torch.arange(feats.num_items))
+    if one_caption_each and len(set(feats.image_id)) == feats.num_items \
+            and bool((feats.label >= 0).all()):
+        metrics.update(label_retrieval_metrics(feats.image, feats.text, feats.label))
+    return metrics

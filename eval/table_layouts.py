@@ -81,7 +81,7 @@ class CsvTable(EvalDataset):
         labels, names = _labels_from_strings([(r[lab] or "").strip() for r in rows] if lab
                                              else [""] * len(rows))
         groups: dict[str, dict[str, Any]] = {}
-        for row, label in zip(rows, labels):
+        for row, label in zip(rows, labels, strict=True):
             file = (row[img] or "").strip()
             key = (row[iid] or "").strip() if iid else file
             g = groups.setdefault(key, {"file": file, "captions": [], "label": label})
@@ -179,8 +179,8 @@ class HFTable(EvalDataset):
             raise DataError(f"{where}: neither a caption nor a label column (columns: {columns})")
         classnames = features[lab].names if lab and isinstance(features[lab], datasets.ClassLabel) \
             else None
-        self.columns = {"image": img, "caption": cap, "label": lab,
-                        "image_id": _pick(columns, None, IMAGE_ID_COLUMNS, "image_id", where, False)}
+        iid = _pick(columns, None, IMAGE_ID_COLUMNS, "image_id", where, False)
+        self.columns = {"image": img, "caption": cap, "label": lab, "image_id": iid}
         self.dataset = dataset
         self._images = dataset.select_columns([img])
         self._meta = dataset.select_columns([c for c in (cap, lab, self.columns["image_id"]) if c])

@@ -108,10 +108,10 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, prefix: s
     correct = top == labels[:, None]
     top1 = correct[:, 0]
     present = labels.unique()
-    recalls = torch.stack([top1[labels == c].float().mean() for c in present])
+    recalls = torch.stack([top1[labels == c].double().mean() for c in present])
     return {
-        f"{prefix}top1": top1.float().mean().item(),
-        f"{prefix}top5": correct.any(1).float().mean().item(),
+        f"{prefix}top1": top1.double().mean().item(),
+        f"{prefix}top5": correct.any(1).double().mean().item(),
         f"{prefix}mean_per_class_recall": recalls.mean().item(),
     }
 

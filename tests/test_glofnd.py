@@ -29,14 +29,13 @@ def test_thresholds_converge_to_quantile(alpha):
     g = torch.Generator().manual_seed(1)
     tables = StateTables(N)
     det = GloFND(tables, ("view",), alpha=alpha, lr=0.02)
-    neg = ~torch.eye(B, dtype=torch.bool)
     for epoch in range(120):
         if epoch == 60:
             det.lr = 0.005  # a smaller step for the last half, as any SGD run would anneal
         perm = torch.randperm(N, generator=g)
         for k in range(N // B):
             idx = perm[k * B:(k + 1) * B]
-            tables.write_rows(idx, det.update("view", idx, [S[idx][:, idx]], [neg]))
+            tables.write_rows(idx, det.update("view", idx, [S[idx][:, idx]], [[torch.arange(B)]], B - 1))
     others = S.masked_select(~torch.eye(N, dtype=torch.bool)).view(N, N - 1)
     target = torch.quantile(others, 1 - alpha, dim=1)
     err = (tables["glofnd.lambda_view"] - target).abs()
@@ -88,21 +87,24 @@ def test_update_matches_naive_loop(optimizer, views):
         idx = torch.randperm(N, generator=g)[:B]
         rows = []
         negs = []
+        excludes = []
         for _view in range(views):
             noisy = F.normalize(X[idx] + 0.3 * torch.randn(B, d, generator=g), dim=1)
             others = torch.cat([X[idx], noisy]) if views == 2 else X[idx]
             rows.append(noisy @ others.T)
             neg = torch.ones(B, others.shape[0], dtype=torch.bool)
             neg[torch.arange(B), torch.arange(B)] = False
+            excludes.append([torch.arange(B)])
             if views == 2:
                 neg[torch.arange(B), torch.arange(B) + B] = False
+                excludes[-1].append(torch.arange(B) + B)
             negs.append(neg)
-        steps.append((idx, rows, negs))
+        steps.append((idx, rows, negs, excludes))
     tables = StateTables(N)
     det = GloFND(tables, ("a",), alpha=alpha, lr=lr, optimizer=optimizer)
-    for idx, rows, negs in steps:
-        tables.write_rows(idx, det.update("a", idx, rows, negs))
-    lam, counts = naive_glofnd(steps, N, alpha, lr, 0.9, 0.98, optimizer)
+    for idx, rows, negs, excludes in steps:
+        tables.write_rows(idx, det.update("a", idx, rows, excludes, int(negs[0][0].sum())))
+    lam, counts = naive_glofnd([st[:3] for st in steps], N, alpha, lr, 0.9, 0.98, optimizer)
     torch.testing.assert_close(tables["glofnd.lambda_a"], torch.tensor(lam, dtype=torch.float32), atol=2e-6, rtol=0)
     assert tables["glofnd.count_a"].tolist() == [float(c) for c in counts]
     assert len(set(counts)) > 1  # visit counts really differ
@@ -113,9 +115,8 @@ def test_thresholds_start_at_one_and_stay_clamped():
     det = GloFND(tables, ("a",), alpha=0.5, lr=10.0, optimizer="sgd")
     assert tables["glofnd.lambda_a"].tolist() == [1.0] * 4
     sims = torch.full((4, 4), -1.0)
-    neg = ~torch.eye(4, dtype=torch.bool)
     for _ in range(3):  # g = alpha > 0 pushes lambda down, hard
-        tables.write_rows(torch.arange(4), det.update("a", torch.arange(4), [sims], [neg]))
+        tables.write_rows(torch.arange(4), det.update("a", torch.arange(4), [sims], [[torch.arange(4)]], 3))
     assert tables["glofnd.lambda_a"].tolist() == [-1.0] * 4
 
 
@@ -124,11 +125,9 @@ def test_flags_and_gradient_definition():
     det = GloFND(tables, ("a",), alpha=0.25)
     lam = torch.tensor([0.5, 0.0, 0.9])
     sim = torch.tensor([[1.0, 0.6, 0.4, 0.7], [0.1, 1.0, 0.2, -0.3], [0.95, 0.91, 1.0, 0.2]])
-    neg = torch.ones(3, 4, dtype=torch.bool)
-    neg[[0, 1, 2], [0, 1, 2]] = False
-    flags = det.flags(sim, neg, lam)
+    flags = det.flags(sim, lam, [torch.arange(3)])  # the positive of row i is column i
     assert flags.tolist() == [[False, True, False, True], [True, False, True, False], [True, True, False, False]]
-    g = det.gradient([sim], [neg], lam)
+    g = det.gradient([flags], 3)
     torch.testing.assert_close(g, torch.tensor([0.25 - 2 / 3, 0.25 - 2 / 3, 0.25 - 2 / 3]))
 
 

@@ -65,11 +65,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register the eval and export sub-commands (heavy imports wait until a command runs)."""
-    e = sub.add_parser("eval", help="evaluate a checkpoint: retrieval, zero-shot, linear probe, kNN",
+    e = sub.add_parser("eval", help="evaluate a checkpoint (retrieval, zero-shot, probe, kNN)",
                        description="Evaluate a checkpoint. See docs/evaluation.md.")
     e.add_argument("--checkpoint", required=True,
                    help="a run directory (its newest checkpoint) or a checkpoint directory")
-    e.add_argument("--task", required=True, choices=["retrieval", "zeroshot", "linear-probe", "knn"])
+    e.add_argument("--task", required=True,
+                   choices=["retrieval", "zeroshot", "linear-probe", "knn"])
     e.add_argument("--data", required=True,
                    help="clipfnd shard folder, clip_benchmark WebDataset root, CSV/TSV file, "
                         "or local Hugging Face dataset (save_to_disk folder / parquet)")

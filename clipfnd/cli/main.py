@@ -95,7 +95,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print_summary(summary)
-    _finish_distributed()
+    from .. import distributed
+
+    distributed.shutdown()
     return 0
 
 
@@ -119,14 +121,6 @@ def print_summary(summary: dict) -> None:
         if "label_i2t_R@1" in ev:
             lines.append(f"same-concept R@1  : i2t {ev['label_i2t_R@1']:.3f}, t2i {ev['label_t2i_R@1']:.3f}")
     print("\n".join(lines), flush=True)
-
-
-def _finish_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 # --- parser ----------------------------------------------------------------------------------

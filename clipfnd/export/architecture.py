@@ -87,9 +87,9 @@ def _off_default(cfg: Any, defaults: dict[str, Any], where: str) -> list[str]:
 def _refuse(model_name: str, target: str, reasons: list[str]) -> None:
     if reasons:
         raise UnsupportedExport(
-            f"model {model_name!r} cannot be exported to {target}: it represents only plain "
-            "OpenAI-CLIP style ViT towers (and a causal text transformer), and this model has "
-            + "; ".join(reasons)
+            f"model {model_name!r} cannot be exported to {target}, which represents only plain "
+            "OpenAI-CLIP style towers (a ViT image tower and a causal text transformer); "
+            f"{model_name!r} has " + "; ".join(reasons)
         )
 
 

@@ -127,7 +127,8 @@ def load_checkpoint(spec: str | os.PathLike) -> LoadedCheckpoint:
     config = state.get("config") or {}
     model_name = state.get("model_name") or (config.get("model") or {}).get("name")
     if not model_name:
-        raise ValueError(f"{ckpt / TRAINER_STATE} names no model (no model_name, no config.model.name)")
+        raise ValueError(f"{ckpt / TRAINER_STATE} names no model (no model_name, no "
+                         "config.model.name)")
     bundle = create_clip(model_name)
     weights = safetensors.torch.load_file(str(ckpt / WEIGHTS_NAME))
     check_fits(weights, bundle.model, model_name, ckpt / WEIGHTS_NAME)

@@ -58,7 +58,8 @@ class Comparison:
         return self.max_abs_diff <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_abs_diff": dict(self.diffs), "tolerance": self.tolerance, "passed": self.passed}
+        return {"max_abs_diff": dict(self.diffs), "tolerance": self.tolerance,
+                "passed": self.passed}
 
     def check(self, fmt: str) -> None:
         if not self.passed:

@@ -68,19 +68,24 @@ class GloFND:
     def thresholds(self, anchor_type: str, index: torch.Tensor) -> torch.Tensor:
         return self.tables.rows(f"glofnd.lambda_{anchor_type}", index)
 
-    def flags(self, sim: torch.Tensor, negatives: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """``[b, M]`` bool: negatives whose similarity is above their anchor's threshold."""
-        return (sim > lam[:, None].to(sim.dtype)) & negatives
+    @torch.no_grad()
+    def flags(self, sim: torch.Tensor, lam: torch.Tensor, exclude: list[torch.Tensor]) -> torch.Tensor:
+        """``[b, M]`` bool: similarities above the anchor's threshold, among its negatives.
+
+        ``exclude`` lists, per row, the columns that are not negatives (``[b]`` each): the
+        positive, and in the unimodal case also the anchor's own other view.
+        """
+        f = sim > lam[:, None].to(sim.dtype)
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        for cols in exclude:
+            f[rows, cols] = False
+        return f
 
     @torch.no_grad()
-    def gradient(self, sims: list[torch.Tensor], negatives: list[torch.Tensor], lam: torch.Tensor) -> torch.Tensor:
-        """``g`` per anchor from its ``K`` similarity rows (each ``[b, M_k]``) and negative masks."""
-        above = torch.zeros_like(lam, dtype=torch.float64)
-        count = torch.zeros_like(lam, dtype=torch.float64)
-        for s, neg in zip(sims, negatives):
-            above += self.flags(s, neg, lam).sum(1).to(torch.float64)
-            count += neg.sum(1).to(torch.float64)
-        return (self.alpha - above / count.clamp(min=1)).to(torch.float32)
+    def gradient(self, flags: list[torch.Tensor], num_negatives: int) -> torch.Tensor:
+        """``g = alpha - share of the K rows' negatives above the threshold``, per anchor."""
+        above = sum(f.sum(1) for f in flags).to(torch.float64)
+        return (self.alpha - above / (len(flags) * num_negatives)).to(torch.float32)
 
     @torch.no_grad()
     def update(
@@ -88,13 +93,29 @@ class GloFND:
         anchor_type: str,
         index: torch.Tensor,
         sims: list[torch.Tensor],
-        negatives: list[torch.Tensor],
+        exclude: list[list[torch.Tensor]],
+        num_negatives: int,
     ) -> dict[str, torch.Tensor]:
-        """New rows of this anchor type's tables for anchors ``index`` (not yet written)."""
+        """New rows for anchors ``index`` from their ``K`` similarity rows (not yet written).
+
+        Args:
+            sims: ``K`` tensors ``[b, M]``; exclude: per similarity row set, the columns that
+                are not negatives (see ``flags``); num_negatives: ``|N_i|``.
+        """
+        lam = self.tables.rows(f"glofnd.lambda_{anchor_type}", index, sims[0].device)
+        flags = [self.flags(s, lam, ex) for s, ex in zip(sims, exclude)]
+        return self.update_from_flags(anchor_type, index, flags, num_negatives)
+
+    @torch.no_grad()
+    def update_from_flags(
+        self, anchor_type: str, index: torch.Tensor, flags: list[torch.Tensor], num_negatives: int
+    ) -> dict[str, torch.Tensor]:
+        """As ``update``, from flags already computed with the current thresholds (the
+        training step reuses the flags of its false-negative masks)."""
         t = anchor_type
-        dev = sims[0].device
+        dev = flags[0].device
         lam = self.tables.rows(f"glofnd.lambda_{t}", index, dev)
-        g = self.gradient(sims, negatives, lam)
+        g = self.gradient(flags, num_negatives)
         count = self.tables.rows(f"glofnd.count_{t}", index, dev) + 1
         if self.optimizer == "sgd":
             new_lam = (lam - self.lr * g).clamp(-1.0, 1.0)

@@ -10,22 +10,26 @@ from __future__ import annotations
 import torch
 
 
-def same_label(label_anchor: torch.Tensor, label_other: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """``[b, M]`` bool: negatives with the anchor's label (labels < 0 mean unknown: never)."""
-    eq = label_anchor[:, None] == label_other[None, :]
-    known = (label_anchor[:, None] >= 0) & (label_other[None, :] >= 0)
-    return eq & known & negatives
+def same_label(label_anchor: torch.Tensor, label_other: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``[b, M]`` bool: negatives with the anchor's label (the positive column ``pos`` excluded;
+    labels < 0 mean unknown and never match)."""
+    eq = (label_anchor[:, None] == label_other[None, :]) & (label_other[None, :] >= 0)
+    eq &= (label_anchor >= 0)[:, None]
+    eq[torch.arange(eq.shape[0], device=eq.device), pos] = False
+    return eq
 
 
-def detection_counts(flags: torch.Tensor, truth: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+def detection_counts(flags: torch.Tensor, truth: torch.Tensor, num_negatives: int) -> torch.Tensor:
     """Counts to sum over anchors and ranks: [true positives, flagged, true, negatives, anchors
     with every negative flagged]. Float64 ``[5]``."""
-    tp = (flags & truth).sum()
-    flagged = flags.sum()
-    true = truth.sum()
-    neg = negatives.sum()
-    all_flagged = ((negatives & ~flags).sum(1) == 0).sum()
-    return torch.stack([tp, flagged, true, neg, all_flagged]).to(torch.float64)
+    per_row = flags.sum(1)
+    return torch.stack([
+        (flags & truth).sum(),
+        per_row.sum(),
+        truth.sum(),
+        torch.tensor(flags.shape[0] * num_negatives, device=flags.device),
+        (per_row == num_negatives).sum(),
+    ]).to(torch.float64)
 
 
 def detection_metrics(counts: torch.Tensor, prefix: str, with_truth: bool = True) -> dict[str, float]:

@@ -43,30 +43,30 @@ def contrastive_rows(
         return F.cross_entropy(logits, pos, reduction="none")
     b, m = logits.shape
     rows = torch.arange(b, device=logits.device)
-    is_pos = torch.zeros_like(fn_mask)
-    is_pos[rows, pos] = True
-    fn_mask = fn_mask & ~is_pos
-    logit_pos = logits[rows, pos]
+    with torch.no_grad():
+        fn_mask = fn_mask.index_put((rows, pos), torch.zeros(b, dtype=torch.bool, device=logits.device))
+        n_flagged = fn_mask.sum(1)
     if removal == "attract":
-        targets = (fn_mask | is_pos).to(logits.dtype)
-        mean_pos = (logits * targets).sum(1) / targets.sum(1)
-        return torch.logsumexp(logits, dim=1) - mean_pos
+        # -mean_{q in {p} U F} log softmax(l)_q  ==  cross-entropy with uniform targets on {p} U F
+        with torch.no_grad():
+            targets = fn_mask.to(logits.dtype)
+            targets[rows, pos] = 1.0
+            targets /= (n_flagged + 1).to(logits.dtype)[:, None]
+        return F.cross_entropy(logits, targets, reduction="none")
     if removal != "eliminate":
         raise ValueError(f"removal must be 'eliminate' or 'attract', got {removal!r}")
-    kept = ~fn_mask & ~is_pos
-    n_kept = kept.sum(1)
-    neg_logits = logits.masked_fill(~kept, float("-inf"))
-    if rescale:
-        n_neg = m - 1
-        factor = torch.where(n_kept > 0, math.log(n_neg) - torch.log(n_kept.clamp(min=1).to(logits.dtype)), 0.0)
-        neg_logits = neg_logits + factor[:, None]
-    # A row with nothing kept has negative sum 0; keep its logsumexp finite so that no NaN
-    # reaches the backward pass, then select -inf for it.
-    empty = n_kept == 0
-    neg_lse = torch.logsumexp(neg_logits.masked_fill(empty[:, None], 0.0), dim=1)
-    neg_lse = torch.where(empty, torch.full_like(neg_lse, float("-inf")), neg_lse)
-    denom = torch.logaddexp(logit_pos, neg_lse)
-    return denom - logit_pos
+    # -log(e^{l_p} / (e^{l_p} + c sum_K e^{l_j}))  ==  cross-entropy of l + A, where A is log c on
+    # kept negatives, -inf on flagged ones and 0 at the positive (c = |N|/|K|, or 1). A needs no
+    # gradient, so the loss is one fused cross-entropy; a row with nothing kept gives 0, no NaN.
+    with torch.no_grad():
+        n_kept = (m - 1) - n_flagged
+        if rescale:
+            log_c = math.log(m - 1) - torch.log(n_kept.clamp(min=1).to(logits.dtype))
+        else:
+            log_c = torch.zeros(b, dtype=logits.dtype, device=logits.device)
+        shift = log_c[:, None].expand(b, m).masked_fill(fn_mask, float("-inf"))
+        shift[rows, pos] = 0.0
+    return F.cross_entropy(logits + shift, pos, reduction="none")
 
 
 def clip_loss(

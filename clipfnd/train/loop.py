@@ -383,10 +383,11 @@ def train(cfg: Config) -> dict[str, Any]:
                 else:
                     poisoned = True
                 if acc.sync_gradients:
+                    # the gradients are synchronised, so every rank sees the same norm; under
+                    # fp16 the gradient scaler handles overflowing gradients by itself
                     norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-                    # fp16: the gradient scaler handles overflowing gradients by itself
                     grad_ok = cfg.train.mixed_precision == "fp16" or bool(torch.isfinite(norm))
-                    if poisoned or not distributed.all_true(grad_ok, acc.device):
+                    if poisoned or not grad_ok:
                         faults.skip(step, epoch)
                     else:
                         s.optimizer.step()
@@ -394,8 +395,8 @@ def train(cfg: Config) -> dict[str, Any]:
                     s.optimizer.zero_grad(set_to_none=True)
             if not acc.sync_gradients:
                 continue
-            was_poisoned, poisoned = poisoned, False
-            if was_poisoned or faults.in_a_row:
+            poisoned = False
+            if faults.in_a_row:  # this optimiser step was skipped
                 if faults.in_a_row >= cfg.train.max_nonfinite_steps:
                     stop = faults.give_up(cfg, s, step, epoch, it)
                     raise NonFiniteError(stop)
@@ -407,7 +408,7 @@ def train(cfg: Config) -> dict[str, Any]:
             window_steps += 1
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == s.total_steps:
-                loss_mean = distributed.all_reduce_sum(torch.stack(list(recent)).mean()).item() / acc.num_processes
+                loss_mean = distributed.all_reduce_sum(torch.stack(recent).mean()).item() / acc.num_processes
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step, "epoch": epoch, "loss": loss_mean,

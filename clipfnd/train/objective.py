@@ -128,27 +128,25 @@ class ClipObjective:
 
         with torch.no_grad():
             sims = {t: anchors[t] @ others[t].T for t in ANCHORS}
-        negatives = torch.ones(b, img_all.shape[0], dtype=torch.bool, device=img.device)
-        negatives[torch.arange(b, device=img.device), pos] = False
+        num_neg = img_all.shape[0] - 1  # N_i: the other B-1 samples of the other modality
 
         masks: dict[str, torch.Tensor | None] = {t: None for t in ANCHORS}
-        truth: dict[str, torch.Tensor] = {}
-        if self.has_labels:
-            truth = {t: same_label(labels_local, label_all.to(img.device), negatives) for t in ANCHORS}
-        if self.masking(epoch):
-            if self.fnd.detector == "oracle":
-                masks = dict(truth)
-            else:
-                assert self.glofnd is not None
-                for t in ANCHORS:
-                    lam = self.glofnd.thresholds(t, index).to(img.device)
-                    masks[t] = self.glofnd.flags(sims[t], negatives, lam)
-
         new_rows: dict[str, torch.Tensor] = {}
-        if self.updating(epoch):
-            assert self.glofnd is not None
-            for t in ANCHORS:
-                new_rows.update(self.glofnd.update(t, index.to(img.device), [sims[t]], [negatives]))
+        masking, updating = self.masking(epoch), self.updating(epoch)
+        truth: dict[str, torch.Tensor] = {}
+        if self.has_labels and masking:
+            same = same_label(labels_local, label_all.to(img.device), pos)
+            truth = {t: same for t in ANCHORS}  # one label per sample: same truth both ways
+        if self.fnd.detector == "oracle" and masking:
+            masks = dict(truth)
+        elif self.glofnd is not None and (masking or updating):
+            for t in ANCHORS:  # one set of flags, from the thresholds before this update
+                lam = self.glofnd.thresholds(t, index).to(img.device)
+                flags = self.glofnd.flags(sims[t], lam, [pos])
+                if masking:
+                    masks[t] = flags
+                if updating:
+                    new_rows.update(self.glofnd.update_from_flags(t, index.to(img.device), [flags], num_neg))
 
         metrics: dict[str, float] = {}
         if self.loss_name == "clip":
@@ -161,12 +159,10 @@ class ClipObjective:
             new_rows.update(rows)
         detection = None
         if masks["img"] is not None:
-            counts = torch.zeros(5, dtype=torch.float64, device=img.device)
-            for t in ANCHORS:
-                flags = masks[t] if masks[t] is not None else torch.zeros_like(negatives)
-                tr = truth.get(t, torch.zeros_like(negatives))
-                counts += detection_counts(flags, tr, negatives)
-            detection = counts
+            detection = sum(
+                detection_counts(masks[t], truth[t] if truth else torch.zeros_like(masks[t]), num_neg)
+                for t in ANCHORS
+            )
         return StepOutput(loss=loss, metrics=metrics, detection=detection,
                           index=index.to(img.device), rows=new_rows)
 

@@ -1,0 +1,66 @@
+"""Two processes (``torchrun``, gloo on CPU) give exactly the results of one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from clipfnd.models.factory import create_clip
+from data_pipelines.shards import write_split
+from data_pipelines.synthetic import SyntheticSpec, generate, label_names
+from eval.processes import Processes
+from eval.run import EvalOptions, run_eval
+
+pytestmark = pytest.mark.distributed
+
+
+def make_checkpoint(run: Path, name: str = "clipfnd-tiny-vit") -> Path:
+    torch.manual_seed(0)
+    ckpt = run / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    safetensors.torch.save_file(create_clip(name).model.state_dict(),
+                                str(ckpt / "model.safetensors"))
+    (ckpt / "trainer_state.json").write_text(json.dumps(
+        {"step": 1, "epoch": 0, "world_size": 1, "model_name": name,
+         "config": {"model": {"name": name}}}))
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+    spec = SyntheticSpec(num_concepts=8, image_size=32)
+    # 3 uneven shards read by 2 processes x 2 workers: readers stride over items
+    write_split(tmp_path / "val", generate(spec, 50, "val"), shard_size=20,
+                label_names=label_names(spec), progress=False)
+    run = make_checkpoint(tmp_path / "run")
+    out = tmp_path / "two.json"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "clipfnd", "eval", "--checkpoint", str(run), "--task", "retrieval",
+           "--data", str(tmp_path / "val"), "--out", str(out), "--batch-size", "8",
+           "--num-workers", "2", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    one = run_eval(run, EvalOptions(task="retrieval", data=str(tmp_path / "val"), num_workers=0,
+                                    progress=False), Processes(0, 1, torch.device("cpu")))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["data"] == one["data"]  # every item once: 50 images, 50 captions
+    assert two["data"]["images"] == 50
+    for k, v in one["metrics"].items():
+        assert two["metrics"][k] == pytest.approx(v, abs=1e-6), k

@@ -1,0 +1,159 @@
+"""Evaluation metrics on hand-made embeddings whose answers are known (no model involved)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eval.knn import knn_classify, knn_metrics
+from eval.linear_probe import linear_probe
+from eval.retrieval import grouped_retrieval_metrics, retrieval_metrics
+from eval.zeroshot import as_callable, class_embeddings, classification_metrics
+
+
+def unit(*rows: list[float]) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+# --- retrieval -------------------------------------------------------------------------------
+def test_retrieval_one_caption_each_known_ranks():
+    image = torch.eye(3)
+    # caption 0 -> image 0 first; caption 1 ranks image 1 second; caption 2 ranks image 2 third
+    text = unit([1, 0, 0], [0.9, 0.5, 0], [0.2, 0.9, 0.1])
+    m = retrieval_metrics(image, text, torch.tensor([0, 1, 2]))
+    assert m["t2i_R@1"] == pytest.approx(1 / 3)
+    assert m["t2i_mean_rank"] == pytest.approx((1 + 2 + 3) / 3)
+    assert m["t2i_median_rank"] == 2
+    assert m["t2i_R@5"] == 1.0
+    # image 0 -> caption 0 first; image 1 -> captions [2, 1, 0]: rank 2; image 2 -> caption 2 first
+    assert m["i2t_R@1"] == pytest.approx(2 / 3)
+    assert m["i2t_mean_rank"] == pytest.approx((1 + 2 + 1) / 3)
+
+
+def test_retrieval_several_captions_per_image_best_caption_counts():
+    image = torch.eye(2)
+    # image 0 has captions 0 and 1, image 1 has caption 2
+    text = unit([0, 1], [1, 0.1], [0.1, 1])
+    t2i = torch.tensor([0, 0, 1])
+    m = retrieval_metrics(image, text, t2i)
+    # image 0: captions by score 1 (0.995), 2 (0.0995), 0 (0): its caption 1 comes first;
+    # image 1: captions 0 (1.0), 2 (0.995): its caption comes second
+    assert m["i2t_R@1"] == 0.5
+    assert m["i2t_mean_rank"] == 1.5
+    # caption 0 is closer to image 1 -> rank 2; captions 1 and 2 rank their image first
+    assert m["t2i_R@1"] == pytest.approx(2 / 3)
+    assert m["t2i_mean_rank"] == pytest.approx(4 / 3)
+
+
+def test_grouped_retrieval_pools_captions_and_drops_captionless_images():
+    # four items: items 0 and 1 show the same image "a"; item 3 has no caption
+    image = unit([1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1])
+    image_id = ["a", "a", "b", "c"]
+    text = unit([0, 1, 0], [1, 0, 0], [0, 1, 0.2])
+    text_item = torch.tensor([0, 1, 2])  # caption 0 belongs to "a" but looks like "b"
+    m, counts = grouped_retrieval_metrics(image, image_id, text, text_item)
+    assert counts == {"images": 2, "texts": 3, "images_without_caption": 1}
+    assert m["i2t_R@1"] == 0.5  # "a" finds caption 1 first; "b" finds caption 0 before 2
+    assert m["i2t_R@5"] == 1.0
+    assert m["t2i_R@1"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="captions"):
+        grouped_retrieval_metrics(image, image_id, torch.zeros(0, 3), torch.zeros(0).long())
+
+
+# --- zero-shot -------------------------------------------------------------------------------
+def test_classification_metrics_known_answers():
+    # 6 samples, 6 classes; scores rank the true class 1st, 1st, 3rd, 6th, 1st, 2nd
+    scores = torch.tensor([
+        [9, 1, 2, 3, 4, 5],
+        [1, 9, 2, 3, 4, 5],
+        [7, 8, 6, 3, 4, 5],
+        [9, 8, 7, 6, 5, 1],
+        [1, 2, 3, 4, 5, 9],
+        [1, 2, 3, 4, 8, 9],
+    ], dtype=torch.float32)
+    labels = torch.tensor([0, 1, 2, 5, 5, 4])
+    m = classification_metrics(scores, labels)
+    assert m["top1"] == pytest.approx(3 / 6)
+    assert m["top5"] == pytest.approx(5 / 6)
+    # recalls: class 0: 1, class 1: 1, class 2: 0, class 4: 0, class 5: 1/2 -> mean 0.5
+    assert m["mean_per_class_recall"] == pytest.approx((1 + 1 + 0 + 0 + 0.5) / 5)
+    with pytest.raises(ValueError, match="outside"):
+        classification_metrics(scores, torch.tensor([0, 1, 2, 3, 4, 6]))
+
+
+class FakeTextModel(torch.nn.Module):
+    """encode_text of a 'token' tensor: a fixed random embedding per distinct first token."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.table = torch.nn.Embedding(1000, dim)
+        torch.nn.init.normal_(self.table.weight, generator=torch.Generator().manual_seed(0))
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.table(tokens).sum(1)
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+def fake_tokenizer(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([[sum(map(ord, w)) % 1000 for w in t.split()[:3]] + [0] * (3 - len(
+        t.split()[:3])) for t in texts])
+
+
+def test_class_embeddings_are_the_prompt_ensemble_of_methods_md():
+    model = FakeTextModel()
+    classnames = ["cat", "dog", "red bird"]
+    templates = ["a {c}", "the {}", "{c} here"]
+    got = class_embeddings(model, fake_tokenizer, classnames, templates)
+    for i, name in enumerate(classnames):  # the formula, written out naively
+        per_template = []
+        for t in templates:
+            e = model.encode_text(fake_tokenizer([as_callable(t)(name)]))[0]
+            per_template.append(e / e.norm())
+        mean = torch.stack(per_template).mean(0)
+        assert torch.allclose(got[i], mean / mean.norm(), atol=1e-6)
+    with pytest.raises(ValueError, match="no"):
+        as_callable("a photo without a slot")
+
+
+# --- kNN -------------------------------------------------------------------------------------
+def test_knn_matches_naive_weighted_vote():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(60, 5, generator=gen), dim=-1)
+    labels = torch.randint(0, 4, (60,), generator=gen)
+    test = torch.nn.functional.normalize(torch.randn(25, 5, generator=gen), dim=-1)
+    pred = knn_classify(train, labels, test, k=20, temperature=0.07)
+    for q in range(test.shape[0]):
+        sims = [(float(test[q] @ train[i]), int(labels[i])) for i in range(train.shape[0])]
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * 4
+        for s, lab in sims[:20]:
+            votes[lab] += math.exp(s / 0.07)
+        assert pred[q] == int(np.argmax(votes))
+
+
+def test_knn_top1_known_answer():
+    train = unit([1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9])
+    labels = torch.tensor([0, 0, 1, 1])
+    test = unit([1, 0.2], [0.2, 1], [0.95, 0.05])
+    m = knn_metrics(train, labels, test, torch.tensor([0, 1, 1]), k=3)
+    assert m["top1"] == pytest.approx(2 / 3)
+
+
+# --- linear probe ----------------------------------------------------------------------------
+def test_linear_probe_separable_classes():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=-1) * 4
+    def sample(n):
+        y = torch.arange(n) % 3
+        return centres[y] + 0.3 * torch.randn(n, 16, generator=gen), y
+    x, y = sample(90)
+    xt, yt = sample(30)
+    m = linear_probe(x, y, xt, yt, cs=(0.01, 1.0, 100.0))
+    assert m["top1"] == 1.0
+    assert m["C"] in (0.01, 1.0, 100.0)
+    assert 0.0 <= m["val_top1"] <= 1.0
+    with pytest.raises(ValueError, match="two classes"):
+        linear_probe(x, torch.zeros(90, dtype=torch.long), xt, yt)

@@ -1,0 +1,267 @@
+"""``clipfnd eval`` end to end on every data layout, against reference computations.
+
+The checkpoint is a randomly initialised ``clipfnd-tiny-vit`` written the way training writes
+one (``model.safetensors`` + ``trainer_state.json``); nothing is trained or downloaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+import open_clip  # noqa: E402
+import safetensors.torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from clipfnd.cli.main import main  # noqa: E402
+from clipfnd.models.factory import create_clip  # noqa: E402
+from data_pipelines import load_shard_set  # noqa: E402
+from data_pipelines.shards import write_split  # noqa: E402
+from data_pipelines.synthetic import SyntheticSpec, generate, label_names  # noqa: E402
+from eval.encode import encode_shards  # noqa: E402
+from eval.processes import Processes  # noqa: E402
+from eval.retrieval import group_images, label_retrieval_metrics, retrieval_metrics  # noqa: E402
+from eval.run import EvalOptions, run_eval  # noqa: E402
+from eval.zeroshot import load_classnames, load_templates  # noqa: E402
+
+SPEC = SyntheticSpec(num_concepts=8, image_size=32)
+CPU = Processes(0, 1, torch.device("cpu"))
+
+
+def make_checkpoint(run: Path, name: str = "clipfnd-tiny-vit", seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = create_clip(name).model
+    ckpt = run / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    safetensors.torch.save_file(model.state_dict(), str(ckpt / "model.safetensors"))
+    state = {"step": 1, "epoch": 0, "world_size": 1, "model_name": name,
+             "config": {"model": {"name": name}}}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    return run
+
+
+def write_clip_benchmark(root: Path, samples, kind: str, classnames=None, templates=None,
+                         shard_size: int = 20) -> Path:
+    """clip_benchmark's layout: ROOT/test/{nshards.txt,0.tar,...} + metadata files."""
+    split = root / "test"
+    split.mkdir(parents=True)
+    shards = [samples[i : i + shard_size] for i in range(0, len(samples), shard_size)]
+    for n, shard in enumerate(shards):
+        with wds.TarWriter(str(split / f"{n}.tar")) as tw:
+            for i, s in enumerate(shard):
+                tw.write({"__key__": f"s{n:03d}{i:05d}", **s})
+    (split / "nshards.txt").write_text(f"{len(shards)}\n")
+    (root / "dataset_type.txt").write_text(kind + "\n")
+    if classnames:
+        (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    if templates:
+        (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    return root
+
+
+def as_png(jpg: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpg)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    names = label_names(SPEC)
+    out = {"run": make_checkpoint(root / "run")}
+    write_split(root / "val", generate(SPEC, 64, "val"), shard_size=24, label_names=names,
+                progress=False)
+    write_split(root / "train", generate(SPEC, 96, "train"), shard_size=48, label_names=names,
+                progress=False)
+    out["val"], out["train"] = root / "val", root / "train"
+    raw = list(generate(SPEC, 40, "test"))
+    cls = [{("png" if i % 2 else "jpg"): as_png(s.image) if i % 2 else s.image,
+            "cls": str(s.label).encode()} for i, s in enumerate(raw)]
+    out["cb_cls"] = write_clip_benchmark(root / "cb_cls", cls, "classification", names,
+                                         ["a photo of a {c}.", "{c}, drawn"])
+    ret = [{"webp": s.image, "txt": f"{s.caption}\nsomething about {names[s.label]}\n".encode()}
+           for s in raw[:30]]  # "webp" key holding JPEG bytes: decoding goes by content
+    out["cb_ret"] = write_clip_benchmark(root / "cb_ret", ret, "retrieval")
+    return out
+
+
+def options(task: str, data: Path, **kw) -> EvalOptions:
+    return EvalOptions(task=task, data=str(data), batch_size=16, num_workers=0, progress=False,
+                       **kw)
+
+
+def test_retrieval_on_shards_equals_training_eval(data):
+    res = run_eval(data["run"], options("retrieval", data["val"]), CPU)
+    bundle = create_clip("clipfnd-tiny-vit")
+    bundle.model.load_state_dict(safetensors.torch.load_file(
+        str(data["run"] / "checkpoints/step_00000001/model.safetensors")))
+    enc = encode_shards(bundle.model, load_shard_set(data["val"]), bundle.preprocess_val,
+                        bundle.tokenizer, batch_size=64, progress=False)
+    t2i, rows = group_images(enc.image_id)
+    want = retrieval_metrics(enc.image[rows], enc.text, t2i)
+    want.update(label_retrieval_metrics(enc.image, enc.text, enc.label))
+    assert res["data"]["layout"] == "clipfnd-shards"
+    assert res["data"]["images"] == res["data"]["texts"] == 64
+    assert res["model"]["step"] == 1
+    assert res["metrics"].keys() == want.keys()
+    for k, v in want.items():
+        assert res["metrics"][k] == pytest.approx(v, abs=1e-9), k
+
+
+def _reference_zeroshot(data_root: Path, classnames, templates, run: Path) -> dict[str, float]:
+    """open_clip's own classifier builder and accuracy logic, on images read by hand."""
+    bundle = create_clip("clipfnd-tiny-vit")
+    bundle.model.load_state_dict(safetensors.torch.load_file(
+        str(run / "checkpoints/step_00000001/model.safetensors")))
+    model = bundle.model.eval()
+    images, targets = [], []
+    nshards = int((data_root / "test/nshards.txt").read_text())
+    for n in range(nshards):
+        with tarfile.open(data_root / f"test/{n}.tar") as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+        for key in sorted({name.split(".")[0] for name in members}):
+            img = members.get(f"{key}.jpg") or members.get(f"{key}.png")
+            images.append(bundle.preprocess_val(Image.open(io.BytesIO(img)).convert("RGB")))
+            targets.append(int(members[f"{key}.cls"]))
+    target = torch.tensor(targets)
+    with torch.no_grad():
+        classifier = open_clip.build_zero_shot_classifier(
+            model, tokenizer=bundle.tokenizer, classnames=classnames,
+            templates=[t.replace("{c}", "{}") for t in templates], num_classes_per_batch=3)
+        feats = model(image=torch.stack(images))["image_features"]
+        logits = 100.0 * feats @ classifier
+    # open_clip_train.zero_shot.accuracy, with .item() (its float(ndarray) fails on numpy 2.4)
+    pred = logits.topk(5, 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    top1, top5 = (correct[:k].reshape(-1).float().sum(0).item() / len(targets) for k in (1, 5))
+    per_class = [correct[0][target == c].float().mean().item() for c in target.unique()]
+    return {"top1": top1, "top5": top5, "mean_per_class_recall": sum(per_class) / len(per_class)}
+
+
+def test_zeroshot_clip_benchmark_layout_equals_open_clip(data):
+    res = run_eval(data["run"], options("zeroshot", data["cb_cls"]), CPU)
+    assert res["data"]["layout"] == "clip_benchmark"
+    assert res["data"]["num_images"] == 40
+    assert res["zeroshot"]["num_templates"] == 2
+    assert res["zeroshot"]["templates"].startswith("dataset")
+    want = _reference_zeroshot(data["cb_cls"], label_names(SPEC),
+                               ["a photo of a {c}.", "{c}, drawn"], data["run"])
+    for k, v in want.items():
+        assert res["metrics"][k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_zeroshot_files_and_builtin_imagenet_lists(data, tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(label_names(SPEC)) + "\n")
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a drawing of a {c}\n")
+    res = run_eval(data["run"], options("zeroshot", data["val"], classnames=str(names),
+                                        templates=str(templates)), CPU)
+    assert res["zeroshot"] == {"classnames": str(names), "num_classes": 8, "num_templates": 1,
+                               "templates": str(templates)}
+    assert set(res["metrics"]) == {"top1", "top5", "mean_per_class_recall"}
+    # open_clip's ImageNet names (1000 classes; our labels 0..7 are valid ids there)
+    res = run_eval(data["run"], options("zeroshot", data["val"], classnames="imagenet",
+                                        templates=str(templates)), CPU)
+    assert res["zeroshot"]["num_classes"] == 1000
+    assert load_classnames("imagenet") == list(open_clip.IMAGENET_CLASSNAMES)
+    assert load_templates("openai") == list(open_clip.OPENAI_IMAGENET_TEMPLATES)
+    assert load_templates("simple") == list(open_clip.SIMPLE_IMAGENET_TEMPLATES)
+
+
+def test_retrieval_clip_benchmark_several_captions(data):
+    res = run_eval(data["run"], options("retrieval", data["cb_ret"]), CPU)
+    assert res["data"]["images"] == 30 and res["data"]["texts"] == 60
+    m = res["metrics"]
+    assert 0 <= m["i2t_R@1"] <= m["i2t_R@5"] <= m["i2t_R@10"] <= 1
+    assert "label_i2t_R@1" not in m  # several captions per image: no concept-level metrics
+
+
+def test_csv_layout_groups_captions_and_names_string_labels(data, tmp_path):
+    rows = []
+    for i, s in enumerate(generate(SPEC, 12, "test")):
+        (tmp_path / f"{i}.jpg").write_bytes(s.image)
+        for c in (s.caption, f"another caption {i}"):
+            rows.append({"filepath": f"{i}.jpg", "title": c, "label": f"class-{s.label}"})
+    path = tmp_path / "data.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["filepath", "title", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    res = run_eval(data["run"], options("retrieval", path), CPU)
+    assert res["data"]["layout"] == "csv"
+    assert (res["data"]["images"], res["data"]["texts"]) == (12, 24)
+    res = run_eval(data["run"], options("zeroshot", path), CPU)
+    assert res["zeroshot"]["num_classes"] == len({r["label"] for r in rows})
+
+
+def test_hf_saved_dataset_and_parquet(data, tmp_path):
+    import datasets
+
+    raw = list(generate(SPEC, 16, "test"))
+    features = datasets.Features({
+        "image": datasets.Image(),
+        "caption": datasets.Value("string"),
+        "label": datasets.ClassLabel(names=label_names(SPEC)),
+    })
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.open(io.BytesIO(s.image)) for s in raw],
+         "caption": [s.caption for s in raw], "label": [s.label for s in raw]},
+        features=features)
+    datasets.DatasetDict({"test": ds, "train": ds}).save_to_disk(str(tmp_path / "saved"))
+    res = run_eval(data["run"], options("zeroshot", tmp_path / "saved"), CPU)
+    assert (res["data"]["layout"], res["data"]["split"], res["data"]["num_images"]) == \
+        ("hf", "test", 16)
+    assert res["zeroshot"]["classnames"] == "dataset (hf)"
+    ds.to_parquet(str(tmp_path / "test-00000.parquet"))
+    res = run_eval(data["run"], options("retrieval", tmp_path / "test-00000.parquet"), CPU)
+    assert (res["data"]["images"], res["data"]["texts"]) == (16, 16)
+
+
+def test_linear_probe_and_knn_on_shards(data):
+    res = run_eval(data["run"], options("knn", data["val"], train_data=str(data["train"])), CPU)
+    assert res["train_data"]["num_images"] == 96
+    assert res["knn"] == {"k": 20, "temperature": 0.07}
+    assert 0.0 <= res["metrics"]["top1"] <= 1.0
+    res = run_eval(data["run"], options("linear-probe", data["val"],
+                                        train_data=str(data["train"])), CPU)
+    assert {"top1", "C", "val_top1"} <= set(res["metrics"])
+
+
+def test_cli_eval_writes_results(data, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    rc = main(["eval", "--checkpoint", str(data["run"]), "--task", "zeroshot", "--data",
+               str(data["cb_cls"]), "--out", str(out), "--num-workers", "0", "--no-progress",
+               "--device", "cpu"])
+    assert rc == 0
+    written = json.loads(out.read_text())
+    assert written["task"] == "zeroshot" and "top1" in written["metrics"]
+    assert json.loads(capsys.readouterr().out) == written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "{tmp}/missing", "--task", "retrieval", "--data", "{val}"],
+     "does not exist"),
+    (["--checkpoint", "{run}", "--task", "knn", "--data", "{val}"], "needs --train-data"),
+    (["--checkpoint", "{run}", "--task", "retrieval", "--data", "{tmp}"], "no known dataset"),
+    (["--checkpoint", "{run}", "--task", "zeroshot", "--data", "{cb_ret}"], "class names"),
+    (["--checkpoint", "{val}", "--task", "retrieval", "--data", "{val}"], "no checkpoint"),
+])
+def test_cli_eval_errors_are_one_clear_line(data, tmp_path, capsys, args, message):
+    fill = {"tmp": tmp_path, "val": data["val"], "run": data["run"], "cb_ret": data["cb_ret"]}
+    rc = main(["eval", *[a.format(**fill) for a in args], "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipfnd: error:") and message in err
