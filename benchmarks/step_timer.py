@@ -43,7 +43,9 @@ def make_step(overrides: list[str], batch: int, num_rows: int, model_name: str =
     def step() -> None:
         index = next(batches)
         out = model(image=images, text=text)
-        res = objective(out["image_features"], out["text_features"], out["logit_scale"], index, labels, epoch=1)
+        # an unlogged step: detection quality is scored on logged steps only (1 in log_every)
+        res = objective(out["image_features"], out["text_features"], out["logit_scale"], index, labels,
+                        epoch=1, measure=False)
         objective.commit(res)
         res.loss.backward()
         opt.step()

@@ -370,8 +370,10 @@ def train(cfg: Config) -> dict[str, Any]:
                 break  # some rank ran out of data: every rank ends the epoch together
             with acc.accumulate(model):
                 out = model(image=batch["image"].to(acc.device), text=batch["text"].to(acc.device))
+                logged = (step + 1) % cfg.train.log_every == 0 or step + 1 == s.total_steps
                 res = s.objective(out["image_features"], out["text_features"], out["logit_scale"],
-                                  batch["index"].to(acc.device), batch["label"].to(acc.device), epoch)
+                                  batch["index"].to(acc.device), batch["label"].to(acc.device), epoch,
+                                  measure=logged)
                 # Every rank takes the same branch: a non-finite loss anywhere skips the step
                 # everywhere (no rank waits alone in a backward collective).
                 if distributed.all_true(bool(torch.isfinite(res.loss.detach())), acc.device):

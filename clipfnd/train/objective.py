@@ -103,6 +103,7 @@ class ClipObjective:
         index: torch.Tensor,
         label: torch.Tensor,
         epoch: int,
+        measure: bool = True,
     ) -> StepOutput:
         """Loss of this rank's anchors.
 
@@ -111,6 +112,7 @@ class ClipObjective:
             logit_scale: ``1/tau`` as the model outputs it (``exp`` of its parameter).
             index, label: ``[b]`` dataset indices and labels (-1: none) of this rank's samples.
             epoch: the current epoch (schedules).
+            measure: also count detection quality (the training loop asks on logged steps).
         """
         dtype = torch.promote_types(image_features.dtype, torch.float32)  # bf16/fp16 -> fp32
         img = image_features.to(dtype)
@@ -134,7 +136,8 @@ class ClipObjective:
         new_rows: dict[str, torch.Tensor] = {}
         masking, updating = self.masking(epoch), self.updating(epoch)
         truth: dict[str, torch.Tensor] = {}
-        if self.has_labels and masking:
+        measure = measure and masking
+        if self.has_labels and (measure or (masking and self.fnd.detector == "oracle")):
             same = same_label(labels_local, label_all.to(img.device), pos)
             truth = {t: same for t in ANCHORS}  # one label per sample: same truth both ways
         if self.fnd.detector == "oracle" and masking:
@@ -158,7 +161,7 @@ class ClipObjective:
             loss, rows = self._global_loss(anchors, others, pos, masks, index, logit_scale, epoch, metrics)
             new_rows.update(rows)
         detection = None
-        if masks["img"] is not None:
+        if measure:
             detection = sum(
                 detection_counts(masks[t], truth[t] if truth else torch.zeros_like(masks[t]), num_neg)
                 for t in ANCHORS
