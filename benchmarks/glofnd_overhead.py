@@ -11,11 +11,10 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 
 import torch
-from step_timer import interleaved, make_step, ratio_of_medians
+from step_timer import describe_device, interleaved, make_step, ratio_of_medians
 
 GLOFND = ["fnd.detector=glofnd", "fnd.alpha=0.01"]
 
@@ -26,7 +25,7 @@ def main() -> None:
     p.add_argument("--model", default="clipfnd-tiny-vit")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     a = p.parse_args()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = describe_device()
     print(f"device: {device}; model {a.model}; torch {torch.__version__}; median of {a.repeats} interleaved steps")
     print()
     print(f"{'comparison':<44} {'A ms':>9} {'B ms':>9} {'A/B':>7}  goal")

@@ -9,11 +9,10 @@ the same with GloFND on, measured interleaved with the plain step.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 
 import torch
-from step_timer import interleaved, make_step
+from step_timer import describe_device, interleaved, make_step
 
 
 def main() -> None:
@@ -22,7 +21,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--repeats", type=int, default=10)
     a = p.parse_args()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    device = describe_device()
     print(f"device: {device}; model {a.model}; torch {torch.__version__}; median of {a.repeats} steps")
     print()
     print(f"{'batch':>6} {'ms/step':>9} {'samples/s':>10} {'+GloFND samples/s':>18}")

@@ -105,3 +105,11 @@ def launch_and_kill(config: Path, run_dir: Path, after_step: int, *overrides: st
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def assert_same_losses(run: Path, reference: Path, steps: range) -> None:
+    """``run`` logged exactly ``steps``, each with the reference run's loss (1e-6)."""
+    got, want = losses(run), losses(reference)
+    assert sorted(got) == list(steps), sorted(got)
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])

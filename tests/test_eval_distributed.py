@@ -7,31 +7,17 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
+from checkpoints import write_checkpoint
 
-from clipfnd.models.factory import create_clip
 from data_pipelines.shards import write_split
 from data_pipelines.synthetic import SyntheticSpec, generate, label_names
 from eval.processes import Processes
 from eval.run import EvalOptions, run_eval
 
 pytestmark = pytest.mark.distributed
-
-
-def make_checkpoint(run: Path, name: str = "clipfnd-tiny-vit") -> Path:
-    torch.manual_seed(0)
-    ckpt = run / "checkpoints" / "step_00000001"
-    ckpt.mkdir(parents=True)
-    safetensors.torch.save_file(create_clip(name).model.state_dict(),
-                                str(ckpt / "model.safetensors"))
-    (ckpt / "trainer_state.json").write_text(json.dumps(
-        {"step": 1, "epoch": 0, "world_size": 1, "model_name": name,
-         "config": {"model": {"name": name}}}))
-    return run
 
 
 def free_port() -> int:
@@ -45,7 +31,7 @@ def test_two_processes_equal_one(tmp_path):
     # 3 uneven shards read by 2 processes x 2 workers: readers stride over items
     write_split(tmp_path / "val", generate(spec, 50, "val"), shard_size=20,
                 label_names=label_names(spec), progress=False)
-    run = make_checkpoint(tmp_path / "run")
+    run = write_checkpoint(tmp_path / "run")
     out = tmp_path / "two.json"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

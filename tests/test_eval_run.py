@@ -22,6 +22,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import open_clip  # noqa: E402
 import safetensors.torch  # noqa: E402
 import webdataset as wds  # noqa: E402
+from checkpoints import write_checkpoint  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from clipfnd.cli.main import main  # noqa: E402
@@ -37,18 +38,6 @@ from eval.zeroshot import load_classnames, load_templates  # noqa: E402
 
 SPEC = SyntheticSpec(num_concepts=8, image_size=32)
 CPU = Processes(0, 1, torch.device("cpu"))
-
-
-def make_checkpoint(run: Path, name: str = "clipfnd-tiny-vit", seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = create_clip(name).model
-    ckpt = run / "checkpoints" / "step_00000001"
-    ckpt.mkdir(parents=True)
-    safetensors.torch.save_file(model.state_dict(), str(ckpt / "model.safetensors"))
-    state = {"step": 1, "epoch": 0, "world_size": 1, "model_name": name,
-             "config": {"model": {"name": name}}}
-    (ckpt / "trainer_state.json").write_text(json.dumps(state))
-    return run
 
 
 def write_clip_benchmark(root: Path, samples, kind: str, classnames=None, templates=None,
@@ -80,7 +69,7 @@ def as_png(jpg: bytes) -> bytes:
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
     names = label_names(SPEC)
-    out = {"run": make_checkpoint(root / "run")}
+    out = {"run": write_checkpoint(root / "run")}
     write_split(root / "val", generate(SPEC, 64, "val"), shard_size=24, label_names=names,
                 progress=False)
     write_split(root / "train", generate(SPEC, 96, "train"), shard_size=48, label_names=names,

@@ -14,24 +14,13 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 import open_clip  # noqa: E402
+from checkpoints import write_checkpoint  # noqa: E402
 
 from clipfnd.cli.main import main  # noqa: E402
 from clipfnd.export import export_checkpoint, hf  # noqa: E402
 from clipfnd.export.checkpoint import LoadedCheckpoint, load_checkpoint  # noqa: E402
 from clipfnd.export.common import UnsupportedExport, VerificationError  # noqa: E402
-from clipfnd.models.factory import ClipBundle, create_clip  # noqa: E402
-
-
-def write_checkpoint(run: Path, weights_of: str, recorded_name: str) -> Path:
-    torch.manual_seed(0)
-    ckpt = run / "checkpoints" / "step_00000001"
-    ckpt.mkdir(parents=True)
-    safetensors.torch.save_file(create_clip(weights_of).model.state_dict(),
-                                str(ckpt / "model.safetensors"))
-    (ckpt / "trainer_state.json").write_text(json.dumps(
-        {"step": 1, "epoch": 0, "world_size": 1, "model_name": recorded_name,
-         "config": {"model": {"name": recorded_name}}}))
-    return run
+from clipfnd.models.factory import ClipBundle  # noqa: E402
 
 
 def in_memory(name: str, model: torch.nn.Module | None = None) -> LoadedCheckpoint:

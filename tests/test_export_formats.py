@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,39 +16,27 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 import open_clip  # noqa: E402
-import safetensors.torch  # noqa: E402
+from checkpoints import write_checkpoint  # noqa: E402
 
 from clipfnd.cli.main import main  # noqa: E402
 from clipfnd.export import export_checkpoint  # noqa: E402
 from clipfnd.export.checkpoint import load_checkpoint  # noqa: E402
 from clipfnd.export.common import EXPORT_RECORD, our_embeddings, verification_batch  # noqa: E402
-from clipfnd.models.factory import create_clip, model_config  # noqa: E402
+from clipfnd.models.factory import model_config  # noqa: E402
 
 MODELS = ("clipfnd-tiny-vit", "clipfnd-small-vit")
 TRAINING_ONLY = ("optimizer.bin", "custom_checkpoint_0.pkl", "loader_rank0.json")
-
-
-def make_checkpoint(run: Path, name: str, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = create_clip(name).model
-    with torch.no_grad():  # a logit scale that differs from the init, to see it carried over
-        model.logit_scale.fill_(3.3)
-    ckpt = run / "checkpoints" / "step_00000007"
-    ckpt.mkdir(parents=True)
-    safetensors.torch.save_file(model.state_dict(), str(ckpt / "model.safetensors"))
-    for junk in TRAINING_ONLY:  # training-only state that must not be exported
-        (ckpt / junk).write_bytes(b"training state")
-    state = {"step": 7, "epoch": 1, "world_size": 1, "model_name": name,
-             "config": {"model": {"name": name}, "optim": {"lr": 0.001}}}
-    (ckpt / "trainer_state.json").write_text(json.dumps(state))
-    return run
+# a logit scale that differs from the init (to see it carried over), training-only files that
+# must not be exported, and a step/epoch/config to find in the export record
+CHECKPOINT = dict(step=7, epoch=1, logit_scale=3.3, extra_files=TRAINING_ONLY,
+                  config={"optim": {"lr": 0.001}})
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def exported(request, tmp_path_factory) -> dict:
     name = request.param
     root = tmp_path_factory.mktemp(name)
-    run = make_checkpoint(root / "run", name)
+    run = write_checkpoint(root / "run", name, **CHECKPOINT)
     loaded = load_checkpoint(run)
     dirs = {}
     for fmt in ("open_clip", "hf", "timm"):
@@ -146,7 +133,7 @@ def test_exports_record_source_and_hold_no_training_state(exported):
 
 
 def test_cli_export_verify_prints_differences(tmp_path, capsys):
-    run = make_checkpoint(tmp_path / "run", MODELS[0])
+    run = write_checkpoint(tmp_path / "run", MODELS[0], **CHECKPOINT)
     for fmt in ("open_clip", "hf", "timm"):
         rc = main(["export", "--checkpoint", str(run), "--format", fmt, "--out",
                    str(tmp_path / fmt), "--verify"])

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from runs import launch, launch_and_kill, losses, write_config
+from runs import assert_same_losses, launch, launch_and_kill, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -46,11 +46,8 @@ def test_resume_continues_from_the_checkpoint_step_exactly(two_process_run, tmp_
     (resumed / "metrics.jsonl").write_text("")
     proc = launch(cfg, f"output_dir={resumed}", "resume=latest")
     assert "resumed from" in proc.stderr and "step 4" in proc.stderr
-    got, want = losses(resumed), losses(run)
     # picks up after step 4, in the middle of epoch 0, and runs through epoch 1
-    assert sorted(got) == list(range(5, 17))
-    for step in got:
-        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    assert_same_losses(resumed, run, range(5, 17))
 
 
 def test_existing_run_dir_is_not_overwritten_silently(two_process_run):
@@ -79,10 +76,7 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(processes, shapes, on
     launch_and_kill(cfg, run, after_step=6, processes=processes)
     assert not (run / "summary.json").exists()
     launch(cfg, "resume=latest", processes=processes)
-    got, want = losses(run), losses(reference)
-    assert sorted(got) == list(range(1, 17))
-    for step in got:
-        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    assert_same_losses(run, reference, range(1, 17))
 
 
 def test_crash_while_writing_a_checkpoint_falls_back_to_a_valid_one(two_process_run, tmp_path):
@@ -100,10 +94,7 @@ def test_crash_while_writing_a_checkpoint_falls_back_to_a_valid_one(two_process_
     (resumed / "metrics.jsonl").write_text("")
     proc = launch(cfg, f"output_dir={resumed}", "resume=latest")
     assert "step_00000012 cannot be loaded" in proc.stderr and "falling back" in proc.stderr
-    got, want = losses(resumed), losses(run)
-    assert sorted(got) == list(range(9, 17))
-    for step in got:
-        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    assert_same_losses(resumed, run, range(9, 17))
     assert not (ckpts / "step_00000016.tmp").exists()  # stale temporary folders are cleaned
 
 
