@@ -93,7 +93,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    at_end: bool = True  # retrieval on data.val after training
+    tasks: list[str] = field(default_factory=lambda: ["retrieval"])  # retrieval | zeroshot
+    at_end: bool = True  # eval.tasks on data.val after training
     every_steps: int = 0  # also every N optimiser steps (0: never)
     batch_size: int = 256
     num_workers: int = 0
@@ -114,6 +115,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+EVAL_TASKS = ("retrieval", "zeroshot")  # the tasks that can run during training
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_error": ("skip", "raise"),
     "optim.schedule": ("cosine", "constant"),
@@ -186,6 +188,10 @@ def validate(cfg: Config) -> None:
                 "eval.every_steps", "fnd.start_update", "fnd.start_mask", "optim.weight_decay"]:
         if get(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(key)}")
+    bad_tasks = [t for t in cfg.eval.tasks if t not in EVAL_TASKS]
+    if bad_tasks or not cfg.eval.tasks:
+        raise ConfigError(f"eval.tasks={cfg.eval.tasks}: each must be one of {', '.join(EVAL_TASKS)} "
+                          "(linear-probe and knn run with `clipfnd eval`)")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):

@@ -28,6 +28,7 @@ def test_layers_and_types(tmp_path):
         ("loss.name=infonce", "loss.name='infonce' is not one of"),
         ("data.batch_size=0", "data.batch_size must be >= 1"),
         ("optim.lr", "not of the form key=value"),
+        ("eval.tasks=[knn]", "eval.tasks=\\['knn'\\]: each must be one of retrieval, zeroshot"),
     ],
 )
 def test_bad_values_are_refused_by_key(override, message):

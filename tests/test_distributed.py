@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gloo import run_group
 
 from clipfnd import distributed
 from clipfnd.config import load_config
 from clipfnd.losses import clip_loss
 from clipfnd.state import StateTables
 from clipfnd.train.objective import ClipObjective
+
+from gloo import run_group
 
 pytestmark = pytest.mark.distributed
 

@@ -10,12 +10,13 @@ import sys
 
 import pytest
 import torch
-from checkpoints import write_checkpoint
 
 from data_pipelines.shards import write_split
 from data_pipelines.synthetic import SyntheticSpec, generate, label_names
 from eval.processes import Processes
 from eval.run import EvalOptions, run_eval
+
+from checkpoints import write_checkpoint
 
 pytestmark = pytest.mark.distributed
 

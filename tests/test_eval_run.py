@@ -22,7 +22,6 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import open_clip  # noqa: E402
 import safetensors.torch  # noqa: E402
 import webdataset as wds  # noqa: E402
-from checkpoints import write_checkpoint  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from clipfnd.cli.main import main  # noqa: E402
@@ -35,6 +34,8 @@ from eval.processes import Processes  # noqa: E402
 from eval.retrieval import group_images, label_retrieval_metrics, retrieval_metrics  # noqa: E402
 from eval.run import EvalOptions, run_eval  # noqa: E402
 from eval.zeroshot import load_classnames, load_templates  # noqa: E402
+
+from checkpoints import write_checkpoint  # noqa: E402
 
 SPEC = SyntheticSpec(num_concepts=8, image_size=32)
 CPU = Processes(0, 1, torch.device("cpu"))

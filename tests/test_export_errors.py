@@ -14,13 +14,14 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 import open_clip  # noqa: E402
-from checkpoints import write_checkpoint  # noqa: E402
 
 from clipfnd.cli.main import main  # noqa: E402
 from clipfnd.export import export_checkpoint, hf  # noqa: E402
 from clipfnd.export.checkpoint import LoadedCheckpoint, load_checkpoint  # noqa: E402
 from clipfnd.export.common import UnsupportedExport, VerificationError  # noqa: E402
 from clipfnd.models.factory import ClipBundle  # noqa: E402
+
+from checkpoints import write_checkpoint  # noqa: E402
 
 
 def in_memory(name: str, model: torch.nn.Module | None = None) -> LoadedCheckpoint:

@@ -16,13 +16,14 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 import open_clip  # noqa: E402
-from checkpoints import write_checkpoint  # noqa: E402
 
 from clipfnd.cli.main import main  # noqa: E402
 from clipfnd.export import export_checkpoint  # noqa: E402
 from clipfnd.export.checkpoint import load_checkpoint  # noqa: E402
 from clipfnd.export.common import EXPORT_RECORD, our_embeddings, verification_batch  # noqa: E402
 from clipfnd.models.factory import model_config  # noqa: E402
+
+from checkpoints import write_checkpoint  # noqa: E402
 
 MODELS = ("clipfnd-tiny-vit", "clipfnd-small-vit")
 TRAINING_ONLY = ("optimizer.bin", "custom_checkpoint_0.pkl", "loader_rank0.json")

@@ -18,6 +18,7 @@ from PIL import Image
 from data_pipelines import load_shard_set
 from data_pipelines.loader import ShardStream
 from data_pipelines.shards import iter_tar_samples
+
 from runs import launch, write_config
 
 pytestmark = [pytest.mark.slow]

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 @pytest.fixture(scope="module")
 def two_process_run(shapes, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    cfg = write_config(root / "c.yaml", shapes, root / "run")
+    cfg = write_config(root / "c.yaml", shapes, root / "run", {"eval.tasks": "[retrieval,zeroshot]"})
     proc = launch(cfg)
     return cfg, root / "run", proc
 
@@ -33,6 +33,7 @@ def test_two_process_run_trains_and_reports(two_process_run):
     assert last < first - 0.3, (first, last)
     assert any("fnd/precision" in r for r in steps if r["epoch"] >= 1)  # detection logged
     assert "i2t_R@1" in summary["eval"] and "t2i_R@5" in summary["eval"]
+    assert "zeroshot/top1" in summary["eval"]  # evaluated on both processes, gathered
 
 
 def test_resume_continues_from_the_checkpoint_step_exactly(two_process_run, tmp_path):
@@ -105,3 +106,19 @@ def test_resume_with_another_config_is_refused(two_process_run, tmp_path):
     proc = launch(cfg, f"output_dir={resumed}", "resume=latest", "data.batch_size=32", expect_ok=False)
     assert proc.returncode != 0
     assert "data.batch_size: checkpoint 64, now 32" in proc.stderr
+
+
+def test_bf16_with_gradient_accumulation_trains(shapes, tmp_path):
+    """Mixed precision through Accelerate and 2 micro-batches per optimiser step."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", shapes, run,
+                       {"train.mixed_precision": "bf16", "optim.accum_steps": 2, "train.epochs": 2,
+                        "eval.at_end": False})
+    launch(cfg, processes=1)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 8  # 16 micro-batches of 64 -> 8 optimiser steps
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all(r["loss"] == r["loss"] and r["loss"] < 10 for r in steps)  # finite
+    assert steps[-1]["loss"] < steps[0]["loss"]

@@ -120,6 +120,8 @@ def print_summary(summary: dict) -> None:
         lines.append(f"text->image R@1/5 : {ev['t2i_R@1']:.3f} / {ev['t2i_R@5']:.3f}")
         if "label_i2t_R@1" in ev:
             lines.append(f"same-concept R@1  : i2t {ev['label_i2t_R@1']:.3f}, t2i {ev['label_t2i_R@1']:.3f}")
+        if "zeroshot/top1" in ev:
+            lines.append(f"zero-shot top-1/5 : {ev['zeroshot/top1']:.3f} / {ev['zeroshot/top5']:.3f}")
     print("\n".join(lines), flush=True)
 
 

@@ -7,6 +7,7 @@ without CUDA the processes form a real gloo group on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -315,25 +316,29 @@ def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState
     return final
 
 
-def evaluate(cfg: Config, s: Setup) -> dict[str, float]:
-    """Retrieval on ``data.val`` (main process; the others wait)."""
-    from eval.encode import encode_shards
-    from eval.retrieval import group_images, label_retrieval_metrics, retrieval_metrics
+def evaluate(cfg: Config, s: Setup, step: int, epoch: int) -> dict[str, float]:
+    """``eval.tasks`` on ``data.val`` with the model as it is now, on every process (each
+    encodes a slice; the metrics are those of the whole split). Zero-shot keys get a
+    ``zeroshot/`` prefix; retrieval keys are bare (``i2t_R@1``, ...)."""
+    from eval.processes import Processes
+    from eval.run import EvalOptions, run_eval
 
+    from ..export.checkpoint import LoadedCheckpoint
+
+    acc = s.accelerator
+    model = acc.unwrap_model(s.model)
+    live = LoadedCheckpoint(path=s.run_dir, run_dir=s.run_dir, step=step, epoch=epoch,
+                            model_name=cfg.model.name, config=to_dict(cfg),
+                            bundle=dataclasses.replace(s.bundle, model=model))
+    processes = Processes(acc.process_index, acc.num_processes, acc.device)
     results: dict[str, float] = {}
-    if s.accelerator.is_main_process and cfg.data.val:
-        model = s.accelerator.unwrap_model(s.model)
-        enc = encode_shards(
-            model, load_shard_set(cfg.data.val), s.bundle.preprocess_val, s.bundle.tokenizer,
-            batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers,
-            device=s.accelerator.device, progress=cfg.train.progress,
-        )
-        t2i, rows = group_images(enc.image_id)
-        results = retrieval_metrics(enc.image[rows], enc.text, t2i)
-        if bool((enc.label >= 0).all()):
-            results.update(label_retrieval_metrics(enc.image, enc.text, enc.label))
-        model.train()
-    s.accelerator.wait_for_everyone()
+    for task in cfg.eval.tasks:
+        opts = EvalOptions(task=task, data=cfg.data.val, batch_size=cfg.eval.batch_size,
+                           num_workers=cfg.eval.num_workers, progress=cfg.train.progress)
+        out = run_eval(live, opts, processes)
+        prefix = "" if task == "retrieval" else f"{task}/"
+        results.update({f"{prefix}{k}": v for k, v in out.get("metrics", {}).items()})
+    model.train()
     return distributed.broadcast_object(results)
 
 
@@ -358,9 +363,8 @@ def train(cfg: Config) -> dict[str, Any]:
     faults = FaultCounter()
     poisoned = False
     it = None
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if done:
-            break
+    last_eval: tuple[int, dict[str, float]] = (-1, {})  # (step, results) of the latest eval
+    for epoch in range(start_epoch, cfg.train.epochs if not done else start_epoch):
         it = s.stream.epoch(epoch, loader_state if epoch == start_epoch else None)
         batches = iter(it)
         model.train()
@@ -436,7 +440,9 @@ def train(cfg: Config) -> dict[str, Any]:
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < s.total_steps:
                 save(cfg, s, step, epoch, it.state())
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and cfg.data.val:
-                metrics.write({"step": step, "epoch": epoch, **{f"val/{k}": v for k, v in evaluate(cfg, s).items()}})
+                val = evaluate(cfg, s, step, epoch)
+                last_eval = (step, val)
+                metrics.write({"step": step, "epoch": epoch, **{f"val/{k}": v for k, v in val.items()}})
             if step >= s.total_steps:
                 done = True
                 break
@@ -445,12 +451,16 @@ def train(cfg: Config) -> dict[str, Any]:
             per_shard = {f"{Path(sh).name}: {why}": n for (sh, why), n in sorted(it.bad.items())}
             log.warning("epoch %d: process %d skipped %d bad samples: %s",
                         epoch, acc.process_index, sum(it.bad.values()), per_shard)
+        if done:
+            break
     bar.close()
     train_time = time.perf_counter() - train_start
     final_state = it.state() if it is not None else LoaderState(epoch=epoch)
     final = save(cfg, s, step, epoch, final_state) if step > steps_at_start else ckpt.find_latest(s.run_dir)
-    results = evaluate(cfg, s) if cfg.eval.at_end else {}
-    if results:
+    results: dict[str, float] = {}
+    if cfg.eval.at_end and cfg.data.val:
+        results = last_eval[1] if last_eval[0] == step else evaluate(cfg, s, step, epoch)
+    if results and last_eval[0] != step:
         metrics.write({"step": step, "epoch": epoch, **{f"val/{k}": v for k, v in results.items()}})
     summary = {
         "run_dir": str(s.run_dir),
