@@ -27,11 +27,10 @@ from PIL import Image  # noqa: E402
 from clipfnd.cli.main import main  # noqa: E402
 from clipfnd.models.factory import create_clip  # noqa: E402
 from data_pipelines import load_shard_set  # noqa: E402
-from data_pipelines.shards import write_split  # noqa: E402
+from data_pipelines.shards import iter_tar_samples, write_split  # noqa: E402
 from data_pipelines.synthetic import SyntheticSpec, generate, label_names  # noqa: E402
-from eval.encode import encode_shards  # noqa: E402
 from eval.processes import Processes  # noqa: E402
-from eval.retrieval import group_images, label_retrieval_metrics, retrieval_metrics  # noqa: E402
+from eval.retrieval import label_retrieval_metrics, retrieval_metrics  # noqa: E402
 from eval.run import EvalOptions, run_eval  # noqa: E402
 from eval.zeroshot import load_classnames, load_templates  # noqa: E402
 
@@ -92,16 +91,22 @@ def options(task: str, data: Path, **kw) -> EvalOptions:
                        **kw)
 
 
-def test_retrieval_on_shards_equals_training_eval(data):
+def test_retrieval_on_shards_equals_a_direct_computation(data):
+    """run_eval against the checkpoint's model applied sample by sample (one caption each)."""
     res = run_eval(data["run"], options("retrieval", data["val"]), CPU)
     bundle = create_clip("clipfnd-tiny-vit")
-    bundle.model.load_state_dict(safetensors.torch.load_file(
+    model = bundle.model.eval()
+    model.load_state_dict(safetensors.torch.load_file(
         str(data["run"] / "checkpoints/step_00000001/model.safetensors")))
-    enc = encode_shards(bundle.model, load_shard_set(data["val"]), bundle.preprocess_val,
-                        bundle.tokenizer, batch_size=64, progress=False)
-    t2i, rows = group_images(enc.image_id)
-    want = retrieval_metrics(enc.image[rows], enc.text, t2i)
-    want.update(label_retrieval_metrics(enc.image, enc.text, enc.label))
+    samples = sorted((s for sh in load_shard_set(data["val"]).shards for s in iter_tar_samples(sh.path)),
+                     key=lambda s: json.loads(s["json"])["index"])
+    with torch.no_grad():
+        image = torch.cat([model.encode_image(bundle.preprocess_val(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))[None],
+                                              normalize=True) for s in samples])
+        text = model.encode_text(bundle.tokenizer([s["txt"].decode() for s in samples]), normalize=True)
+    label = torch.tensor([json.loads(s["json"])["label"] for s in samples])
+    want = retrieval_metrics(image, text, torch.arange(len(samples)))
+    want.update(label_retrieval_metrics(image, text, label))
     assert res["data"]["layout"] == "clipfnd-shards"
     assert res["data"]["images"] == res["data"]["texts"] == 64
     assert res["model"]["step"] == 1
