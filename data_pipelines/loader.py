@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -82,6 +83,26 @@ class BadSample:
     key: str
     reason: str
     pos: int = -1  # raw position in its worker's stream (counted once consumed past)
+
+
+# Modules every loader worker needs, imported once in the fork server instead of per worker.
+WORKER_PRELOAD = ["torch", "torchvision", "PIL.Image", "webdataset", "open_clip", "data_pipelines.loader"]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where loader workers start: a fork server, not a fork of the training process.
+
+    A training process has threads (gloo's, TensorBoard's writer, the progress bar's
+    monitor); forking it can leave a child holding a lock that no thread will release, and
+    the worker hangs at start. The fork server is a fresh single-threaded process (started
+    once, with ``WORKER_PRELOAD`` imported) that forks the workers instead. Where there is
+    no fork server (Windows), workers are spawned.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(WORKER_PRELOAD)
+    return ctx
 
 
 class _ErrorLog:
@@ -286,6 +307,7 @@ class EpochIterator:
             num_workers=self.o.num_workers,
             persistent_workers=False,
             prefetch_factor=self.o.prefetch_factor,
+            multiprocessing_context=worker_context(),
         )
         yield from loader
 

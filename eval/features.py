@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from clipfnd.distributed import gather_objects, gather_uneven
 from data_pipelines import DataError
+from data_pipelines.loader import worker_context
 
 from .datasets import EvalDataset
 from .processes import Processes
@@ -107,7 +108,8 @@ def encode_dataset(
     device = processes.device
     reader = _Reader(dataset, transform, tokenize, processes.rank, processes.world)
     loader = DataLoader(reader, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate)
+                        collate_fn=_collate,
+                        multiprocessing_context=worker_context() if num_workers else None)
     parts: dict[str, list] = {k: [] for k in ("image", "key", "label", "text", "owner", "pos")}
     image_ids: list[tuple[int, str]] = []
     skipped = 0

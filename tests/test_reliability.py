@@ -109,6 +109,11 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(shapes, tmp_path):
 
 
 # --- fuzz -------------------------------------------------------------------------------------
+def blank_tokens(captions: list[str]) -> torch.Tensor:
+    """A tokenizer stand-in (module level: loader workers receive it pickled)."""
+    return torch.zeros(len(captions), 4, dtype=torch.long)
+
+
 def _jpeg(rng: random.Random) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), tuple(rng.randrange(256) for _ in range(3))).save(buf, format="JPEG")
@@ -141,7 +146,7 @@ def test_fuzz_random_bytes_and_strings_are_counted_never_crash(tmp_path, num_wor
     }))
     ss = load_shard_set(tmp_path)
     stream = ShardStream(ss, global_batch_size=1, image_transform=T.Compose([T.Resize((8, 8)), T.ToTensor()]),
-                         tokenize=lambda caps: torch.zeros(len(caps), 4, dtype=torch.long),
+                         tokenize=blank_tokens,
                          num_workers=num_workers, seed=0, shuffle_buffer=10, chunk_size=7)
     it = stream.epoch(0)
     good = sum(1 for _ in it)

@@ -114,11 +114,13 @@ def test_bf16_with_gradient_accumulation_trains(shapes, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shapes, run,
                        {"train.mixed_precision": "bf16", "optim.accum_steps": 2, "train.epochs": 2,
                         "eval.at_end": False})
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')  # left by a killed attempt
     launch(cfg, processes=1)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8  # 16 micro-batches of 64 -> 8 optimiser steps
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert [r["step"] for r in steps] == list(range(1, 9))  # a fresh start drops stale lines
     assert all(r["loss"] == r["loss"] and r["loss"] < 10 for r in steps)  # finite
     assert steps[-1]["loss"] < steps[0]["loss"]

@@ -134,7 +134,6 @@ def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None
         )
     if accelerator.is_main_process:
         shutil.rmtree(ckpt.checkpoint_dir(run_dir))
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
 
 
@@ -347,6 +346,8 @@ def train(cfg: Config) -> dict[str, Any]:
     acc = s.accelerator
     metrics = MetricsWriter(s.run_dir, acc)
     step, start_epoch, loader_state = _resume(cfg, s)
+    if step == 0 and acc.is_main_process:  # a fresh start: no lines of an earlier attempt
+        metrics.path.write_text("")
     model = s.model
     raw_model = acc.unwrap_model(model)
     B = cfg.data.batch_size
