@@ -6,8 +6,8 @@ math consumes features and masks (``clipfnd.losses``), and the per-sample tables
 (``clipfnd.state``) are read, then written once per step with every rank's new rows.
 
 Order inside a step, for each anchor type (image anchors vs texts, text anchors vs images):
-1. similarities of this rank's anchors against the gathered batch (detached copy for the
-   detector);
+1. with GloFND, similarities of this rank's anchors against the gathered batch (a detached
+   copy for the detector);
 2. false-negative masks from the thresholds *before* this step's update (from
    ``fnd.start_mask`` on);
 3. GloFND's threshold update from the same similarities (from ``fnd.start_update`` on);
@@ -128,8 +128,6 @@ class ClipObjective:
         anchors = {"img": img, "txt": txt}
         labels_local = label.to(img.device)
 
-        with torch.no_grad():
-            sims = {t: anchors[t] @ others[t].T for t in ANCHORS}
         num_neg = img_all.shape[0] - 1  # N_i: the other B-1 samples of the other modality
 
         masks: dict[str, torch.Tensor | None] = {t: None for t in ANCHORS}
@@ -145,7 +143,9 @@ class ClipObjective:
         elif self.glofnd is not None and (masking or updating):
             for t in ANCHORS:  # one set of flags, from the thresholds before this update
                 lam = self.glofnd.thresholds(t, index).to(img.device)
-                flags = self.glofnd.flags(sims[t], lam, [pos])
+                with torch.no_grad():
+                    sim = anchors[t] @ others[t].T
+                flags = self.glofnd.flags(sim, lam, [pos])
                 if masking:
                     masks[t] = flags
                 if updating:
