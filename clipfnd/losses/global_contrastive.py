@@ -9,14 +9,21 @@ For a local anchor ``i`` with dataset index ``n``, positive ``p``, kept negative
 
     g_i = mean_{j in K_i} exp( (s_ij - s_ip) / tau )        (0 when K_i is empty)
     u_n <- (1 - gamma) u_n + gamma g_i.detach()              (done by the caller's state)
-    L   = tau * mean_i [ g_i / u_n ]                         (u_n a constant)
+    L   = sg(tau) * mean_i [ g_i / u_n ]                     (u_n a constant)
+
+``sg`` is stop-gradient: the prefactor ``tau`` is detached, as FastCLIP's code does. With a
+constant ``tau`` this changes nothing; with a learned one it is what makes the surrogate's
+gradient in ``tau`` that of the objective ``tau * mean_i log g_i`` (at ``u = g``): a live
+prefactor would add ``mean_i g_i / u_n`` (about 1) to it, as if ``rho`` were one larger.
 
 With ``attract``, the flagged false negatives ``F_i`` join the positive: the objective
 ``tau * mean_{q in {p} U F_i} log mean_{j in N_i} exp((s_ij - s_iq)/tau)`` equals
 ``tau * log g_i - (mean_q s_iq - s_ip)`` with ``g_i`` over all of ``N_i``, so its surrogate
 is ``tau * g_i / u_n - (mean_q s_iq - s_ip)``.
 
-FastCLIP-v3 adds ``rho * tau + tau * mean_i log u_n``, and ``tau`` is learned.
+FastCLIP-v3 adds ``rho * tau + tau * mean_i log u_n`` (``tau`` live there), and ``tau`` is
+learned: the step objective's gradient in ``tau`` is then
+``mean_i log u_n + tau * mean_i (dg_i/dtau) / u_n + rho``.
 
 The functions here are pure: the ``u`` table is read and written by the training step.
 """
@@ -74,8 +81,13 @@ def global_contrastive_loss(
     tau: torch.Tensor | float,
     attract: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``tau * mean(g / u)`` (minus the attraction term when given). ``u`` must be detached."""
-    loss = tau * (g / u).mean()
+    """``sg(tau) * mean(g / u)`` (minus the attraction term when given). ``u`` must be detached.
+
+    The prefactor carries no gradient to ``tau`` (see the module docstring); ``tau`` still
+    reaches ``g`` through the exponent, where it belongs.
+    """
+    prefactor = tau.detach() if torch.is_tensor(tau) else tau
+    loss = prefactor * (g / u).mean()
     if attract is not None:
         loss = loss - attract.mean()
     return loss
