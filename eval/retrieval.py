@@ -3,6 +3,11 @@
 Recall@K is the share of queries with at least one true match among the top K; mean and
 median rank are of the best-ranked true match (1 = first). An image may have several
 captions: its true matches are all of them, and each caption's true match is its image.
+
+Ties are ranked pessimistically: a wrong candidate that scores exactly as high as the best true
+match is ranked before it. Exact ties are common with duplicate captions (identical texts
+give identical embeddings); ranking them in the query's favour would count a query whose
+caption is shared by many images as a hit at R@1 for every one of those images.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import torch
 def first_positive_rank(
     scores: torch.Tensor, positives: torch.Tensor, chunk: int = 1024
 ) -> torch.Tensor:
-    """0-based rank of each query's best-scoring positive. ``[Q, G]`` scores and bool mask."""
+    """0-based rank of each query's best-scoring positive: the number of non-positives that
+    score at least as high (ties count against the query). ``[Q, G]`` scores and bool mask."""
     if not bool(positives.any(1).all()):
         raise ValueError("every query needs at least one positive in the gallery")
     ranks = []
@@ -21,7 +27,7 @@ def first_positive_rank(
         s = scores[start : start + chunk]
         p = positives[start : start + chunk]
         best = s.masked_fill(~p, float("-inf")).max(1).values
-        ranks.append((s > best[:, None]).sum(1))
+        ranks.append(((s >= best[:, None]) & ~p).sum(1))
     return torch.cat(ranks)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from eval.knn import knn_classify, knn_metrics
 from eval.linear_probe import linear_probe
-from eval.retrieval import grouped_retrieval_metrics, retrieval_metrics
+from eval.retrieval import first_positive_rank, grouped_retrieval_metrics, retrieval_metrics
 from eval.zeroshot import as_callable, class_embeddings, classification_metrics
 
 
@@ -31,6 +31,23 @@ def test_retrieval_one_caption_each_known_ranks():
     # image 0 -> caption 0 first; image 1 -> captions [2, 1, 0]: rank 2; image 2 -> caption 2 first
     assert m["i2t_R@1"] == pytest.approx(2 / 3)
     assert m["i2t_mean_rank"] == pytest.approx((1 + 2 + 1) / 3)
+
+
+def test_retrieval_exact_ties_count_against_the_query():
+    """Four images whose captions are the same text (identical embeddings): every image ties
+    with all four captions. Pessimistic ranking puts the three wrong captions first, so no
+    image->text query is a hit at R@1 (counting ties for the query would give 1.0)."""
+    image = unit([1, 0, 0], [0.9, 0.1, 0], [0.8, 0.2, 0], [0, 0, 1])
+    text = unit([1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 0, 1])  # captions 0-2 identical
+    m = retrieval_metrics(image, text, torch.tensor([0, 1, 2, 3]))
+    # images 0-2: the three identical captions tie; each ranks its own after the other two
+    assert m["i2t_R@1"] == pytest.approx(1 / 4)  # only image 3's caption is unique
+    assert m["i2t_R@5"] == 1.0
+    assert m["i2t_mean_rank"] == pytest.approx((3 + 3 + 3 + 1) / 4)
+    # caption -> image is tie-free here (the three images differ): caption 0 finds image 0 first
+    assert m["t2i_R@1"] == pytest.approx(2 / 4)
+    ranks = first_positive_rank(torch.tensor([[0.5, 0.5, 0.5]]), torch.tensor([[False, True, False]]))
+    assert ranks.tolist() == [2]  # both tied wrong candidates come first
 
 
 def test_retrieval_several_captions_per_image_best_caption_counts():
