@@ -115,14 +115,27 @@ def print_summary(summary: dict) -> None:
     ]
     if summary.get("skipped_samples"):
         lines.append(f"skipped samples   : {summary['skipped_samples']}")
-    if ev:
-        lines.append(f"image->text R@1/5 : {ev['i2t_R@1']:.3f} / {ev['i2t_R@5']:.3f}")
-        lines.append(f"text->image R@1/5 : {ev['t2i_R@1']:.3f} / {ev['t2i_R@5']:.3f}")
-        if "label_i2t_R@1" in ev:
-            lines.append(f"same-concept R@1  : i2t {ev['label_i2t_R@1']:.3f}, t2i {ev['label_t2i_R@1']:.3f}")
-        if "zeroshot/top1" in ev:
-            lines.append(f"zero-shot top-1/5 : {ev['zeroshot/top1']:.3f} / {ev['zeroshot/top5']:.3f}")
+    if summary.get("nonfinite_steps_skipped"):
+        lines.append(f"non-finite steps  : {summary['nonfinite_steps_skipped']} skipped")
+    if summary.get("duplicate_samples"):
+        lines.append(f"repeated samples  : {summary['duplicate_samples']} (drawn twice into one batch)")
+    lines += eval_lines(ev)
     print("\n".join(lines), flush=True)
+
+
+def eval_lines(ev: dict) -> list[str]:
+    """Summary lines for whatever ``eval.tasks`` produced (retrieval, zero-shot, both, none)."""
+    lines = []
+    for title, keys in (("image->text R@1/5", ("i2t_R@1", "i2t_R@5")),
+                        ("text->image R@1/5", ("t2i_R@1", "t2i_R@5")),
+                        ("zero-shot top-1/5", ("zeroshot/top1", "zeroshot/top5"))):
+        if keys[0] in ev:
+            lines.append(f"{title} : " + " / ".join(f"{ev[k]:.3f}" for k in keys if k in ev))
+    if "label_i2t_R@1" in ev and "label_t2i_R@1" in ev:
+        lines.append(f"same-concept R@1  : i2t {ev['label_i2t_R@1']:.3f}, t2i {ev['label_t2i_R@1']:.3f}")
+    if "zeroshot/mean_per_class_recall" in ev:
+        lines.append(f"zero-shot mean per-class recall : {ev['zeroshot/mean_per_class_recall']:.3f}")
+    return lines
 
 
 # --- parser ----------------------------------------------------------------------------------
