@@ -64,6 +64,11 @@ CONFIGS = {
     "fastclip_v3_glofnd": {"loss.name": "fastclip_v3", "fnd.detector": "glofnd", "fnd.start_mask": 1,
                            "fnd.lr": 0.3, "loss.gamma_decay_epochs": 2},
     "clip_oracle_attract": {"fnd.detector": "oracle", "fnd.removal": "attract"},
+    # every sample of the global batch twice, the copies spread over both ranks (as
+    # data.resampled=true can draw them): copies are no negatives, rows written once
+    "clip_glofnd_repeats": {"fnd.detector": "glofnd", "fnd.start_mask": 1, "fnd.lr": 0.3, "repeats": True},
+    "fastclip_v3_glofnd_repeats": {"loss.name": "fastclip_v3", "fnd.detector": "glofnd", "fnd.start_mask": 1,
+                                   "fnd.lr": 0.3, "loss.gamma_decay_epochs": 2, "repeats": True},
 }
 STEPS = 8
 
@@ -71,6 +76,8 @@ STEPS = 8
 def run_steps(rank: int, world: int, overrides: dict, steps: int = STEPS):
     """A tiny two-tower linear model trained with the real objective; DDP-style gradient
     averaging by hand. Returns per-step global losses, the tables and the parameters."""
+    overrides = dict(overrides)
+    repeats = overrides.pop("repeats", False)
     cfg = load_config(None, ["data.train=unused"] + [f"{k}={v}" for k, v in overrides.items()])
     g = torch.Generator().manual_seed(0)
     xi = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
@@ -89,11 +96,16 @@ def run_steps(rank: int, world: int, overrides: dict, steps: int = STEPS):
     b = B // world
     losses = []
     for step in range(steps):
-        order = torch.randperm(N, generator=torch.Generator().manual_seed(100 + step))[:B]
+        gen = torch.Generator().manual_seed(100 + step)
+        order = torch.randperm(N, generator=gen)[:B]
+        if repeats:
+            half = order[: B // 2]
+            order = torch.cat([half, half])[torch.randperm(B, generator=gen)]
         idx = order[rank * b:(rank + 1) * b]
         img = F.normalize(wi(xi[idx]), dim=1)
         txt = F.normalize(wt(xt[idx]), dim=1)
         out = obj(img, txt, log_scale.exp(), idx, labels[idx], epoch=step // 3)
+        assert out.duplicates == (B // 2 if repeats else 0)
         obj.commit(out)
         out.loss.backward()
         for p in params:

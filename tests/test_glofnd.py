@@ -43,13 +43,14 @@ def test_thresholds_converge_to_quantile(alpha):
     assert err.quantile(0.9) < 0.02, f"90% of anchors within 0.02: got p90 {err.quantile(0.9):.4f}"
 
 
-def naive_glofnd(steps, N, alpha, lr, b1, b2, optimizer):
-    """Per-sample loop of METHODS.md's update, in float64."""
+def naive_glofnd(steps, N, alpha, lr, b1, b2, optimizer, epochs=None, bias="sample"):
+    """Per-sample loop of METHODS.md's update, in float64. ``bias="epoch"``: the reference
+    code's bias correction, ``t = epoch + 1`` (``epochs[k]``: the epoch of step ``k``)."""
     lam = [1.0] * N
     m = [0.0] * N
     v = [0.0] * N
     c = [0] * N
-    for idx, sims, negs in steps:
+    for k, (idx, sims, negs) in enumerate(steps):
         new = {}
         for r, n in enumerate(idx.tolist()):
             above = total = 0
@@ -65,17 +66,18 @@ def naive_glofnd(steps, N, alpha, lr, b1, b2, optimizer):
                 continue
             mn = b1 * m[n] + (1 - b1) * gr
             vn = b2 * v[n] + (1 - b2) * gr * gr
-            mhat = mn / (1 - b1 ** cn)
-            vhat = vn / (1 - b2 ** cn)
+            t = cn if bias == "sample" else epochs[k] + 1
+            mhat = mn / (1 - b1 ** t)
+            vhat = vn / (1 - b2 ** t)
             new[n] = (min(1.0, max(-1.0, lam[n] - lr * mhat / (math.sqrt(vhat) + 1e-8))), mn, vn, cn)
         for n, (a, mm, vv, cc) in new.items():
             lam[n], m[n], v[n], c[n] = a, mm, vv, cc
     return lam, c
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("optimizer,bias", [("adam", "sample"), ("sgd", "sample"), ("adam", "epoch")])
 @pytest.mark.parametrize("views", [1, 2])
-def test_update_matches_naive_loop(optimizer, views):
+def test_update_matches_naive_loop(optimizer, bias, views):
     """Resampled batches (uneven visit counts) exercise the per-sample bias correction;
     ``views=2`` is the unimodal case (two rows per anchor share one threshold)."""
     N, B, d = 40, 8, 4
@@ -101,10 +103,11 @@ def test_update_matches_naive_loop(optimizer, views):
             negs.append(neg)
         steps.append((idx, rows, negs, excludes))
     tables = StateTables(N)
-    det = GloFND(tables, ("a",), alpha=alpha, lr=lr, optimizer=optimizer)
-    for idx, rows, negs, excludes in steps:
-        tables.write_rows(idx, det.update("a", idx, rows, excludes, int(negs[0][0].sum())))
-    lam, counts = naive_glofnd([st[:3] for st in steps], N, alpha, lr, 0.9, 0.98, optimizer)
+    det = GloFND(tables, ("a",), alpha=alpha, lr=lr, optimizer=optimizer, bias_correction=bias)
+    epochs = [15 + k // 5 for k in range(len(steps))]  # updates starting at epoch 15, as the paper's
+    for (idx, rows, negs, excludes), epoch in zip(steps, epochs):
+        tables.write_rows(idx, det.update("a", idx, rows, excludes, int(negs[0][0].sum()), epoch=epoch))
+    lam, counts = naive_glofnd([st[:3] for st in steps], N, alpha, lr, 0.9, 0.98, optimizer, epochs, bias)
     torch.testing.assert_close(tables["glofnd.lambda_a"], torch.tensor(lam, dtype=torch.float32), atol=2e-6, rtol=0)
     assert tables["glofnd.count_a"].tolist() == [float(c) for c in counts]
     assert len(set(counts)) > 1  # visit counts really differ

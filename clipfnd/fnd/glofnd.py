@@ -10,7 +10,9 @@ dataset, learned from mini-batches by minimising ``alpha * l + mean_j (s_nj - l)
     m_n <- beta1 m_n + (1 - beta1) g_n ;  v_n <- beta2 v_n + (1 - beta2) g_n^2
     lambda_n <- clamp(lambda_n - lr * mhat_n / (sqrt(vhat_n) + 1e-8), -1, 1)
 
-with the bias correction counted per sample (``c_n`` updates so far). ``K`` is the number of
+with the bias correction counted per sample (``c_n`` updates so far), or, with
+``bias_correction="epoch"``, by the absolute epoch (``t = epoch + 1``) as the reference code
+does (the two agree only when updates start at epoch 0 and every sample is seen once an epoch). ``K`` is the number of
 similarity rows an anchor has: 1 per modality (bimodal), 2 (the two views, unimodal).
 Negatives above the threshold are flagged: ``F_n = {j in N_n : s_nj > lambda_n}``.
 
@@ -37,6 +39,7 @@ class GloFND:
             images), ``("view",)`` unimodal (both views of an image share one threshold).
         alpha: share of the dataset above each threshold, in (0, 1).
         lr, optimizer ("adam" | "sgd"), beta1, beta2, init_threshold: the update rule.
+        bias_correction: "sample" (per-sample update count) | "epoch" (``epoch + 1``).
     """
 
     def __init__(
@@ -50,7 +53,11 @@ class GloFND:
         beta1: float = 0.9,
         beta2: float = 0.98,
         init_threshold: float = 1.0,
+        bias_correction: str = "sample",
     ):
+        if bias_correction not in ("sample", "epoch"):
+            raise ValueError(f"bias_correction must be 'sample' or 'epoch', got {bias_correction!r}")
+        self.bias_correction = bias_correction
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         if optimizer not in ("adam", "sgd"):
@@ -82,10 +89,12 @@ class GloFND:
         return f
 
     @torch.no_grad()
-    def gradient(self, flags: list[torch.Tensor], num_negatives: int) -> torch.Tensor:
-        """``g = alpha - share of the K rows' negatives above the threshold``, per anchor."""
+    def gradient(self, flags: list[torch.Tensor], num_negatives: int | torch.Tensor) -> torch.Tensor:
+        """``g = alpha - share of the K rows' negatives above the threshold``, per anchor.
+        ``num_negatives``: ``|N_i|``, one number or one per anchor (``[b]``)."""
         above = sum(f.sum(1) for f in flags).to(torch.float64)
-        return (self.alpha - above / (len(flags) * num_negatives)).to(torch.float32)
+        n = torch.as_tensor(num_negatives, device=above.device).to(torch.float64).clamp(min=1)
+        return (self.alpha - above / (len(flags) * n)).to(torch.float32)
 
     @torch.no_grad()
     def update(
@@ -95,6 +104,7 @@ class GloFND:
         sims: list[torch.Tensor],
         exclude: list[list[torch.Tensor]],
         num_negatives: int,
+        epoch: int = 0,
     ) -> dict[str, torch.Tensor]:
         """New rows for anchors ``index`` from their ``K`` similarity rows (not yet written).
 
@@ -104,11 +114,16 @@ class GloFND:
         """
         lam = self.tables.rows(f"glofnd.lambda_{anchor_type}", index, sims[0].device)
         flags = [self.flags(s, lam, ex) for s, ex in zip(sims, exclude)]
-        return self.update_from_flags(anchor_type, index, flags, num_negatives)
+        return self.update_from_flags(anchor_type, index, flags, num_negatives, epoch=epoch)
 
     @torch.no_grad()
     def update_from_flags(
-        self, anchor_type: str, index: torch.Tensor, flags: list[torch.Tensor], num_negatives: int
+        self,
+        anchor_type: str,
+        index: torch.Tensor,
+        flags: list[torch.Tensor],
+        num_negatives: int | torch.Tensor,
+        epoch: int = 0,
     ) -> dict[str, torch.Tensor]:
         """As ``update``, from flags already computed with the current thresholds (the
         training step reuses the flags of its false-negative masks)."""
@@ -122,8 +137,9 @@ class GloFND:
             return {f"glofnd.lambda_{t}": new_lam, f"glofnd.count_{t}": count}
         m = self.beta1 * self.tables.rows(f"glofnd.m_{t}", index, dev) + (1 - self.beta1) * g
         v = self.beta2 * self.tables.rows(f"glofnd.v_{t}", index, dev) + (1 - self.beta2) * g * g
-        mhat = m / (1 - torch.pow(torch.tensor(self.beta1, device=dev), count))
-        vhat = v / (1 - torch.pow(torch.tensor(self.beta2, device=dev), count))
+        t_corr = count if self.bias_correction == "sample" else torch.full_like(count, epoch + 1.0)
+        mhat = m / (1 - torch.pow(torch.tensor(self.beta1, device=dev), t_corr))
+        vhat = v / (1 - torch.pow(torch.tensor(self.beta2, device=dev), t_corr))
         new_lam = (lam - self.lr * mhat / (torch.sqrt(vhat) + EPS)).clamp(-1.0, 1.0)
         return {
             f"glofnd.lambda_{t}": new_lam,

@@ -19,16 +19,18 @@ def same_label(label_anchor: torch.Tensor, label_other: torch.Tensor, pos: torch
     return eq
 
 
-def detection_counts(flags: torch.Tensor, truth: torch.Tensor, num_negatives: int) -> torch.Tensor:
+def detection_counts(flags: torch.Tensor, truth: torch.Tensor, num_negatives: int | torch.Tensor) -> torch.Tensor:
     """Counts to sum over anchors and ranks: [true positives, flagged, true, negatives, anchors
-    with every negative flagged]. Float64 ``[5]``."""
+    with every negative flagged]. Float64 ``[5]``. ``num_negatives``: ``|N_i|``, one number or
+    one per anchor."""
     per_row = flags.sum(1)
+    n = torch.as_tensor(num_negatives, device=flags.device).expand(flags.shape[0])
     return torch.stack([
         (flags & truth).sum(),
         per_row.sum(),
         truth.sum(),
-        torch.tensor(flags.shape[0] * num_negatives, device=flags.device),
-        (per_row == num_negatives).sum(),
+        n.sum(),
+        (per_row == n).sum(),
     ]).to(torch.float64)
 
 

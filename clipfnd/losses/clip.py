@@ -13,13 +13,14 @@ other modality, with logits ``l_ij = s_ij / tau`` and positive column ``p(i) = o
 
     L = 1/2 * mean_i L_i(image -> text) + 1/2 * mean_i L_i(text -> image)
 
+Columns marked ``not_negative`` (other copies of the anchor's own sample, when a dataset
+index repeats in the global batch) are in neither sum and not counted in ``|N_i|``.
+
 The loss knows nothing of how the features were gathered: the caller passes local and
 gathered features and the column offset of its first sample.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -31,40 +32,50 @@ def contrastive_rows(
     fn_mask: torch.Tensor | None = None,
     removal: str = "eliminate",
     rescale: bool = True,
+    not_negative: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-anchor InfoNCE losses for rows of ``logits`` with false negatives handled.
 
     Shape:
         logits: ``[b, M]`` (already divided by the temperature); pos: ``[b]`` positive columns;
         fn_mask: ``[b, M]`` bool, True where a negative is a flagged false negative (must be
-        False at the positive). Returns ``[b]``.
+        False at the positive); not_negative: ``[b, M]`` bool, columns that are no negative
+        at all (left out of every sum and of ``|N_i|``). Returns ``[b]``.
     """
-    if fn_mask is None:
+    if fn_mask is None and not_negative is None:
         return F.cross_entropy(logits, pos, reduction="none")
     b, m = logits.shape
     rows = torch.arange(b, device=logits.device)
+    no_col = torch.zeros(b, dtype=torch.bool, device=logits.device)
     with torch.no_grad():
-        fn_mask = fn_mask.index_put((rows, pos), torch.zeros(b, dtype=torch.bool, device=logits.device))
+        excluded = torch.zeros(b, m, dtype=torch.bool, device=logits.device) if not_negative is None \
+            else not_negative.index_put((rows, pos), no_col)
+        fn_mask = excluded.clone() if fn_mask is None else fn_mask.index_put((rows, pos), no_col)
+        fn_mask &= ~excluded
         n_flagged = fn_mask.sum(1)
+        n_neg = (m - 1) - excluded.sum(1)
     if removal == "attract":
         # -mean_{q in {p} U F} log softmax(l)_q  ==  cross-entropy with uniform targets on {p} U F
         with torch.no_grad():
             targets = fn_mask.to(logits.dtype)
             targets[rows, pos] = 1.0
             targets /= (n_flagged + 1).to(logits.dtype)[:, None]
-        return F.cross_entropy(logits, targets, reduction="none")
+        if not_negative is None:
+            return F.cross_entropy(logits, targets, reduction="none")
+        log_p = torch.log_softmax(logits.masked_fill(excluded, float("-inf")), dim=1)
+        return -(targets * log_p.masked_fill(excluded, 0.0)).sum(1)
     if removal != "eliminate":
         raise ValueError(f"removal must be 'eliminate' or 'attract', got {removal!r}")
     # -log(e^{l_p} / (e^{l_p} + c sum_K e^{l_j}))  ==  cross-entropy of l + A, where A is log c on
     # kept negatives, -inf on flagged ones and 0 at the positive (c = |N|/|K|, or 1). A needs no
     # gradient, so the loss is one fused cross-entropy; a row with nothing kept gives 0, no NaN.
     with torch.no_grad():
-        n_kept = (m - 1) - n_flagged
+        n_kept = n_neg - n_flagged
         if rescale:
-            log_c = math.log(m - 1) - torch.log(n_kept.clamp(min=1).to(logits.dtype))
+            log_c = torch.log(n_neg.clamp(min=1).to(logits.dtype)) - torch.log(n_kept.clamp(min=1).to(logits.dtype))
         else:
             log_c = torch.zeros(b, dtype=logits.dtype, device=logits.device)
-        shift = log_c[:, None].expand(b, m).masked_fill(fn_mask, float("-inf"))
+        shift = log_c[:, None].expand(b, m).masked_fill(fn_mask | excluded, float("-inf"))
         shift[rows, pos] = 0.0
     return F.cross_entropy(logits + shift, pos, reduction="none")
 
@@ -80,13 +91,15 @@ def clip_loss(
     fn_t2i: torch.Tensor | None = None,
     removal: str = "eliminate",
     rescale: bool = True,
+    not_negative: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bidirectional CLIP loss of this rank's anchors.
 
     Shape:
         image, text: ``[b, d]`` local normalised features; image_all, text_all: ``[B, d]``
         gathered (with gradient) features; logit_scale: scalar ``1/tau``; fn_i2t, fn_t2i:
-        optional ``[b, B]`` bool false-negative masks of the image and text anchors.
+        optional ``[b, B]`` bool false-negative masks of the image and text anchors;
+        not_negative: optional ``[b, B]`` bool, copies of the anchor's own sample (both ways).
 
     Returns the mean over local anchors; the mean of this over ranks is the loss of the
     global batch (and DDP's gradient averaging gives that loss's gradient).
@@ -95,6 +108,6 @@ def clip_loss(
     pos = torch.arange(b, device=image.device) + offset
     logits_i2t = logit_scale * image @ text_all.T
     logits_t2i = logit_scale * text @ image_all.T
-    loss_i = contrastive_rows(logits_i2t, pos, fn_i2t, removal, rescale)
-    loss_t = contrastive_rows(logits_t2i, pos, fn_t2i, removal, rescale)
+    loss_i = contrastive_rows(logits_i2t, pos, fn_i2t, removal, rescale, not_negative)
+    loss_t = contrastive_rows(logits_t2i, pos, fn_t2i, removal, rescale, not_negative)
     return 0.5 * (loss_i.mean() + loss_t.mean())

@@ -55,11 +55,21 @@ def negative_ratio(
     return e.sum(1) / n_kept.clamp(min=1).to(sim.dtype)
 
 
-def kept_negatives(pos: torch.Tensor, shape: tuple[int, int], fn_mask: torch.Tensor | None, removal: str, device) -> torch.Tensor:
-    """Negatives that stay in ``g``: everything but the positive, minus ``F_i`` under eliminate."""
+def kept_negatives(
+    pos: torch.Tensor,
+    shape: tuple[int, int],
+    fn_mask: torch.Tensor | None,
+    removal: str,
+    device,
+    not_negative: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Negatives that stay in ``g``: everything but the positive and the ``not_negative``
+    columns (other copies of the anchor's own sample), minus ``F_i`` under eliminate."""
     b, m = shape
     kept = torch.ones(b, m, dtype=torch.bool, device=device)
     kept[torch.arange(b, device=device), pos] = False
+    if not_negative is not None:
+        kept &= ~not_negative
     if fn_mask is not None and removal == "eliminate":
         kept &= ~fn_mask
     return kept

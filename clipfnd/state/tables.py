@@ -20,6 +20,17 @@ class TableIndexError(IndexError):
     """A dataset index outside the tables (names the index and the table size)."""
 
 
+def first_occurrences(index: torch.Tensor) -> torch.Tensor | None:
+    """Positions of the first occurrence of each distinct value of ``index`` (``None`` when
+    all values are distinct)."""
+    uniq, inverse = torch.unique(index, return_inverse=True)
+    if uniq.numel() == index.numel():
+        return None
+    pos = torch.arange(index.numel(), device=index.device)
+    first = torch.full((uniq.numel(),), index.numel(), dtype=torch.long, device=index.device)
+    return first.scatter_reduce(0, inverse, pos, reduce="amin")
+
+
 class StateTables:
     """Named float32 tables of ``num_rows`` rows.
 
@@ -77,7 +88,9 @@ class StateTables:
 
         Each rank passes its own anchors' indices ``[b]`` and new values ``{name: [b]}``; the
         call gathers every rank's rows and writes them all, in one all-gather for the values.
-        Indices must be distinct over the whole global batch.
+        An index that occurs more than once (a sample drawn twice into one global batch, or
+        into two micro-batches of one optimiser step) is written once, from its first
+        occurrence in rank order, so every replica makes the same choice.
         """
         names = sorted(values)
         if not names:
@@ -87,6 +100,9 @@ class StateTables:
         all_values = distributed.gather(stacked)
         idx = all_index.to(self.device)
         vals = all_values.to(self.device)
+        first = first_occurrences(idx)
+        if first is not None:
+            idx, vals = idx[first], vals[first]
         for k, n in enumerate(names):
             self._tables[n][idx] = vals[:, k]
 

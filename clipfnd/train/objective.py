@@ -13,8 +13,16 @@ Order inside a step, for each anchor type (image anchors vs texts, text anchors 
 3. GloFND's threshold update from the same similarities (from ``fnd.start_update`` on);
 4. the loss (CLIP, or the global loss with its ``u`` update);
 5. ``commit``: one ``write_rows`` for every table row changed (all ranks' rows, so replicas
-   agree). The training loop commits only a step it keeps: a step skipped for a non-finite
-   loss or gradient leaves every table as it was.
+   agree). The training loop holds the rows of every micro-batch of an optimiser step and
+   commits them only when the step is really taken: a step skipped for a non-finite loss or
+   gradient, or by the fp16 gradient scaler, leaves every table as it was.
+
+Repeated dataset indices in one global batch (possible with ``data.resampled=true``, where
+ranks draw shards independently): a column holding another copy of the anchor's own sample is
+neither its positive nor a negative. It is left out of ``N_i`` everywhere (the loss, the
+detector's flags and its gradient's ``|N_i|``, the detection counts), and counted in
+``StepOutput.duplicates``. Each sample's table rows are written once per optimiser step, by
+its first occurrence in the gathered batch (``StateTables.write_rows``).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ class StepOutput:
     detection: torch.Tensor | None = None  # summed counts, see fnd.detection_counts
     index: torch.Tensor | None = None  # this rank's dataset indices
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # new table rows, not yet written
+    duplicates: int = 0  # samples of the global batch whose dataset index came earlier in it
 
 
 class ClipObjective:
@@ -76,6 +85,7 @@ class ClipObjective:
             self.glofnd = GloFND(
                 tables, ANCHORS, alpha=f.alpha, lr=f.lr, optimizer=f.optimizer,
                 beta1=f.beta1, beta2=f.beta2, init_threshold=f.init_threshold,
+                bias_correction=f.bias_correction,
             )
         if self.loss_name != "clip":
             for t in ANCHORS:
@@ -122,13 +132,21 @@ class ClipObjective:
         img_all = distributed.gather_with_grad(img)
         txt_all = distributed.gather_with_grad(txt)
         label_all = distributed.gather(label)
+        index_all = distributed.gather(index)
         offset = distributed.label_offset(b)
         pos = torch.arange(b, device=img.device) + offset
         others = {"img": txt_all, "txt": img_all}
         anchors = {"img": img, "txt": txt}
         labels_local = label.to(img.device)
 
-        num_neg = img_all.shape[0] - 1  # N_i: the other B-1 samples of the other modality
+        # N_i: the other B-1 samples of the other modality, less copies of the anchor's sample
+        duplicates = index_all.numel() - torch.unique(index_all).numel()
+        copies: torch.Tensor | None = None
+        num_neg: int | torch.Tensor = img_all.shape[0] - 1
+        if duplicates:
+            copies = index.to(img.device)[:, None] == index_all.to(img.device)[None, :]
+            copies[torch.arange(b, device=img.device), pos] = False
+            num_neg = num_neg - copies.sum(1)
 
         masks: dict[str, torch.Tensor | None] = {t: None for t in ANCHORS}
         new_rows: dict[str, torch.Tensor] = {}
@@ -137,6 +155,8 @@ class ClipObjective:
         measure = measure and masking
         if self.has_labels and (measure or (masking and self.fnd.detector == "oracle")):
             same = same_label(labels_local, label_all.to(img.device), pos)
+            if copies is not None:
+                same &= ~copies
             truth = {t: same for t in ANCHORS}  # one label per sample: same truth both ways
         if self.fnd.detector == "oracle" and masking:
             masks = dict(truth)
@@ -146,19 +166,22 @@ class ClipObjective:
                 with torch.no_grad():
                     sim = anchors[t] @ others[t].T
                 flags = self.glofnd.flags(sim, lam, [pos])
+                if copies is not None:
+                    flags &= ~copies
                 if masking:
                     masks[t] = flags
                 if updating:
-                    new_rows.update(self.glofnd.update_from_flags(t, index.to(img.device), [flags], num_neg))
+                    new_rows.update(self.glofnd.update_from_flags(t, index.to(img.device), [flags], num_neg,
+                                                                  epoch=epoch))
 
         metrics: dict[str, float] = {}
         if self.loss_name == "clip":
             loss = clip_loss(
                 img, txt, img_all, txt_all, logit_scale, offset,
-                masks["img"], masks["txt"], self.fnd.removal, self.fnd.rescale,
+                masks["img"], masks["txt"], self.fnd.removal, self.fnd.rescale, not_negative=copies,
             )
         else:
-            loss, rows = self._global_loss(anchors, others, pos, masks, index, logit_scale, epoch, metrics)
+            loss, rows = self._global_loss(anchors, others, pos, masks, copies, index, logit_scale, epoch, metrics)
             new_rows.update(rows)
         detection = None
         if measure:
@@ -167,14 +190,21 @@ class ClipObjective:
                 for t in ANCHORS
             )
         return StepOutput(loss=loss, metrics=metrics, detection=detection,
-                          index=index.to(img.device), rows=new_rows)
+                          index=index.to(img.device), rows=new_rows, duplicates=duplicates)
 
-    def commit(self, out: StepOutput) -> None:
-        """Write the step's new rows into every replica (a collective: all ranks call it)."""
-        if out.index is not None:
-            self.tables.write_rows(out.index, out.rows)
+    def commit(self, outs: StepOutput | list[StepOutput]) -> None:
+        """Write the new rows of one or more micro-batches (one optimiser step) into every
+        replica, in one write (a collective: all ranks call it with as many outputs)."""
+        outs = [outs] if isinstance(outs, StepOutput) else [o for o in outs if o.index is not None]
+        if not outs:
+            return
+        names = set(outs[0].rows)
+        if any(set(o.rows) != names for o in outs):
+            raise ValueError("the micro-batches of one optimiser step changed different tables")
+        index = torch.cat([o.index for o in outs])
+        self.tables.write_rows(index, {n: torch.cat([o.rows[n] for o in outs]) for n in names})
 
-    def _global_loss(self, anchors, others, pos, masks, index, logit_scale, epoch, metrics):
+    def _global_loss(self, anchors, others, pos, masks, copies, index, logit_scale, epoch, metrics):
         tau = self.temperature(logit_scale)
         gamma = gamma_schedule(epoch, self.cfg.loss.gamma_min, self.cfg.loss.gamma_decay_epochs)
         loss = torch.zeros((), device=pos.device)
@@ -182,7 +212,7 @@ class ClipObjective:
         dev = pos.device
         for t in ANCHORS:
             sim = anchors[t] @ others[t].T  # with gradient
-            kept = kept_negatives(pos, tuple(sim.shape), masks[t], self.fnd.removal, dev)
+            kept = kept_negatives(pos, tuple(sim.shape), masks[t], self.fnd.removal, dev, not_negative=copies)
             g = negative_ratio(sim, pos, tau, kept)
             u_old = self.tables.rows(f"gcl.u_{t}", index, dev)
             visits = self.tables.rows(f"gcl.visits_{t}", index, dev)
