@@ -46,9 +46,11 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     schedule: str = "cosine"  # cosine | constant (both after linear warmup)
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # linear warmup from optim.lr/warmup_steps (step 1) to optim.lr
     grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
-    accum_steps: int = 1  # micro-batches per optimiser step (negatives stay per micro-batch)
+    # micro-batches per optimiser step (negatives stay per micro-batch); every step belongs to
+    # one epoch: micro-batches left at an epoch's end that cannot fill a step are not used
+    accum_steps: int = 1
 
 
 @dataclass
@@ -59,6 +61,9 @@ class LossConfig:
     gamma_decay_epochs: int = 10  # cosine decay of gamma from 1.0 to gamma_min
     rho: float = 6.5  # fastclip_v3 temperature term
     tau_lr: float = 1e-4  # fastclip_v3: learning rate of the temperature
+    # fastclip_v3: how tau_lr is scheduled. model: the model's warmup + cosine/constant;
+    # fastclip: as FastCLIP's code, constant from step 1, a third of it while tau <= 0.03
+    tau_schedule: str = "model"
     tau_min: float = 0.01  # fastclip_v3: lower bound of the learned temperature
 
 
@@ -71,6 +76,9 @@ class FNDConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     init_threshold: float = 1.0  # nothing is flagged until thresholds have learned
+    # Adam bias correction of the thresholds: sample (updates the sample has received, the
+    # Adam rule) | epoch (t = epoch + 1, as GloFND's reference code; for exact reproduction)
+    bias_correction: str = "sample"
     start_update: int = 0  # epoch from which thresholds are learned
     start_mask: int = 0  # epoch from which flagged negatives are removed (>= start_update)
     removal: str = "eliminate"  # eliminate | attract
@@ -120,6 +128,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_error": ("skip", "raise"),
     "optim.schedule": ("cosine", "constant"),
     "loss.name": ("clip", "sogclr", "fastclip_v3"),
+    "loss.tau_schedule": ("model", "fastclip"),
+    "fnd.bias_correction": ("sample", "epoch"),
     "fnd.detector": ("none", "glofnd", "oracle"),
     "fnd.optimizer": ("adam", "sgd"),
     "fnd.removal": ("eliminate", "attract"),

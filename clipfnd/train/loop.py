@@ -7,6 +7,7 @@ without CUDA the processes form a real gloo group on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,7 +23,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from data_pipelines import load_shard_set
 from data_pipelines.loader import LoaderState, ShardStream
@@ -32,7 +32,8 @@ from ..config import Config, ConfigError, to_dict, to_yaml
 from ..models import check_model_name, create_clip
 from ..state import StateTables
 from . import checkpoint as ckpt
-from .objective import ClipObjective, clamp_logit_scale
+from .objective import ClipObjective, StepOutput, clamp_logit_scale
+from .schedule import apply_tau_rule, build_scheduler
 
 log = logging.getLogger("clipfnd.train")
 
@@ -120,10 +121,11 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     total_steps: int
+    tau_group: int | None = None  # the temperature's parameter group (fastclip_v3)
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None:
-    existing = ckpt.list_checkpoints(run_dir)
+    existing = ckpt.list_checkpoints(run_dir) if run_dir.is_dir() else []
     if not existing or cfg.resume is not None:
         return
     if not cfg.overwrite:
@@ -137,7 +139,16 @@ def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None
     accelerator.wait_for_everyone()
 
 
+def optimizer_steps_in_epoch(stream: ShardStream, epoch: int, accum_steps: int) -> int:
+    """Optimiser steps of ``epoch``: whole windows of ``accum_steps`` micro-batches. The
+    micro-batches left over at the epoch's end are not used (a step never spans two epochs)."""
+    return stream.steps_per_epoch(epoch) // accum_steps
+
+
 def setup(cfg: Config) -> Setup:
+    """Build everything a run needs. Whatever can fail on the user's input (model name, data,
+    batch size, detector needs) is checked before the output folder is created, so a run that
+    cannot start leaves nothing behind."""
     use_cpu = not torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and use_cpu:
         raise ConfigError("train.mixed_precision=fp16 needs CUDA; use bf16 or no on the CPU")
@@ -145,7 +156,6 @@ def setup(cfg: Config) -> Setup:
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.optim.accum_steps,
         log_with="tensorboard" if cfg.train.tensorboard else None,
         project_dir=cfg.output_dir,
     )
@@ -162,11 +172,6 @@ def setup(cfg: Config) -> Setup:
             f"data.batch_size={cfg.data.batch_size} (the global batch) does not divide by "
             f"{world} processes"
         )
-    run_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    _check_run_dir(cfg, run_dir, accelerator)
     set_seed(cfg.seed)
 
     shard_set = load_shard_set(cfg.data.train)
@@ -199,19 +204,26 @@ def setup(cfg: Config) -> Setup:
     tables = StateTables(shard_set.num_samples, table_device)
     objective = ClipObjective(cfg, tables, has_labels=shard_set.num_labels > 0)
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
-    )
-    steps_all = sum(stream.steps_per_epoch(e) for e in range(cfg.train.epochs)) // cfg.optim.accum_steps
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    k = cfg.optim.accum_steps
+    steps_all = sum(optimizer_steps_in_epoch(stream, e, k) for e in range(cfg.train.epochs))
     total_steps = min(steps_all, cfg.train.max_steps or steps_all)
     if total_steps < 1:
         raise ConfigError(
             f"the run has no optimiser step: {steps_all} steps in {cfg.train.epochs} epoch(s) "
-            f"with data.batch_size={cfg.data.batch_size} and optim.accum_steps={cfg.optim.accum_steps}"
+            f"with data.batch_size={cfg.data.batch_size} and optim.accum_steps={k}"
         )
-    make = get_cosine_schedule_with_warmup if cfg.optim.schedule == "cosine" else get_constant_schedule_with_warmup
-    kwargs = {"num_training_steps": total_steps} if cfg.optim.schedule == "cosine" else {}
-    scheduler = make(optimizer, num_warmup_steps=min(cfg.optim.warmup_steps, total_steps), **kwargs)
+    tau_group = len(groups) - 1 if cfg.loss.name == "fastclip_v3" else None
+    scheduler = build_scheduler(optimizer, kind=cfg.optim.schedule, warmup=cfg.optim.warmup_steps,
+                                total=total_steps, tau_group=tau_group, tau_schedule=cfg.loss.tau_schedule)
+
+    # Everything the user could have got wrong has been checked: now the run folder.
+    run_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    _check_run_dir(cfg, run_dir, accelerator)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is stepped by hand once per optimiser step (Accelerate would step it once
@@ -224,9 +236,14 @@ def setup(cfg: Config) -> Setup:
         if dropped:
             log.info("epoch 0 leaves out %d of %d samples (the last partial global batch and "
                      "uneven shards across processes)", dropped, shard_set.num_samples)
+        unused = stream.steps_per_epoch(0) % k
+        if unused:
+            log.info("optim.accum_steps=%d: the last %d micro-batch(es) of epoch 0 fill no "
+                     "optimiser step and are not used", k, unused)
     if cfg.train.tensorboard:
         accelerator.init_trackers("tensorboard")
-    return Setup(accelerator, run_dir, model, bundle, stream, tables, objective, optimizer, scheduler, total_steps)
+    return Setup(accelerator, run_dir, model, bundle, stream, tables, objective, optimizer, scheduler,
+                 total_steps, tau_group)
 
 
 # Keys a resumed run must share with the checkpoint: they decide what the weights, the
@@ -285,7 +302,8 @@ def _resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
         break
     loader_state = LoaderState.from_dict(loader)
     if state["world_size"] != s.accelerator.num_processes:
-        if loader_state.batches < s.stream.steps_per_epoch(loader_state.epoch):
+        k = cfg.optim.accum_steps
+        if loader_state.batches < optimizer_steps_in_epoch(s.stream, loader_state.epoch, k) * k:
             raise ValueError(
                 f"{path} was written by {state['world_size']} processes in the middle of epoch "
                 f"{loader_state.epoch}; resume it with the same number of processes "
@@ -341,6 +359,93 @@ def evaluate(cfg: Config, s: Setup, step: int, epoch: int) -> dict[str, float]:
     return distributed.broadcast_object(results)
 
 
+@dataclass
+class StepResult:
+    """What one optimiser step did.
+
+    ``status``: ``taken`` (weights and per-sample tables changed), ``skipped`` (a non-finite
+    loss or gradient: nothing changed), ``overflow`` (the fp16 gradient scaler skipped the
+    update: nothing changed but the scale), ``no_data`` (a rank ran out of data before the
+    window was full: the partial window is dropped, nothing changed).
+    """
+
+    status: str
+    losses: list[torch.Tensor] = dataclasses.field(default_factory=list)  # one per micro-batch
+    outputs: list[StepOutput] = dataclasses.field(default_factory=list)
+    lrs: list[float] = dataclasses.field(default_factory=list)  # of each parameter group, as used
+
+
+def optimizer_step(cfg: Config, s: Setup, batches, epoch: int, logged: bool) -> StepResult:
+    """One optimiser step over ``optim.accum_steps`` micro-batches of ``batches``.
+
+    Each micro-batch: forward, objective, a finite check agreed by every rank, backward (the
+    gradient of the mean over micro-batches; DDP synchronises on the last one only). Then the
+    clipped gradient-norm check and the update. The per-sample rows every micro-batch
+    computed are held and committed in one write only when the update is really taken: a
+    skipped step (non-finite loss in any micro-batch, non-finite gradient, fp16 overflow)
+    leaves the weights and every table exactly as they were.
+    """
+    acc, model, k = s.accelerator, s.model, cfg.optim.accum_steps
+    held: list[StepOutput] = []
+    poisoned = False
+    for micro in range(k):
+        batch = next(batches, None)
+        if not distributed.all_true(batch is not None, acc.device):
+            s.optimizer.zero_grad(set_to_none=True)  # some rank ran out: every rank drops the window
+            return StepResult("no_data")
+        if poisoned:
+            continue  # the step is lost; its micro-batches are still read, so the data position holds
+        sync = contextlib.nullcontext() if micro == k - 1 else acc.no_sync(model)
+        with sync:
+            out = model(image=batch["image"].to(acc.device), text=batch["text"].to(acc.device))
+            res = s.objective(out["image_features"], out["text_features"], out["logit_scale"],
+                              batch["index"].to(acc.device), batch["label"].to(acc.device), epoch,
+                              measure=logged)
+            # every rank takes the same branch: no rank waits alone in a backward collective
+            if distributed.all_true(bool(torch.isfinite(res.loss.detach())), acc.device):
+                acc.backward(res.loss / k)
+                held.append(res)
+            else:
+                poisoned = True
+    if poisoned:
+        s.optimizer.zero_grad(set_to_none=True)
+        return StepResult("skipped")
+    # the gradients are synchronised, so every rank sees the same norm; a gradient scaler
+    # (fp16) handles overflowing gradients itself and says so through step_was_skipped
+    norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+    if acc.scaler is None and not bool(torch.isfinite(norm)):
+        s.optimizer.zero_grad(set_to_none=True)
+        return StepResult("skipped")
+    if s.tau_group is not None and cfg.loss.tau_schedule == "fastclip":
+        tau = 1.0 / acc.unwrap_model(model).logit_scale.detach().exp().item()
+        apply_tau_rule(s.optimizer, s.tau_group, cfg.loss.tau_lr, tau)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    losses, lrs = [r.loss.detach() for r in held], [g["lr"] for g in s.optimizer.param_groups]
+    if acc.optimizer_step_was_skipped:
+        return StepResult("overflow", losses, held, lrs)
+    s.objective.commit(held)  # per-sample tables change only with the weights
+    s.scheduler.step()
+    return StepResult("taken", losses, held, lrs)
+
+
+class LogWindow:
+    """Losses, detection counts and duplicates since the last log line."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.detection: torch.Tensor | None = None
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, r: StepResult) -> None:
+        self.steps += 1
+        self.losses.extend(r.losses)
+        for o in r.outputs:
+            if o.detection is not None:
+                self.detection = o.detection if self.detection is None else self.detection + o.detection
+
+
 def train(cfg: Config) -> dict[str, Any]:
     s = setup(cfg)
     acc = s.accelerator
@@ -350,100 +455,53 @@ def train(cfg: Config) -> dict[str, Any]:
         metrics.path.write_text("")
     model = s.model
     raw_model = acc.unwrap_model(model)
-    B = cfg.data.batch_size
+    B, k = cfg.data.batch_size, cfg.optim.accum_steps
     bar = tqdm(total=s.total_steps, initial=step, desc="train", unit="step",
                disable=not (cfg.train.progress and acc.is_main_process))
-    recent: list[torch.Tensor] = []  # losses since the last log line
-    detection = None
-    window_start, window_steps = time.perf_counter(), 0
+    window = LogWindow()
     train_start, steps_at_start = time.perf_counter(), step
     last_record: dict[str, Any] = {}
     bad_total = 0
+    duplicates_total = 0
     done = step >= s.total_steps
     epoch = start_epoch
     faults = FaultCounter()
-    poisoned = False
     it = None
     last_eval: tuple[int, dict[str, float]] = (-1, {})  # (step, results) of the latest eval
     for epoch in range(start_epoch, cfg.train.epochs if not done else start_epoch):
         it = s.stream.epoch(epoch, loader_state if epoch == start_epoch else None)
         batches = iter(it)
+        usable = optimizer_steps_in_epoch(s.stream, epoch, k) * k  # micro-batches this epoch uses
         model.train()
-        while True:
-            batch = next(batches, None)
-            if not distributed.all_true(batch is not None, acc.device):
-                break  # some rank ran out of data: every rank ends the epoch together
-            with acc.accumulate(model):
-                out = model(image=batch["image"].to(acc.device), text=batch["text"].to(acc.device))
-                logged = (step + 1) % cfg.train.log_every == 0 or step + 1 == s.total_steps
-                res = s.objective(out["image_features"], out["text_features"], out["logit_scale"],
-                                  batch["index"].to(acc.device), batch["label"].to(acc.device), epoch,
-                                  measure=logged)
-                # Every rank takes the same branch: a non-finite loss anywhere skips the step
-                # everywhere (no rank waits alone in a backward collective).
-                if distributed.all_true(bool(torch.isfinite(res.loss.detach())), acc.device):
-                    acc.backward(res.loss)
-                    s.objective.commit(res)  # per-sample tables change only for kept steps
-                    recent.append(res.loss.detach())
-                    if res.detection is not None:
-                        detection = res.detection if detection is None else detection + res.detection
-                else:
-                    poisoned = True
-                if acc.sync_gradients:
-                    # the gradients are synchronised, so every rank sees the same norm; under
-                    # fp16 the gradient scaler handles overflowing gradients by itself
-                    norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-                    grad_ok = cfg.train.mixed_precision == "fp16" or bool(torch.isfinite(norm))
-                    if poisoned or not grad_ok:
-                        faults.skip(step, epoch)
-                    else:
-                        s.optimizer.step()
-                        faults.ok()
-                    s.optimizer.zero_grad(set_to_none=True)
-            if not acc.sync_gradients:
-                continue
-            poisoned = False
-            if faults.in_a_row:  # this optimiser step was skipped
+        while it.state().batches + k <= usable:
+            logged = (step + 1) % cfg.train.log_every == 0 or step + 1 == s.total_steps
+            r = optimizer_step(cfg, s, batches, epoch, logged)
+            if r.status == "no_data":
+                break
+            if r.status == "skipped":
+                faults.skip(step, epoch)
                 if faults.in_a_row >= cfg.train.max_nonfinite_steps:
-                    stop = faults.give_up(cfg, s, step, epoch, it)
-                    raise NonFiniteError(stop)
+                    raise NonFiniteError(faults.give_up(cfg, s, step, epoch, it))
                 continue
-            if not acc.optimizer_step_was_skipped:
-                s.scheduler.step()
+            faults.ok()
             clamp_logit_scale(raw_model.logit_scale, cfg.loss.name, cfg.loss.tau_min)
             step += 1
-            window_steps += 1
+            window.add(r)
+            duplicates_total += sum(o.duplicates for o in r.outputs)
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == s.total_steps:
-                loss_mean = distributed.all_reduce_sum(torch.stack(recent).mean()).item() / acc.num_processes
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step, "epoch": epoch, "loss": loss_mean,
-                    "lr": s.scheduler.get_last_lr()[0],
-                    "logit_scale": raw_model.logit_scale.exp().item(),
-                    "samples_per_sec": window_steps * B * cfg.optim.accum_steps / max(elapsed, 1e-9),
-                    **res.metrics,
-                }
-                if detection is not None:
-                    record.update(s.objective.summarise(distributed.all_reduce_sum(detection)))
-                    detection = None
-                record.update(s.objective.threshold_metrics())
-                bad = distributed.all_reduce_sum(torch.tensor(bad_total + sum(it.bad.values()))).item()
-                if bad:
-                    record["data/skipped"] = bad
-                if faults.total:
-                    record["train/nonfinite_skipped"] = faults.total
+                record = log_record(cfg, s, step, epoch, window, r, faults,
+                                    bad_total + sum(it.bad.values()), duplicates_total)
                 metrics.write(record)
-                bar.set_postfix(loss=f"{loss_mean:.4f}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
                 last_record = record
-                recent.clear()
-                window_start, window_steps = time.perf_counter(), 0
+                window = LogWindow()
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < s.total_steps:
                 save(cfg, s, step, epoch, it.state())
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and cfg.data.val:
                 val = evaluate(cfg, s, step, epoch)
                 last_eval = (step, val)
-                metrics.write({"step": step, "epoch": epoch, **{f"val/{k}": v for k, v in val.items()}})
+                metrics.write({"step": step, "epoch": epoch, **{f"val/{k_}": v for k_, v in val.items()}})
             if step >= s.total_steps:
                 done = True
                 break
@@ -462,7 +520,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if cfg.eval.at_end and cfg.data.val:
         results = last_eval[1] if last_eval[0] == step else evaluate(cfg, s, step, epoch)
     if results and last_eval[0] != step:
-        metrics.write({"step": step, "epoch": epoch, **{f"val/{k}": v for k, v in results.items()}})
+        metrics.write({"step": step, "epoch": epoch, **{f"val/{k_}": v for k_, v in results.items()}})
     summary = {
         "run_dir": str(s.run_dir),
         "checkpoint": str(final) if final else None,
@@ -470,13 +528,42 @@ def train(cfg: Config) -> dict[str, Any]:
         "epochs": epoch + 1,
         "processes": acc.num_processes,
         "global_batch_size": B,
-        "samples_per_sec": (step - steps_at_start) * B * cfg.optim.accum_steps / max(train_time, 1e-9),
+        "samples_per_sec": (step - steps_at_start) * B * k / max(train_time, 1e-9),
         "loss": last_record.get("loss"),
         "skipped_samples": int(distributed.all_reduce_sum(torch.tensor(bad_total)).item()),
         "nonfinite_steps_skipped": faults.total,
+        "duplicate_samples": duplicates_total,
         "eval": results,
     }
     if acc.is_main_process:
         ckpt.write_json(s.run_dir / "summary.json", summary)
     acc.end_training()
     return summary
+
+
+def log_record(cfg: Config, s: Setup, step: int, epoch: int, window: LogWindow, last: StepResult,
+               faults: FaultCounter, bad: int, duplicates: int) -> dict[str, Any]:
+    """The metrics line of a logged step (collectives inside: every rank calls it)."""
+    acc = s.accelerator
+    loss_mean = distributed.all_reduce_sum(torch.stack(window.losses).mean()).item() / acc.num_processes
+    elapsed = time.perf_counter() - window.start
+    record = {
+        "step": step, "epoch": epoch, "loss": loss_mean,
+        "lr": last.lrs[0],  # the learning rate this step ran with
+        "logit_scale": acc.unwrap_model(s.model).logit_scale.exp().item(),
+        "samples_per_sec": window.steps * cfg.data.batch_size * cfg.optim.accum_steps / max(elapsed, 1e-9),
+        **last.outputs[-1].metrics,
+    }
+    if s.tau_group is not None:
+        record["tau_lr"] = last.lrs[s.tau_group]
+    if window.detection is not None:
+        record.update(s.objective.summarise(distributed.all_reduce_sum(window.detection)))
+    record.update(s.objective.threshold_metrics())
+    bad = distributed.all_reduce_sum(torch.tensor(bad)).item()
+    if bad:
+        record["data/skipped"] = bad
+    if duplicates:
+        record["data/duplicates_in_batch"] = duplicates
+    if faults.total:
+        record["train/nonfinite_skipped"] = faults.total
+    return record

@@ -1,0 +1,49 @@
+"""``clipfnd train`` through its CLI entry, in-process: what the summary prints for each
+``eval.tasks`` combination, and that a run which cannot start leaves no folder behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clipfnd.cli.main import eval_lines, main
+
+
+def _args(shapes, run, *extra: str) -> list[str]:
+    return ["train", "configs/demo.yaml", f"output_dir={run}", f"data.train={shapes / 'train'}",
+            f"data.val={shapes / 'val'}", "data.num_workers=0", "data.batch_size=64", "train.max_steps=2",
+            "train.progress=false", "train.tensorboard=false", "eval.batch_size=128", *extra]
+
+
+@pytest.mark.parametrize("tasks", [["retrieval"], ["zeroshot"], ["retrieval", "zeroshot"]])
+def test_each_eval_tasks_combination_trains_evaluates_and_prints(shapes, tmp_path, capsys, tasks):
+    run = tmp_path / "run"
+    rc = main(_args(shapes, run, f"eval.tasks=[{','.join(tasks)}]", "eval.at_end=true"))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    summary = json.loads((run / "summary.json").read_text())
+    assert ("i2t_R@1" in summary["eval"]) == ("retrieval" in tasks)
+    assert ("zeroshot/top1" in summary["eval"]) == ("zeroshot" in tasks)
+    assert ("image->text R@1/5" in out) == ("retrieval" in tasks)
+    assert ("zero-shot top-1/5" in out) == ("zeroshot" in tasks)
+
+
+def test_summary_lines_for_partial_results():
+    assert eval_lines({}) == []
+    only_zs = eval_lines({"zeroshot/top1": 0.5})
+    assert only_zs == ["zero-shot top-1/5 : 0.500"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.train=/nonexistent/shards", "/nonexistent/shards"),
+    ("model.name=no-such-model", "no-such-model"),
+    ("data.batch_size=1024", "cannot fill one batch"),
+    ("optim.accum_steps=9", "no optimiser step"),
+])
+def test_a_run_that_cannot_start_leaves_no_output_folder(shapes, tmp_path, capsys, override, message):
+    run = tmp_path / "deep" / "run"
+    rc = main(_args(shapes, run, override))
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert not run.exists() and not (tmp_path / "deep").exists()
