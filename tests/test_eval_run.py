@@ -260,3 +260,91 @@ def test_cli_eval_errors_are_one_clear_line(data, tmp_path, capsys, args, messag
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("clipfnd: error:") and message in err
+
+
+# --- agreement with clip_benchmark ---------------------------------------------------------------
+def _read_clip_benchmark(root: Path, bundle) -> list[tuple[torch.Tensor, dict[str, bytes]]]:
+    """Each sample of a clip_benchmark split: the preprocessed image and its tar members."""
+    out = []
+    for n in range(int((root / "test/nshards.txt").read_text())):
+        with tarfile.open(root / f"test/{n}.tar") as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+        for key in sorted({name.split(".")[0] for name in members}):
+            mine = {name.split(".", 1)[1]: v for name, v in members.items() if name.split(".")[0] == key}
+            img = next(mine[e] for e in ("jpg", "png", "webp") if e in mine)
+            out.append((bundle.preprocess_val(Image.open(io.BytesIO(img)).convert("RGB")), mine))
+    return out
+
+
+def _checkpoint_model(run: Path):
+    bundle = create_clip("clipfnd-tiny-vit")
+    bundle.model.load_state_dict(safetensors.torch.load_file(
+        str(run / "checkpoints/step_00000001/model.safetensors")))
+    bundle.model.eval()
+    return bundle
+
+
+def test_retrieval_agrees_with_clip_benchmark(data, tmp_path):
+    """clip_benchmark's own retrieval evaluation (its `evaluate`, `recall_at_k`) on the same
+    model and data gives the same Recall@K as `clipfnd eval`: equal where no two scores of a
+    query tie, and never below clipfnd's pessimistic figure where captions repeat."""
+    from clip_benchmark.metrics import zeroshot_retrieval
+
+    names = label_names(SPEC)
+    raw = list(generate(SPEC, 40, "test"))
+    unique = [{"jpg": s.image, "txt": f"{s.caption} number {i}\nsample {i} shows {names[s.label]}\n".encode()}
+              for i, s in enumerate(raw)]
+    repeated = [{"jpg": s.image, "txt": f"{names[s.label]}\n".encode()} for s in raw]  # one caption per concept
+    bundle = _checkpoint_model(data["run"])
+    for kind, samples in (("unique", unique), ("repeated", repeated)):
+        root = write_clip_benchmark(tmp_path / kind, samples, "retrieval")
+        ours = run_eval(data["run"], options("retrieval", root), CPU)["metrics"]
+        read = _read_clip_benchmark(root, bundle)
+        batches = [(torch.stack([x for x, _ in read[i:i + 16]]),
+                    [m["txt"].decode().strip().split("\n") for _, m in read[i:i + 16]])
+                   for i in range(0, len(read), 16)]
+        theirs = zeroshot_retrieval.evaluate(bundle.model, batches, bundle.tokenizer, "cpu", amp=False,
+                                             recall_k_list=[1, 5, 10])
+        for k in (1, 5, 10):
+            pairs = ((ours[f"t2i_R@{k}"], theirs[f"image_retrieval_recall@{k}"]),
+                     (ours[f"i2t_R@{k}"], theirs[f"text_retrieval_recall@{k}"]))
+            for mine, cb in pairs:
+                if kind == "unique":
+                    assert mine == pytest.approx(cb, abs=1e-9), (kind, k, mine, cb)
+                else:
+                    assert mine <= cb + 1e-9, (kind, k, mine, cb)
+    assert ours["i2t_R@1"] < theirs["text_retrieval_recall@1"]  # ties really occurred
+
+
+class BatchList(list):
+    """Batches with the ``dataset.classes`` clip_benchmark's classification reads."""
+
+    def __init__(self, batches, classes):
+        super().__init__(batches)
+        self.dataset = type("Dataset", (), {"classes": classes})()
+
+
+def test_zeroshot_agrees_with_clip_benchmark(data, monkeypatch):
+    """clip_benchmark's zero-shot classification `evaluate` (its classifier, logits, top-k and
+    balanced accuracy) on the same model and data gives `clipfnd eval`'s figures. Its
+    `accuracy` ends in `float(ndarray)`, which numpy 2.4 refuses: only that line is replaced."""
+    from clip_benchmark.metrics import zeroshot_classification
+
+    def accuracy(output, target, topk=(1,)):
+        pred = output.topk(max(topk), 1, True, True)[1].t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+        return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+    monkeypatch.setattr(zeroshot_classification, "accuracy", accuracy)
+    bundle = _checkpoint_model(data["run"])
+    read = _read_clip_benchmark(data["cb_cls"], bundle)
+    batches = BatchList([(torch.stack([x for x, _ in read[i:i + 16]]),
+                          torch.tensor([int(m["cls"]) for _, m in read[i:i + 16]]))
+                         for i in range(0, len(read), 16)], label_names(SPEC))
+    templates = ["a photo of a {c}.", "{c}, drawn"]
+    theirs = zeroshot_classification.evaluate(bundle.model, batches, bundle.tokenizer, label_names(SPEC),
+                                              templates, "cpu", amp=False)
+    ours = run_eval(data["run"], options("zeroshot", data["cb_cls"]), CPU)["metrics"]
+    assert ours["top1"] == pytest.approx(theirs["acc1"], abs=1e-9)
+    assert ours["top5"] == pytest.approx(theirs["acc5"], abs=1e-9)
+    assert ours["mean_per_class_recall"] == pytest.approx(theirs["mean_per_class_recall"], abs=1e-9)
