@@ -14,6 +14,9 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .fnd import DETECTORS
+from .methods import METHODS
+
 
 class ConfigError(ValueError):
     """A misconfiguration, refused at start-up; the message names the key."""
@@ -127,10 +130,10 @@ EVAL_TASKS = ("retrieval", "zeroshot")  # the tasks that can run during training
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_error": ("skip", "raise"),
     "optim.schedule": ("cosine", "constant"),
-    "loss.name": ("clip", "sogclr", "fastclip_v3"),
+    "loss.name": tuple(METHODS),  # the registries: adding a method or detector needs no line here
     "loss.tau_schedule": ("model", "fastclip"),
     "fnd.bias_correction": ("sample", "epoch"),
-    "fnd.detector": ("none", "glofnd", "oracle"),
+    "fnd.detector": tuple(DETECTORS),
     "fnd.optimizer": ("adam", "sgd"),
     "fnd.removal": ("eliminate", "attract"),
     "train.mixed_precision": ("no", "fp16", "bf16"),

@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification (METHODS.md, "Evaluation definitions").
+"""Weighted k-nearest-neighbour classification (docs/methods.md, "Evaluation definitions").
 
 Cosine similarity to the training features, the ``k = 20`` nearest neighbours vote for their
 labels with weight ``exp(s / 0.07)``, and the class with the largest total wins (top-1).

@@ -1,4 +1,4 @@
-"""Linear probe (METHODS.md, "Evaluation definitions").
+"""Linear probe (docs/methods.md, "Evaluation definitions").
 
 Logistic regression (scikit-learn) on frozen, L2-normalised image features. The inverse
 regularisation strength ``C`` is chosen on a validation split carved from the training

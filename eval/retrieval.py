@@ -1,4 +1,4 @@
-"""Image-text retrieval metrics (METHODS.md, "Evaluation definitions").
+"""Image-text retrieval metrics (docs/methods.md, "Evaluation definitions").
 
 Recall@K is the share of queries with at least one true match among the top K; mean and
 median rank are of the best-ranked true match (1 = first). An image may have several

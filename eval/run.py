@@ -1,6 +1,6 @@
 """``clipfnd eval``: one evaluation task of a checkpoint on one dataset.
 
-Tasks (definitions in METHODS.md, "Evaluation definitions"):
+Tasks (definitions in docs/methods.md, "Evaluation definitions"):
 
 - ``retrieval``: image->text and text->image Recall@1/5/10, mean and median rank;
 - ``zeroshot``: top-1, top-5 and mean per-class recall with a prompt-ensemble classifier;

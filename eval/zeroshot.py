@@ -1,4 +1,4 @@
-"""Zero-shot classification (METHODS.md, "Evaluation definitions").
+"""Zero-shot classification (docs/methods.md, "Evaluation definitions").
 
 The class embedding of class ``c`` is the normalised mean of the normalised text embeddings of
 ``template(c)`` over the templates (the prompt ensemble); it is built by open_clip's

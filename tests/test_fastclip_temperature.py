@@ -1,5 +1,5 @@
 """FastCLIP-v3's learned temperature: the gradient of the whole step objective in
-``logit_scale`` (METHODS.md, "Global contrastive loss": the prefactor ``tau`` of
+``logit_scale`` (docs/methods.md, "Global contrastive loss": the prefactor ``tau`` of
 ``g / u`` is detached).
 
 Two references, both float64 and written from the formulas, not from the implementation:

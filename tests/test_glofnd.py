@@ -1,5 +1,5 @@
 """GloFND thresholds: the update rule against a naive loop, convergence to the quantile,
-schedules, and the objective's use of them (METHODS.md, "GloFND")."""
+schedules, and the objective's use of them (docs/methods.md, "GloFND")."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipfnd.config import load_config
+from clipfnd.config import FNDConfig, load_config
 from clipfnd.fnd import GloFND
 from clipfnd.losses import clip_loss
 from clipfnd.state import StateTables, TableIndexError
@@ -28,7 +28,7 @@ def test_thresholds_converge_to_quantile(alpha):
     S = X @ X.T
     g = torch.Generator().manual_seed(1)
     tables = StateTables(N)
-    det = GloFND(tables, ("view",), alpha=alpha, lr=0.02)
+    det = GloFND.from_config(FNDConfig(alpha=alpha, lr=0.02), tables, ("view",))
     for epoch in range(120):
         if epoch == 60:
             det.lr = 0.005  # a smaller step for the last half, as any SGD run would anneal
@@ -44,7 +44,7 @@ def test_thresholds_converge_to_quantile(alpha):
 
 
 def naive_glofnd(steps, N, alpha, lr, b1, b2, optimizer, epochs=None, bias="sample"):
-    """Per-sample loop of METHODS.md's update, in float64. ``bias="epoch"``: the reference
+    """Per-sample loop of docs/methods.md's update, in float64. ``bias="epoch"``: the reference
     code's bias correction, ``t = epoch + 1`` (``epochs[k]``: the epoch of step ``k``)."""
     lam = [1.0] * N
     m = [0.0] * N
@@ -103,7 +103,7 @@ def test_update_matches_naive_loop(optimizer, bias, views):
             negs.append(neg)
         steps.append((idx, rows, negs, excludes))
     tables = StateTables(N)
-    det = GloFND(tables, ("a",), alpha=alpha, lr=lr, optimizer=optimizer, bias_correction=bias)
+    det = GloFND.from_config(FNDConfig(alpha=alpha, lr=lr, optimizer=optimizer, bias_correction=bias), tables, ("a",))
     epochs = [15 + k // 5 for k in range(len(steps))]  # updates starting at epoch 15, as the paper's
     for (idx, rows, negs, excludes), epoch in zip(steps, epochs):
         tables.write_rows(idx, det.update("a", idx, rows, excludes, int(negs[0][0].sum()), epoch=epoch))
@@ -115,7 +115,7 @@ def test_update_matches_naive_loop(optimizer, bias, views):
 
 def test_thresholds_start_at_one_and_stay_clamped():
     tables = StateTables(4)
-    det = GloFND(tables, ("a",), alpha=0.5, lr=10.0, optimizer="sgd")
+    det = GloFND.from_config(FNDConfig(alpha=0.5, lr=10.0, optimizer="sgd"), tables, ("a",))
     assert tables["glofnd.lambda_a"].tolist() == [1.0] * 4
     sims = torch.full((4, 4), -1.0)
     for _ in range(3):  # g = alpha > 0 pushes lambda down, hard
@@ -125,7 +125,7 @@ def test_thresholds_start_at_one_and_stay_clamped():
 
 def test_flags_and_gradient_definition():
     tables = StateTables(3)
-    det = GloFND(tables, ("a",), alpha=0.25)
+    det = GloFND.from_config(FNDConfig(alpha=0.25), tables, ("a",))
     lam = torch.tensor([0.5, 0.0, 0.9])
     sim = torch.tensor([[1.0, 0.6, 0.4, 0.7], [0.1, 1.0, 0.2, -0.3], [0.95, 0.91, 1.0, 0.2]])
     flags = det.flags(sim, lam, [torch.arange(3)])  # the positive of row i is column i

@@ -1,4 +1,4 @@
-"""Every loss against a slow, direct computation of its METHODS.md formula (forward and backward)."""
+"""Every loss against a slow, direct computation of its docs/methods.md formula (forward and backward)."""
 
 from __future__ import annotations
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+from clipfnd.config import FNDConfig
 from clipfnd.fnd import GloFND
 from clipfnd.state import StateTables
 
 
 def test_tables_survive_accelerate_save_and_load(tmp_path):
     tables = StateTables(1000)
-    GloFND(tables, ("img", "txt"))
+    GloFND.from_config(FNDConfig(), tables, ("img", "txt"))
     tables.add("gcl.u_img", 0.0)
     g = torch.Generator().manual_seed(0)
     for name in tables.names():

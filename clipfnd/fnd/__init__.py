@@ -1,6 +1,15 @@
-"""False-negative detectors: similarities (and labels) in, masks out."""
+"""False-negative detectors behind one interface (``Detector``), by name: similarities,
+dataset indices, labels and the epoch in; flags and table rows out. Detection quality
+(counts, precision, recall against labels) is in ``quality``."""
 
+from __future__ import annotations
+
+from .base import Detection, DetectionInput, Detector, NoDetector
 from .glofnd import GloFND
-from .oracle import detection_counts, detection_metrics, same_label
+from .oracle import Oracle
+from .quality import detection_counts, detection_metrics, same_label
 
-__all__ = ["GloFND", "detection_counts", "detection_metrics", "same_label"]
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NoDetector, GloFND, Oracle)}
+
+__all__ = ["DETECTORS", "Detection", "DetectionInput", "Detector", "GloFND", "NoDetector", "Oracle",
+           "detection_counts", "detection_metrics", "same_label"]

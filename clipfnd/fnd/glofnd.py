@@ -1,7 +1,7 @@
 """GloFND: a learned similarity threshold per anchor that flags global false negatives.
 
 Balmaseda et al., "Discovering Global False Negatives On the Fly for Self-supervised
-Contrastive Learning" (ICML 2025, arXiv 2502.20612). METHODS.md, "GloFND".
+Contrastive Learning" (ICML 2025, arXiv 2502.20612). docs/methods.md, "GloFND".
 
 Anchor ``n`` owns ``lambda_n``, the ``(1 - alpha)``-quantile of its similarities to the whole
 dataset, learned from mini-batches by minimising ``alpha * l + mean_j (s_nj - l)_+``::
@@ -17,19 +17,26 @@ similarity rows an anchor has: 1 per modality (bimodal), 2 (the two views, unimo
 Negatives above the threshold are flagged: ``F_n = {j in N_n : s_nj > lambda_n}``.
 
 The detector reads and computes; it never writes the tables itself. ``update`` returns the
-new rows, and the training step writes every table's rows in one synchronised call.
+new rows, and the training step writes every table's rows in one synchronised call. Its
+knobs have no defaults here: they are the ``fnd`` section of the config (``from_config``).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..state import StateTables
+from .base import Detection, DetectionInput, Detector
+
+if TYPE_CHECKING:
+    from ..config import FNDConfig
 
 EPS = 1e-8
 
 
-class GloFND:
+class GloFND(Detector):
     """Per-sample thresholds for each anchor type.
 
     Args:
@@ -40,21 +47,28 @@ class GloFND:
         alpha: share of the dataset above each threshold, in (0, 1).
         lr, optimizer ("adam" | "sgd"), beta1, beta2, init_threshold: the update rule.
         bias_correction: "sample" (per-sample update count) | "epoch" (``epoch + 1``).
+        start_update, start_mask: epochs from which thresholds learn and flags are used.
     """
+
+    name = "glofnd"
+    needs_similarities = True
 
     def __init__(
         self,
         tables: StateTables,
-        anchor_types: tuple[str, ...] = ("img", "txt"),
+        anchor_types: tuple[str, ...],
         *,
-        alpha: float = 1e-3,
-        lr: float = 0.05,
-        optimizer: str = "adam",
-        beta1: float = 0.9,
-        beta2: float = 0.98,
-        init_threshold: float = 1.0,
-        bias_correction: str = "sample",
+        alpha: float,
+        lr: float,
+        optimizer: str,
+        beta1: float,
+        beta2: float,
+        init_threshold: float,
+        bias_correction: str,
+        start_update: int,
+        start_mask: int,
     ):
+        super().__init__(anchor_types, start_update=start_update, start_mask=start_mask)
         if bias_correction not in ("sample", "epoch"):
             raise ValueError(f"bias_correction must be 'sample' or 'epoch', got {bias_correction!r}")
         self.bias_correction = bias_correction
@@ -71,6 +85,40 @@ class GloFND:
             tables.add(f"glofnd.m_{t}", 0.0)
             tables.add(f"glofnd.v_{t}", 0.0)
             tables.add(f"glofnd.count_{t}", 0.0)
+
+    @classmethod
+    def from_config(cls, fnd: FNDConfig, tables: StateTables, anchor_types: tuple[str, ...]) -> GloFND:
+        return cls(
+            tables, anchor_types, alpha=fnd.alpha, lr=fnd.lr, optimizer=fnd.optimizer, beta1=fnd.beta1,
+            beta2=fnd.beta2, init_threshold=fnd.init_threshold, bias_correction=fnd.bias_correction,
+            start_update=fnd.start_update, start_mask=fnd.start_mask,
+        )
+
+    def updating(self, epoch: int) -> bool:
+        return epoch >= self.start_update
+
+    def detect(self, inp: DetectionInput) -> Detection:
+        """Flags from the thresholds before this step's update (from ``start_mask`` on), and
+        the update's new rows from the same flags (from ``start_update`` on)."""
+        masking, updating = self.masking(inp.epoch), self.updating(inp.epoch)
+        found = Detection({t: None for t in self.anchor_types})
+        if not (masking or updating):
+            return found
+        for t in self.anchor_types:
+            flags = self.flags(inp.sims[t], self.thresholds(t, inp.index), [inp.pos])
+            if inp.not_negative is not None:
+                flags &= ~inp.not_negative
+            if masking:
+                found.flags[t] = flags
+            if updating:
+                found.rows.update(self.update_from_flags(t, inp.index, [flags], inp.num_negatives, epoch=inp.epoch))
+        return found
+
+    def threshold_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for t in self.anchor_types:
+            out.update(self.threshold_quantiles(t))
+        return out
 
     def thresholds(self, anchor_type: str, index: torch.Tensor) -> torch.Tensor:
         return self.tables.rows(f"glofnd.lambda_{anchor_type}", index)

@@ -6,6 +6,7 @@ from .global_contrastive import (
     gamma_schedule,
     global_contrastive_loss,
     kept_negatives,
+    moving_average,
     negative_ratio,
     temperature_terms,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "gamma_schedule",
     "global_contrastive_loss",
     "kept_negatives",
+    "moving_average",
     "negative_ratio",
     "temperature_terms",
 ]

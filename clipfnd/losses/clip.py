@@ -1,7 +1,7 @@
 """Mini-batch contrastive loss (CLIP, bidirectional), with false-negative removal.
 
 Radford et al., "Learning Transferable Visual Models From Natural Language Supervision"
-(ICML 2021). METHODS.md, "Base losses" and "Removing detected false negatives".
+(ICML 2021). docs/methods.md, "Base losses" and "Removing detected false negatives".
 
 For local anchors ``i`` (this rank's ``b`` samples) against the gathered ``B`` samples of the
 other modality, with logits ``l_ij = s_ij / tau`` and positive column ``p(i) = offset + i``::

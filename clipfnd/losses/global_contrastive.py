@@ -3,12 +3,12 @@
 Yuan et al., "Provable Stochastic Optimization for Global Contrastive Learning: Small Batch
 Does Not Harm Performance" (ICML 2022, SogCLR); Wei et al., "FastCLIP: A Suite of
 Optimization Techniques to Accelerate CLIP Training with Limited Resources" (2024).
-METHODS.md, "Global contrastive loss".
+docs/methods.md, "Global contrastive loss".
 
 For a local anchor ``i`` with dataset index ``n``, positive ``p``, kept negatives ``K_i``::
 
     g_i = mean_{j in K_i} exp( (s_ij - s_ip) / tau )        (0 when K_i is empty)
-    u_n <- (1 - gamma) u_n + gamma g_i.detach()              (done by the caller's state)
+    u_n <- (1 - gamma) u_n + gamma g_i.detach()              (``moving_average``)
     L   = sg(tau) * mean_i [ g_i / u_n ]                     (u_n a constant)
 
 ``sg`` is stop-gradient: the prefactor ``tau`` is detached, as FastCLIP's code does. With a
@@ -25,7 +25,8 @@ FastCLIP-v3 adds ``rho * tau + tau * mean_i log u_n`` (``tau`` live there), and 
 learned: the step objective's gradient in ``tau`` is then
 ``mean_i log u_n + tau * mean_i (dg_i/dtau) / u_n + rho``.
 
-The functions here are pure: the ``u`` table is read and written by the training step.
+The functions here are pure: the ``u`` table is read by the method and written by the
+training step (``clipfnd.methods.global_contrastive``).
 """
 
 from __future__ import annotations
@@ -106,6 +107,13 @@ def global_contrastive_loss(
 def temperature_terms(u: torch.Tensor, tau: torch.Tensor, rho: float) -> torch.Tensor:
     """FastCLIP-v3's extra terms for one anchor type: ``rho * tau + tau * mean log u``."""
     return rho * tau + tau * torch.log(u).mean()
+
+
+def moving_average(u: torch.Tensor, visits: torch.Tensor, g: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``u_n <- (1 - gamma) u_n + gamma g_i.detach()``, with ``gamma = 1`` on a sample's first
+    visit (``visits == 0``). ``[b]`` each; returns the new ``u`` (not yet written)."""
+    gam = torch.where(visits > 0, torch.full_like(u, gamma), torch.ones_like(u))
+    return (1 - gam) * u + gam * g.detach()
 
 
 def gamma_schedule(epoch: int, gamma_min: float, decay_epochs: int) -> float:

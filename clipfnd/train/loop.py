@@ -29,24 +29,25 @@ from data_pipelines.loader import LoaderState, ShardStream
 
 from .. import distributed
 from ..config import Config, ConfigError, to_dict, to_yaml
+from ..methods import Method
 from ..models import check_model_name, create_clip
 from ..state import StateTables
 from . import checkpoint as ckpt
-from .objective import ClipObjective, StepOutput, clamp_logit_scale
+from .objective import ClipObjective, StepOutput
 from .schedule import apply_tau_rule, build_scheduler
 
 log = logging.getLogger("clipfnd.train")
 
 
-def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices only (not norms, biases, logit_scale); under
-    fastclip_v3 the temperature (``logit_scale``) gets its own learning rate."""
+def param_groups(model: torch.nn.Module, cfg: Config, method: Method) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only (not norms, biases, logit_scale); a method
+    that learns its temperature apart (``own_temperature_group``) gets a group for it."""
     decay, no_decay, temperature = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.endswith("logit_scale"):
-            (temperature if cfg.loss.name == "fastclip_v3" else no_decay).append(p)
+            (temperature if method.own_temperature_group else no_decay).append(p)
         elif p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name:
             no_decay.append(p)
         else:
@@ -56,7 +57,7 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if temperature:
-        groups.append({"params": temperature, "weight_decay": 0.0, "lr": cfg.loss.tau_lr})
+        groups.append({"params": temperature, "weight_decay": 0.0, "lr": method.temperature_lr})
     return groups
 
 
@@ -121,7 +122,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     total_steps: int
-    tau_group: int | None = None  # the temperature's parameter group (fastclip_v3)
+    tau_group: int | None = None  # the temperature's own parameter group, if the method has one
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None:
@@ -177,13 +178,11 @@ def setup(cfg: Config) -> Setup:
     shard_set = load_shard_set(cfg.data.train)
     bundle = create_clip(cfg.model.name, pretrained=cfg.model.pretrained, init_logit_scale=cfg.model.init_logit_scale)
     model = bundle.model
-    if cfg.loss.name == "sogclr":  # constant temperature: logit_scale carries it, frozen
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(1.0 / cfg.loss.tau))
-        model.logit_scale.requires_grad_(False)
-    elif cfg.loss.name == "fastclip_v3" and cfg.model.init_logit_scale is None:
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(1.0 / cfg.loss.tau))
+    table_device = "cpu" if cfg.fnd.state_on_cpu else accelerator.device
+    tables = StateTables(shard_set.num_samples, table_device)
+    objective = ClipObjective(cfg, tables, has_labels=shard_set.num_labels > 0)
+    method = objective.method
+    method.init_temperature(model)
 
     stream = ShardStream(
         shard_set,
@@ -200,11 +199,7 @@ def setup(cfg: Config) -> Setup:
         resampled=cfg.data.resampled,
         samples_per_epoch=cfg.data.samples_per_epoch,
     )
-    table_device = "cpu" if cfg.fnd.state_on_cpu else accelerator.device
-    tables = StateTables(shard_set.num_samples, table_device)
-    objective = ClipObjective(cfg, tables, has_labels=shard_set.num_labels > 0)
-
-    groups = param_groups(model, cfg)
+    groups = param_groups(model, cfg, method)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     k = cfg.optim.accum_steps
     steps_all = sum(optimizer_steps_in_epoch(stream, e, k) for e in range(cfg.train.epochs))
@@ -214,9 +209,9 @@ def setup(cfg: Config) -> Setup:
             f"the run has no optimiser step: {steps_all} steps in {cfg.train.epochs} epoch(s) "
             f"with data.batch_size={cfg.data.batch_size} and optim.accum_steps={k}"
         )
-    tau_group = len(groups) - 1 if cfg.loss.name == "fastclip_v3" else None
+    tau_group = len(groups) - 1 if method.own_temperature_group else None
     scheduler = build_scheduler(optimizer, kind=cfg.optim.schedule, warmup=cfg.optim.warmup_steps,
-                                total=total_steps, tau_group=tau_group, tau_schedule=cfg.loss.tau_schedule)
+                                total=total_steps, tau_group=tau_group, tau_schedule=method.temperature_schedule)
 
     # Everything the user could have got wrong has been checked: now the run folder.
     run_dir = Path(cfg.output_dir)
@@ -416,9 +411,10 @@ def optimizer_step(cfg: Config, s: Setup, batches, epoch: int, logged: bool) -> 
     if acc.scaler is None and not bool(torch.isfinite(norm)):
         s.optimizer.zero_grad(set_to_none=True)
         return StepResult("skipped")
-    if s.tau_group is not None and cfg.loss.tau_schedule == "fastclip":
+    method = s.objective.method
+    if s.tau_group is not None and method.temperature_schedule == "fastclip":
         tau = 1.0 / acc.unwrap_model(model).logit_scale.detach().exp().item()
-        apply_tau_rule(s.optimizer, s.tau_group, cfg.loss.tau_lr, tau)
+        apply_tau_rule(s.optimizer, s.tau_group, method.temperature_lr, tau)
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     losses, lrs = [r.loss.detach() for r in held], [g["lr"] for g in s.optimizer.param_groups]
@@ -484,7 +480,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     raise NonFiniteError(faults.give_up(cfg, s, step, epoch, it))
                 continue
             faults.ok()
-            clamp_logit_scale(raw_model.logit_scale, cfg.loss.name, cfg.loss.tau_min)
+            s.objective.method.clamp_temperature(raw_model.logit_scale)
             step += 1
             window.add(r)
             duplicates_total += sum(o.duplicates for o in r.outputs)
