@@ -6,6 +6,9 @@ process, and registered objects: the scheduler and the per-sample tables) plus:
 - ``trainer_state.json``: step, epoch, world size, the full run config;
 - ``loader_rank{r}.json``: where each rank's data stream stands inside the epoch.
 
+``save`` writes one (every process calls it); ``resume`` loads the one ``resume=`` names,
+after checking that the run's config agrees with it on ``RESUME_KEYS``.
+
 Everything is written into ``step_N.tmp`` and renamed to ``step_N`` when complete, so
 ``resume=latest`` never sees a half-written checkpoint; ``trainer_state.json`` is written
 last and its presence marks a complete checkpoint.
@@ -19,7 +22,15 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from data_pipelines.loader import LoaderState
+
+from ..config import Config, ConfigError, to_dict
+from .schedule import optimizer_steps_in_epoch
+
+if TYPE_CHECKING:
+    from .loop import Setup
 
 log = logging.getLogger(__name__)
 
@@ -94,4 +105,91 @@ def publish(run_dir: str | os.PathLike, step: int, trainer_state: dict[str, Any]
         shutil.rmtree(old, ignore_errors=True)
     for stale in checkpoint_dir(run_dir).glob("step_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+# Keys a resumed run must share with the checkpoint: they decide what the weights, the
+# per-sample tables and the data position mean.
+RESUME_KEYS = ("model.name", "data.train", "data.batch_size", "data.num_workers",
+               "data.chunk_size", "data.shuffle_buffer", "data.resampled", "seed", "loss.name",
+               "fnd.detector")
+
+
+def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+    now = to_dict(cfg)
+    out = []
+    for key in RESUME_KEYS:
+        a, b = saved, now
+        for part in key.split("."):
+            a, b = a.get(part) if isinstance(a, dict) else None, b.get(part) if isinstance(b, dict) else None
+        if a != b:
+            out.append(f"{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
+    """Load the checkpoint ``cfg.resume`` names; return (step, epoch, this rank's loader state).
+
+    With ``resume=latest`` the newest complete checkpoint is used; one that fails to load
+    (corrupt files) is skipped with a warning in favour of the one before it.
+    """
+    if cfg.resume is None:
+        return 0, 0, None
+    if cfg.resume == "latest":
+        candidates = [p for p in reversed(list_checkpoints(s.run_dir)) if is_valid(p)]
+        if not candidates:
+            log.info("resume=latest: no checkpoint in %s, starting from scratch", s.run_dir)
+            return 0, 0, None
+    else:
+        candidates = [Path(cfg.resume)]
+        if not is_valid(candidates[0]):
+            raise ValueError(f"resume={cfg.resume!r}: {candidates[0]} is not a complete checkpoint")
+    for i, path in enumerate(candidates):
+        state = read_trainer_state(path)
+        diffs = config_differences(state.get("config", {}), cfg)
+        if diffs:
+            raise ConfigError(
+                f"resume: {path} belongs to a run with another config ({'; '.join(diffs)}); "
+                "resume with the same settings, or start over with overwrite=true"
+            )
+        try:
+            s.accelerator.load_state(str(path))
+            loader = json.loads((path / f"loader_rank{s.accelerator.process_index}.json").read_text())
+        except Exception as e:
+            if i + 1 == len(candidates):
+                raise ValueError(f"cannot load checkpoint {path}: {e}") from e
+            log.warning("checkpoint %s cannot be loaded (%s: %s); falling back to %s",
+                        path, type(e).__name__, e, candidates[i + 1])
+            continue
+        break
+    loader_state = LoaderState.from_dict(loader)
+    if state["world_size"] != s.accelerator.num_processes:
+        k = cfg.optim.accum_steps
+        if loader_state.batches < optimizer_steps_in_epoch(s.stream, loader_state.epoch, k) * k:
+            raise ValueError(
+                f"{path} was written by {state['world_size']} processes in the middle of epoch "
+                f"{loader_state.epoch}; resume it with the same number of processes "
+                f"(now {s.accelerator.num_processes})"
+            )
+        loader_state = None
+    log.info("resumed from %s (step %d, epoch %d)", path, state["step"], state["epoch"])
+    epoch = state["epoch"] if loader_state is not None else state["epoch"] + 1
+    return int(state["step"]), int(epoch), loader_state
+
+
+def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState) -> Path:
+    acc = s.accelerator
+    tmp = tmp_path(s.run_dir, step)
+    acc.save_state(str(tmp), safe_serialization=True)
+    write_json(tmp / f"loader_rank{acc.process_index}.json", loader_state.to_dict())
+    acc.wait_for_everyone()
+    final = final_path(s.run_dir, step)
+    if acc.is_main_process:
+        publish(
+            s.run_dir, step,
+            {"step": step, "epoch": epoch, "world_size": acc.num_processes,
+             "model_name": cfg.model.name, "config": to_dict(cfg)},
+            cfg.train.keep_checkpoints,
+        )
+    acc.wait_for_everyone()
     return final

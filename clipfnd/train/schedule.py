@@ -20,9 +20,13 @@ FastCLIP-v3's temperature group follows ``loss.tau_schedule``:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+if TYPE_CHECKING:
+    from data_pipelines.loader import ShardStream
 
 TAU_THRESHOLD = 0.03  # FastCLIP's step_thresh rule: below this tau ...
 TAU_LR_RATIO = 1.0 / 3.0  # ... the temperature learns at a third of loss.tau_lr
@@ -70,3 +74,9 @@ def apply_tau_rule(optimizer: torch.optim.Optimizer, tau_group: int, base_lr: fl
     lr = base_lr * (TAU_LR_RATIO if tau <= TAU_THRESHOLD else 1.0)
     optimizer.param_groups[tau_group]["lr"] = lr
     return lr
+
+
+def optimizer_steps_in_epoch(stream: ShardStream, epoch: int, accum_steps: int) -> int:
+    """Optimiser steps of ``epoch``: whole windows of ``accum_steps`` micro-batches. The
+    micro-batches left over at the epoch's end are not used (a step never spans two epochs)."""
+    return stream.steps_per_epoch(epoch) // accum_steps

@@ -1,0 +1,83 @@
+"""The run's metrics: ``RUN/metrics.jsonl`` (mirrored to the trackers), the window of steps
+since the last log line, and the record written for a logged step."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate import Accelerator
+
+from .. import distributed
+from ..config import Config
+
+if TYPE_CHECKING:
+    from .loop import Setup
+    from .step import FaultCounter, StepResult
+
+
+class MetricsWriter:
+    """Appends JSON lines to ``RUN/metrics.jsonl`` and mirrors them to the trackers. A fresh
+    run (``fresh``) starts the file anew: no lines of an earlier attempt stay in it."""
+
+    def __init__(self, run_dir: Path, accelerator: Accelerator, fresh: bool = False):
+        self.path = run_dir / "metrics.jsonl"
+        self.accelerator = accelerator
+        if fresh and accelerator.is_main_process:
+            self.path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        self.accelerator.log(scalars, step=record.get("step"))
+
+
+class LogWindow:
+    """Losses, detection counts and duplicates since the last log line."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.detection: torch.Tensor | None = None
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, r: StepResult) -> None:
+        self.steps += 1
+        self.losses.extend(r.losses)
+        for o in r.outputs:
+            if o.detection is not None:
+                self.detection = o.detection if self.detection is None else self.detection + o.detection
+
+
+def log_record(cfg: Config, s: Setup, step: int, epoch: int, window: LogWindow, last: StepResult,
+               faults: FaultCounter, bad: int, duplicates: int) -> dict[str, Any]:
+    """The metrics line of a logged step (collectives inside: every rank calls it)."""
+    acc = s.accelerator
+    loss_mean = distributed.all_reduce_sum(torch.stack(window.losses).mean()).item() / acc.num_processes
+    elapsed = time.perf_counter() - window.start
+    record = {
+        "step": step, "epoch": epoch, "loss": loss_mean,
+        "lr": last.lrs[0],  # the learning rate this step ran with
+        "logit_scale": acc.unwrap_model(s.model).logit_scale.exp().item(),
+        "samples_per_sec": window.steps * cfg.data.batch_size * cfg.optim.accum_steps / max(elapsed, 1e-9),
+        **last.outputs[-1].metrics,
+    }
+    if s.tau_group is not None:
+        record["tau_lr"] = last.lrs[s.tau_group]
+    if window.detection is not None:
+        record.update(s.objective.summarise(distributed.all_reduce_sum(window.detection)))
+    record.update(s.objective.threshold_metrics())
+    bad = distributed.all_reduce_sum(torch.tensor(bad)).item()
+    if bad:
+        record["data/skipped"] = bad
+    if duplicates:
+        record["data/duplicates_in_batch"] = duplicates
+    if faults.total:
+        record["train/nonfinite_skipped"] = faults.total
+    return record
