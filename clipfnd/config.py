@@ -14,11 +14,12 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import UserError
 from .fnd import DETECTORS
 from .methods import METHODS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A misconfiguration, refused at start-up; the message names the key."""
 
 

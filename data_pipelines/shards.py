@@ -109,7 +109,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | os.PathLike, shard_size: int = 1000, *, verify_images: bool = True):
         if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+            raise DataError(f"--shard-size must be >= 1, got {shard_size}")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         existing = sorted(self.out_dir.glob("shard-*.tar"))

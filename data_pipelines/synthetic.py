@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shards import RawSample
+from .shards import DataError, RawSample
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -104,11 +104,11 @@ class SyntheticSpec:
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_concepts <= concept_space_size():
-            raise ValueError(
-                f"num_concepts must be in [1, {concept_space_size()}], got {self.num_concepts}"
+            raise DataError(
+                f"--num-concepts must be in [1, {concept_space_size()}], got {self.num_concepts}"
             )
         if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+            raise DataError(f"--image-size must be >= 16, got {self.image_size}")
 
     def concepts(self) -> list[tuple[Obj, ...]]:
         """The concepts in use, chosen by the seed: label ``k`` is ``concepts()[k]``."""

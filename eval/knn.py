@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
+from clipfnd.errors import UserError
+
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
 
@@ -25,7 +27,7 @@ def knn_classify(
 ) -> np.ndarray:
     """Predicted label of every test feature."""
     if k < 1 or temperature <= 0:
-        raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+        raise UserError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
 
     def weights(distance: np.ndarray) -> np.ndarray:  # cosine distance = 1 - similarity
         # shifting by the row's best similarity leaves the vote unchanged and avoids overflow

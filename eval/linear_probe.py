@@ -23,6 +23,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 
+from clipfnd.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-2, 4, 7))
@@ -54,14 +56,14 @@ def linear_probe(
     x, y = _normalise(train_features), train_labels.cpu().numpy()
     xt, yt = _normalise(test_features), test_labels.cpu().numpy()
     if len(np.unique(y)) < 2:
-        raise ValueError("the linear probe needs training samples of at least two classes")
+        raise UserError("the linear probe needs training samples of at least two classes")
     counts = np.unique(y, return_counts=True)[1]
     x_fit, x_val, y_fit, y_val = train_test_split(
         x, y, test_size=val_fraction, random_state=seed,
         stratify=y if counts.min() >= 2 else None,
     )
     if len(np.unique(y_fit)) < 2:
-        raise ValueError("too few training samples to carve a validation split")
+        raise UserError("too few training samples to carve a validation split")
     with threadpool_limits(limits=blas_threads, user_api="blas"):
         scores = [(_fit(x_fit, y_fit, c, max_iter, seed).score(x_val, y_val), c) for c in cs]
         best_score = max(s for s, _ in scores)

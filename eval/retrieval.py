@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from clipfnd.errors import UserError
+
 
 def first_positive_rank(
     scores: torch.Tensor, positives: torch.Tensor, chunk: int = 1024
@@ -21,7 +23,7 @@ def first_positive_rank(
     """0-based rank of each query's best-scoring positive: the number of non-positives that
     score at least as high (ties count against the query). ``[Q, G]`` scores and bool mask."""
     if not bool(positives.any(1).all()):
-        raise ValueError("every query needs at least one positive in the gallery")
+        raise UserError("every query needs at least one positive in the gallery")
     ranks = []
     for start in range(0, scores.shape[0], chunk):
         s = scores[start : start + chunk]
@@ -99,7 +101,7 @@ def grouped_retrieval_metrics(
     Returns the metrics and the counts ``{"images", "texts", "images_without_caption"}``.
     """
     if text.shape[0] == 0:
-        raise ValueError("retrieval needs captions, and the data has none")
+        raise UserError("retrieval needs captions, and the data has none")
     item_to_image, rows = group_images(image_id)
     caption_image = item_to_image[text_item]
     has_caption = torch.zeros(len(rows), dtype=torch.bool)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from clipfnd.errors import UserError
 from clipfnd.export.checkpoint import LoadedCheckpoint, load_checkpoint
 
 from .datasets import EvalDataset, open_dataset
@@ -70,7 +71,7 @@ def _prompts(opts: EvalOptions, ds: EvalDataset) -> tuple[list[str], list, dict[
     elif ds.classnames:
         classnames, names_from = list(ds.classnames), f"dataset ({ds.layout})"
     else:
-        raise ValueError(
+        raise UserError(
             f"zero-shot classification needs class names and {ds.path} has none: pass "
             "--classnames FILE (one name a line) or --classnames imagenet"
         )
@@ -90,7 +91,7 @@ def _prompts(opts: EvalOptions, ds: EvalDataset) -> tuple[list[str], list, dict[
 def _labelled(f: Features, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     keep = f.label >= 0
     if not bool(keep.any()):
-        raise ValueError(f"the {what} data has no labels")
+        raise UserError(f"the {what} data has no labels")
     return f.image[keep], f.label[keep], int((~keep).sum())
 
 
@@ -98,13 +99,13 @@ def run_eval(checkpoint: str | os.PathLike | LoadedCheckpoint, opts: EvalOptions
              processes: Processes | None = None) -> dict[str, Any]:
     """Run ``opts.task``; the results on the main process (``{}`` on the others)."""
     if opts.task not in TASKS:
-        raise ValueError(f"unknown task {opts.task!r}; choose one of {', '.join(TASKS)}")
+        raise UserError(f"unknown task {opts.task!r}; choose one of {', '.join(TASKS)}")
     needs_train = opts.task in ("linear-probe", "knn")
     if needs_train and not opts.train_data:
-        raise ValueError(f"--task {opts.task} needs --train-data (the split to fit on)")
+        raise UserError(f"--task {opts.task} needs --train-data (the split to fit on)")
     ds = _open(opts, opts.data, opts.split, "test")
     if opts.task == "retrieval" and ds.kind == "classification":
-        raise ValueError(f"{ds.path} is a classification set (dataset_type.txt): it has no "
+        raise UserError(f"{ds.path} is a classification set (dataset_type.txt): it has no "
                          "captions for retrieval; try --task zeroshot")
     train_ds = _open(opts, opts.train_data, opts.train_split, "train") if needs_train else None
     prompts = _prompts(opts, ds) if opts.task == "zeroshot" else None

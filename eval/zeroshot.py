@@ -21,6 +21,8 @@ from pathlib import Path
 import open_clip
 import torch
 
+from clipfnd.errors import UserError
+
 from .datasets import read_lines
 
 # for data without templates of its own (our shard folders, CSV, HF datasets)
@@ -51,7 +53,7 @@ def load_classnames(spec: str) -> list[str]:
     if path.suffix == ".json":
         names = json.loads(path.read_text())
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise ValueError(f"{path}: expected a JSON list of class names")
+            raise UserError(f"{path}: expected a JSON list of class names")
         return names
     return read_lines(path)
 
@@ -75,7 +77,7 @@ def as_callable(template: Template) -> Callable[[str], str]:
         return lambda c, t=template: t.replace("{c}", c)
     if "{}" in template:
         return lambda c, t=template: t.replace("{}", c)
-    raise ValueError(f"template {template!r} has no {{c}} or {{}} for the class name")
+    raise UserError(f"template {template!r} has no {{c}} or {{}} for the class name")
 
 
 def class_embeddings(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
@@ -83,9 +85,9 @@ def class_embeddings(model: torch.nn.Module, tokenizer: Callable, classnames: Se
                      ) -> torch.Tensor:
     """``[C, d]`` prompt-ensemble class embeddings (open_clip's classifier builder)."""
     if not classnames:
-        raise ValueError("zero-shot classification needs at least one class name")
+        raise UserError("zero-shot classification needs at least one class name")
     if not templates:
-        raise ValueError("zero-shot classification needs at least one template")
+        raise UserError("zero-shot classification needs at least one template")
     fns = [as_callable(t) for t in templates]
     weights = open_clip.build_zero_shot_classifier(
         model, tokenizer=tokenizer, classnames=list(classnames), templates=fns,
@@ -98,10 +100,10 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, prefix: s
                            ) -> dict[str, float]:
     """Top-1, top-5 and mean per-class recall of ``[N, C]`` scores against ``[N]`` labels."""
     if labels.numel() == 0:
-        raise ValueError("no labelled samples to classify")
+        raise UserError("no labelled samples to classify")
     num_classes = scores.shape[1]
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise ValueError(f"labels outside [0, {num_classes}): min {int(labels.min())}, "
+        raise UserError(f"labels outside [0, {num_classes}): min {int(labels.min())}, "
                          f"max {int(labels.max())} (wrong class names, or unlabelled samples?)")
     k = min(5, num_classes)
     top = scores.topk(k, dim=1).indices

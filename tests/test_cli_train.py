@@ -47,3 +47,17 @@ def test_a_run_that_cannot_start_leaves_no_output_folder(shapes, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
     assert not run.exists() and not (tmp_path / "deep").exists()
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(shapes, tmp_path, capsys, monkeypatch):
+    import clipfnd.train.loop as loop
+
+    rc = main(_args(shapes, tmp_path / "run", "fnd.alpha=2"))  # a user's mistake
+    assert rc == 2 and "fnd.alpha must be in (0, 1)" in capsys.readouterr().err
+
+    def broken(cfg):
+        raise ValueError("an internal invariant failed")
+
+    monkeypatch.setattr(loop, "train", broken)
+    with pytest.raises(ValueError, match="internal invariant"):  # not swallowed into one line
+        main(_args(shapes, tmp_path / "run2"))

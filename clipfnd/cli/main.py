@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from data_pipelines import DataError
 
-    from ..config import ConfigError
+    from ..errors import UserError
     from ..train.loop import NonFiniteError
 
     try:
@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"clipfnd: error: {e}", file=sys.stderr)
         return 3
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        # a readable line for what the user can fix; anything else keeps its traceback
+    except (UserError, DataError, FileNotFoundError) as e:
+        # one readable line for what the user can fix; anything else is a bug and keeps its
+        # traceback
         print(f"clipfnd: error: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .common import DEFAULT_TOLERANCE, Comparison, prepare_out_dir, write_record
 
@@ -32,7 +33,7 @@ class ExportResult:
 
 def _format_module(fmt: str):
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return importlib.import_module(f".{fmt}", __name__)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from ..errors import CheckpointError
 from ..models.factory import ClipBundle, create_clip
 from ..train.checkpoint import TRAINER_STATE, list_checkpoints, read_trainer_state
 
@@ -114,7 +115,7 @@ def check_fits(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, mode
         parts.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:3])}")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
-    raise ValueError(
+    raise CheckpointError(
         f"the weights in {source} do not fit model {model_name!r} (the model name recorded in "
         f"{TRAINER_STATE}): {'; '.join(parts)}. Was the checkpoint written for another model?"
     )
@@ -127,7 +128,7 @@ def load_checkpoint(spec: str | os.PathLike) -> LoadedCheckpoint:
     config = state.get("config") or {}
     model_name = state.get("model_name") or (config.get("model") or {}).get("name")
     if not model_name:
-        raise ValueError(f"{ckpt / TRAINER_STATE} names no model (no model_name, no "
+        raise CheckpointError(f"{ckpt / TRAINER_STATE} names no model (no model_name, no "
                          "config.model.name)")
     bundle = create_clip(model_name)
     weights = safetensors.torch.load_file(str(ckpt / WEIGHTS_NAME))

@@ -21,17 +21,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import UserError
 from .checkpoint import LoadedCheckpoint
 
 EXPORT_RECORD = "clipfnd_export.json"
 DEFAULT_TOLERANCE = 1e-4
 
 
-class UnsupportedExport(ValueError):
+class UnsupportedExport(UserError):
     """The model cannot be represented in the requested format."""
 
 
-class VerificationError(ValueError):
+class VerificationError(UserError):
     """The exported model's embeddings differ from ours by more than the tolerance."""
 
 
@@ -113,13 +114,13 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     """An empty output folder. An existing non-empty one is replaced only if it is an export."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
+        raise UserError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace "
+            raise UserError(f"--out {out} exists and is not empty (pass --overwrite to replace "
                              "an earlier export)")
         if not (out / EXPORT_RECORD).is_file():
-            raise ValueError(f"--out {out} is not empty and holds no {EXPORT_RECORD}: refusing "
+            raise UserError(f"--out {out} is not empty and holds no {EXPORT_RECORD}: refusing "
                              "to delete a folder that clipfnd did not write")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

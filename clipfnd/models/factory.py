@@ -16,6 +16,8 @@ from typing import Any
 import open_clip
 import torch
 
+from ..errors import UserError
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
@@ -40,7 +42,7 @@ def check_model_name(name: str) -> None:
     if name not in models:
         close = difflib.get_close_matches(name, models, n=5, cutoff=0.4)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise UserError(
             f"unknown model name {name!r} (model.name): not an open_clip config or one of "
             f"clipfnd's ({', '.join(p.stem for p in sorted(CONFIG_DIR.glob('*.json')))}).{hint}"
         )
@@ -86,7 +88,7 @@ def model_config(name: str) -> dict[str, Any]:
     register_builtin_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise ValueError(f"no open_clip config named {name!r}")
+        raise UserError(f"no open_clip config named {name!r}")
     return cfg
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 
 from .. import distributed
+from ..errors import CheckpointError, UserError
 
 
-class TableIndexError(IndexError):
+class TableIndexError(UserError, IndexError):
     """A dataset index outside the tables (names the index and the table size)."""
 
 
@@ -111,13 +112,13 @@ class StateTables:
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         if state["num_rows"] != self.num_rows:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint tables have {state['num_rows']} rows, this run's dataset has "
                 f"{self.num_rows}: resume with the same training data"
             )
         tables = state["tables"]
         missing = set(self._tables) - set(tables)  # type: ignore[arg-type]
         if missing:
-            raise KeyError(f"checkpoint lacks per-sample tables {sorted(missing)}")
+            raise CheckpointError(f"checkpoint lacks per-sample tables {sorted(missing)}")
         for n in self._tables:
             self._tables[n].copy_(tables[n])  # type: ignore[index]

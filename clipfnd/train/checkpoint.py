@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from data_pipelines.loader import LoaderState
 
 from ..config import Config, ConfigError, to_dict
+from ..errors import CheckpointError
 from .schedule import optimizer_steps_in_epoch
 
 if TYPE_CHECKING:
@@ -56,9 +57,9 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise ValueError(f"{ckpt} is not a complete checkpoint (no {TRAINER_STATE})") from e
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {TRAINER_STATE})") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is corrupt: {e}") from e
+        raise CheckpointError(f"{path} is corrupt: {e}") from e
 
 
 def is_valid(ckpt: Path) -> bool:
@@ -143,7 +144,7 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
     else:
         candidates = [Path(cfg.resume)]
         if not is_valid(candidates[0]):
-            raise ValueError(f"resume={cfg.resume!r}: {candidates[0]} is not a complete checkpoint")
+            raise CheckpointError(f"resume={cfg.resume!r}: {candidates[0]} is not a complete checkpoint")
     for i, path in enumerate(candidates):
         state = read_trainer_state(path)
         diffs = config_differences(state.get("config", {}), cfg)
@@ -157,7 +158,7 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
             loader = json.loads((path / f"loader_rank{s.accelerator.process_index}.json").read_text())
         except Exception as e:
             if i + 1 == len(candidates):
-                raise ValueError(f"cannot load checkpoint {path}: {e}") from e
+                raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
             log.warning("checkpoint %s cannot be loaded (%s: %s); falling back to %s",
                         path, type(e).__name__, e, candidates[i + 1])
             continue
@@ -166,7 +167,7 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
     if state["world_size"] != s.accelerator.num_processes:
         k = cfg.optim.accum_steps
         if loader_state.batches < optimizer_steps_in_epoch(s.stream, loader_state.epoch, k) * k:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} was written by {state['world_size']} processes in the middle of epoch "
                 f"{loader_state.epoch}; resume it with the same number of processes "
                 f"(now {s.accelerator.num_processes})"

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import distributed
-from ..config import Config
+from ..config import Config, ConfigError
 from ..fnd import DETECTORS, DetectionInput, detection_counts, detection_metrics, same_label
 from ..methods import METHODS, AnchorRows
 from ..state import StateTables
@@ -62,7 +62,7 @@ class ClipObjective:
         self.has_labels = has_labels
         detector_cls = DETECTORS[cfg.fnd.detector]
         if detector_cls.needs_labels and not has_labels:
-            raise ValueError(
+            raise ConfigError(
                 f"fnd.detector={cfg.fnd.detector} needs labels, and the training data has none "
                 "(its manifest lists no label_names)"
             )
