@@ -1,6 +1,6 @@
 """Evaluation data in several layouts, all read as one stream of items with stable keys.
 
-Layouts (detected from ``--data``, see :func:`open_dataset`):
+Layouts (detected from ``--data`` by ``eval.layouts.open_dataset``):
 
 - ``clipfnd-shards``: a folder with ``manifest.json`` and ``shard-*.tar`` (``clipfnd data``);
 - ``clip_benchmark``: the WebDataset layout of clip_benchmark,
@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-
-from data_pipelines import DataError
 
 KEY_SHIFT = 32
 IMAGE_COLUMNS = ("image", "img", "filepath", "image_path", "path", "file", "filename", "jpg")
@@ -108,48 +106,3 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     """Non-empty stripped lines of a text file."""
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
             if line.strip()]
-
-
-def open_dataset(
-    path: str | os.PathLike,
-    *,
-    split: str | None = None,
-    default_split: str = "test",
-    image_column: str | None = None,
-    caption_column: str | None = None,
-    label_column: str | None = None,
-) -> EvalDataset:
-    """Open ``path`` in whichever layout it has (see the module docstring)."""
-    from .table_layouts import CsvTable, HFTable, find_parquet, is_saved_hf_dataset
-    from .tar_layouts import ClipBenchmarkWds, ClipfndShards, is_clip_benchmark_root
-
-    columns = {"image_column": image_column, "caption_column": caption_column,
-               "label_column": label_column}
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no dataset at {p}")
-    if p.is_file():
-        if p.name == "manifest.json":
-            return ClipfndShards(p)
-        if p.suffix.lower() in (".csv", ".tsv"):
-            return CsvTable(p, **columns)
-        if p.suffix.lower() == ".parquet":
-            return HFTable.from_parquet([p], p, split=split, **columns)
-        raise DataError(f"{p}: not a dataset file (expected .csv, .tsv, .parquet or manifest.json)")
-    if (p / "manifest.json").is_file():
-        return ClipfndShards(p)
-    if is_clip_benchmark_root(p, split or default_split):
-        return ClipBenchmarkWds(p, split or default_split)
-    if (p / "nshards.txt").is_file():  # pointed at ROOT/{split} itself
-        return ClipBenchmarkWds(p.parent, p.name)
-    if is_saved_hf_dataset(p):
-        return HFTable.from_disk(p, split=split, default_split=default_split, **columns)
-    parquet = find_parquet(p, split, default_split)
-    if parquet:
-        return HFTable.from_parquet(parquet, p, split=split, **columns)
-    raise DataError(
-        f"{p}: no known dataset layout. Expected one of: a clipfnd shard folder (manifest.json); "
-        f"a clip_benchmark WebDataset root ({split or default_split}/nshards.txt, "
-        f"{split or default_split}/0.tar, classnames.txt); a CSV/TSV file; a Hugging Face "
-        "dataset saved with save_to_disk; parquet file(s)"
-    )

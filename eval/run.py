@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
+from clipfnd.checkpoints import LoadedCheckpoint, load_checkpoint
 from clipfnd.errors import UserError
-from clipfnd.export.checkpoint import LoadedCheckpoint, load_checkpoint
+from clipfnd.models.factory import ClipBundle
 
-from .datasets import EvalDataset, open_dataset
+from .datasets import EvalDataset
 from .features import Features, encode_dataset
 from .knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_metrics
+from .layouts import open_dataset
 from .linear_probe import linear_probe
 from .processes import Processes, setup_processes
 from .retrieval import grouped_retrieval_metrics, label_retrieval_metrics
@@ -37,6 +39,19 @@ from .zeroshot import (
 )
 
 TASKS = ("retrieval", "zeroshot", "linear-probe", "knn")
+
+
+@dataclass
+class EvalModel:
+    """What is evaluated: a model with its preprocessing and tokenizer, and what to say of it
+    in the results (a checkpoint's provenance, or the training run's live step)."""
+
+    bundle: ClipBundle
+    info: dict[str, Any]
+
+    @classmethod
+    def from_checkpoint(cls, loaded: LoadedCheckpoint) -> EvalModel:
+        return cls(loaded.bundle, loaded.describe())
 
 
 @dataclass
@@ -95,9 +110,10 @@ def _labelled(f: Features, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     return f.image[keep], f.label[keep], int((~keep).sum())
 
 
-def run_eval(checkpoint: str | os.PathLike | LoadedCheckpoint, opts: EvalOptions,
+def run_eval(model: EvalModel | str | os.PathLike, opts: EvalOptions,
              processes: Processes | None = None) -> dict[str, Any]:
-    """Run ``opts.task``; the results on the main process (``{}`` on the others)."""
+    """Run ``opts.task`` on ``model`` (or on the checkpoint a path names); the results on the
+    main process (``{}`` on the others)."""
     if opts.task not in TASKS:
         raise UserError(f"unknown task {opts.task!r}; choose one of {', '.join(TASKS)}")
     needs_train = opts.task in ("linear-probe", "knn")
@@ -109,11 +125,11 @@ def run_eval(checkpoint: str | os.PathLike | LoadedCheckpoint, opts: EvalOptions
                          "captions for retrieval; try --task zeroshot")
     train_ds = _open(opts, opts.train_data, opts.train_split, "train") if needs_train else None
     prompts = _prompts(opts, ds) if opts.task == "zeroshot" else None
-    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    evaluated = model if isinstance(model, EvalModel) else EvalModel.from_checkpoint(load_checkpoint(model))
 
     processes = processes or setup_processes(opts.device)
-    model = loaded.model.to(processes.device).eval()
-    bundle = loaded.bundle
+    bundle = evaluated.bundle
+    model = bundle.model.to(processes.device).eval()
     common = dict(processes=processes, batch_size=opts.batch_size, num_workers=opts.num_workers,
                   progress=opts.progress)
     tokenize = bundle.tokenizer if opts.task == "retrieval" else None
@@ -125,7 +141,7 @@ def run_eval(checkpoint: str | os.PathLike | LoadedCheckpoint, opts: EvalOptions
 
     results: dict[str, Any] = {
         "task": opts.task,
-        "model": loaded.describe(),
+        "model": evaluated.info,
         "data": {**ds.describe(), "num_images": feats.num_items, "skipped": feats.skipped},
         "processes": processes.world,
     }

@@ -15,9 +15,9 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 import open_clip  # noqa: E402
 
+from clipfnd.checkpoints import LoadedCheckpoint, load_checkpoint  # noqa: E402
 from clipfnd.cli.main import main  # noqa: E402
 from clipfnd.export import export_checkpoint, hf  # noqa: E402
-from clipfnd.export.checkpoint import LoadedCheckpoint, load_checkpoint  # noqa: E402
 from clipfnd.export.common import UnsupportedExport, VerificationError  # noqa: E402
 from clipfnd.models.factory import ClipBundle  # noqa: E402
 

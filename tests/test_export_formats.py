@@ -17,9 +17,9 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 import open_clip  # noqa: E402
 
+from clipfnd.checkpoints import load_checkpoint  # noqa: E402
 from clipfnd.cli.main import main  # noqa: E402
 from clipfnd.export import export_checkpoint  # noqa: E402
-from clipfnd.export.checkpoint import load_checkpoint  # noqa: E402
 from clipfnd.export.common import EXPORT_RECORD, our_embeddings, verification_batch  # noqa: E402
 from clipfnd.models.factory import model_config  # noqa: E402
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoints import LoadedCheckpoint, load_checkpoint
 from ..errors import UserError
-from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .common import DEFAULT_TOLERANCE, Comparison, prepare_out_dir, write_record
 
 FORMATS = ("open_clip", "hf", "timm")

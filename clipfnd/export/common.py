@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..checkpoints import LoadedCheckpoint
 from ..errors import UserError
-from .checkpoint import LoadedCheckpoint
 
 EXPORT_RECORD = "clipfnd_export.json"
 DEFAULT_TOLERANCE = 1e-4

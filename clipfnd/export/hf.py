@@ -22,9 +22,9 @@ from pathlib import Path
 import open_clip
 import torch
 
+from ..checkpoints import LoadedCheckpoint
 from ..models.factory import model_config
 from .architecture import TextSpec, VisionSpec, text_spec, vision_spec
-from .checkpoint import LoadedCheckpoint
 from .common import Comparison, our_embeddings, state_dict_for_export, verification_batch
 
 TARGET = "transformers' CLIPModel"

@@ -22,8 +22,8 @@ import open_clip
 import safetensors.torch
 import torch
 
+from ..checkpoints import LoadedCheckpoint
 from ..models.factory import model_config
-from .checkpoint import LoadedCheckpoint
 from .common import Comparison, our_embeddings, state_dict_for_export, verification_batch
 
 CONFIG_NAME = "open_clip_config.json"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import LoadedCheckpoint
 from ..models.factory import model_config
 from .architecture import VisionSpec, vision_spec
-from .checkpoint import LoadedCheckpoint
 from .common import Comparison, state_dict_for_export, verification_batch
 
 TARGET = "timm's VisionTransformer"

@@ -30,9 +30,11 @@ from tqdm.auto import tqdm
 
 from data_pipelines import load_shard_set
 from data_pipelines.loader import EpochIterator, LoaderState, ShardStream
+from eval.processes import Processes
+from eval.run import EvalModel, EvalOptions, run_eval
 
 from .. import distributed
-from ..config import Config, ConfigError, to_dict, to_yaml
+from ..config import Config, ConfigError, to_yaml
 from ..methods import Method
 from ..models import check_model_name, create_clip
 from ..state import StateTables
@@ -199,16 +201,10 @@ def evaluate(cfg: Config, s: Setup, step: int, epoch: int) -> dict[str, float]:
     """``eval.tasks`` on ``data.val`` with the model as it is now, on every process (each
     encodes a slice; the metrics are those of the whole split). Zero-shot keys get a
     ``zeroshot/`` prefix; retrieval keys are bare (``i2t_R@1``, ...)."""
-    from eval.processes import Processes
-    from eval.run import EvalOptions, run_eval
-
-    from ..export.checkpoint import LoadedCheckpoint
-
     acc = s.accelerator
     model = acc.unwrap_model(s.model)
-    live = LoadedCheckpoint(path=s.run_dir, run_dir=s.run_dir, step=step, epoch=epoch,
-                            model_name=cfg.model.name, config=to_dict(cfg),
-                            bundle=dataclasses.replace(s.bundle, model=model))
+    live = EvalModel(dataclasses.replace(s.bundle, model=model),
+                     {"run_dir": str(s.run_dir), "step": step, "epoch": epoch, "model_name": cfg.model.name})
     processes = Processes(acc.process_index, acc.num_processes, acc.device)
     results: dict[str, float] = {}
     for task in cfg.eval.tasks:

@@ -1,9 +1,12 @@
-"""Reading a training checkpoint as an inference model: the weights and what describes them.
+"""Reading checkpoints: the folder layout, ``trainer_state.json``, and a checkpoint as an
+inference model. A leaf module: training (which writes checkpoints, ``clipfnd.train.checkpoint``),
+evaluation and export all read through it, and it imports none of them.
 
 A training checkpoint (``RUN/checkpoints/step_NNNNNNNN/``) holds the model's state dict
-(``model.safetensors``), ``trainer_state.json`` (step, epoch, model name, full run config) and
-training-only state (optimiser, scheduler, per-sample tables, RNG and loader states). Only the
-first two are read here; evaluation and export never see the rest.
+(``model.safetensors``), ``trainer_state.json`` (step, epoch, world size, model name, full run
+config; written last, its presence marks a complete checkpoint), each process's data position
+(``loader_rank{r}.json``) and training-only state (optimiser, scheduler, per-sample tables, RNG).
+Evaluation and export read only the weights and ``trainer_state.json``.
 
 ``RUN_OR_CHECKPOINT`` may be a run directory (its newest checkpoint with weights is used), a
 checkpoint directory, or the ``model.safetensors`` file inside one.
@@ -11,8 +14,10 @@ checkpoint directory, or the ``model.safetensors`` file inside one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +25,63 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ..errors import CheckpointError
-from ..models.factory import ClipBundle, create_clip
-from ..train.checkpoint import TRAINER_STATE, list_checkpoints, read_trainer_state
+from .errors import CheckpointError
+from .models.factory import ClipBundle, create_clip
 
 log = logging.getLogger(__name__)
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / TRAINER_STATE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {TRAINER_STATE})") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from e
+
+
+def is_valid(ckpt: Path) -> bool:
+    try:
+        state = read_trainer_state(ckpt)
+    except ValueError:
+        return False
+    needed = [ckpt / f"loader_rank{r}.json" for r in range(int(state.get("world_size", 1)))]
+    return all(p.exists() for p in needed)
+
+
+def find_latest(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint; a newer incomplete one is skipped with a warning."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        if is_valid(ckpt):
+            return ckpt
+        log.warning("checkpoint %s is incomplete or corrupt; falling back to an older one", ckpt)
+    return None
+
+
+def tmp_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step_{step:08d}.tmp"
+
+
+def final_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step_{step:08d}"
+
 
 WEIGHTS_NAME = "model.safetensors"
 
