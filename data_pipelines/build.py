@@ -30,7 +30,8 @@ indices and a ``manifest.json`` (see :mod:`data_pipelines.shards`). Samples that
     holds a string, or a list of strings, which gives one sample per caption, all with the same
     ``"image_id"``.
 
-Labels (optional, all sources): integer labels are used as they are, with label names
+Labels (optional, all sources; the rule is ``data_pipelines.labels``, shared with evaluation):
+integer labels are used as they are, with label names
 ``"0" .. "max"``; text that is an integer in every row (``"3"``) counts as an integer. Other
 string labels are numbered in sorted order of the distinct strings, which are the label names.
 An HF ``ClassLabel`` column keeps its own names.
@@ -42,13 +43,14 @@ import csv
 import io
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from .labels import label_map
+from .offline import stay_offline
 from .shards import IMAGE_EXTENSIONS, DataError, RawSample, ShardSet, SkippedInput, write_split
 
 SOURCES = ("csv", "imagefolder", "hf")
@@ -59,7 +61,6 @@ log = logging.getLogger(__name__)
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 # image modes PIL can write as PNG; others (CMYK, YCbCr, F, ...) are converted to RGB first
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
-_INT_TEXT = re.compile(r"\s*\+?\d+\s*")
 
 
 _Item = RawSample | SkippedInput
@@ -137,33 +138,6 @@ def _read_image_file(path: Path, source: str) -> bytes | SkippedInput:
         return SkippedInput(f"unreadable image file ({type(e).__name__}: {e})", source)
 
 
-# --- labels -------------------------------------------------------------------------------------
-def _label_map(values: Iterable[Any], where: str) -> tuple[dict[Any, int], list[str]]:
-    """Map every distinct label value to an integer; return the map and the label names.
-
-    Integers (and text that is an integer for every value) are used as they are; other
-    strings are numbered in sorted order.
-    """
-    distinct = set(values)
-    if not distinct:
-        return {}, []
-    if all(isinstance(v, int) for v in distinct):
-        ints = {v: int(v) for v in distinct}
-    elif all(isinstance(v, str) for v in distinct):
-        if all(_INT_TEXT.fullmatch(v) for v in distinct):
-            ints = {v: int(v) for v in distinct}
-        else:
-            names = sorted(distinct)
-            return {v: i for i, v in enumerate(names)}, names
-    else:
-        kinds = sorted({type(v).__name__ for v in distinct})
-        raise DataError(f"{where}: labels must be integers or strings, found {', '.join(kinds)}")
-    negative = sorted(v for v in ints.values() if v < 0)
-    if negative:
-        raise DataError(f"{where}: integer labels must be >= 0, found {negative[0]}")
-    return ints, [str(i) for i in range(max(ints.values()) + 1)]
-
-
 def _missing_column(column: str, kind: str, where: str, available: Iterable[str]) -> DataError:
     cols = ", ".join(repr(c) for c in available) or "none"
     return DataError(f"{where} has no {kind} column {column!r}; its columns are: {cols}")
@@ -210,7 +184,8 @@ def _from_csv(
             rows.append((reader.line_num, image, row.get(caption_column) or "", label))
 
     if label_column is not None:
-        to_int, label_names = _label_map((r[3] for r in rows), f"{path} column {label_column!r}")
+        labels = label_map((r[3] for r in rows), f"{path} column {label_column!r}")
+        to_int, label_names = labels.to_int, labels.names
     else:
         to_int, label_names = {}, None
     base = path.parent
@@ -262,9 +237,8 @@ def _from_imagefolder(
         return (root / rel).parent.name
 
     if label_column is not None:
-        to_int, label_names = _label_map(
-            (folder(rel) for rel in images), f"{root} (labels from folder names)"
-        )
+        labels = label_map((folder(rel) for rel in images), f"{root} (labels from folder names)")
+        to_int, label_names = labels.to_int, labels.names
     else:
         to_int, label_names = {}, None
 
@@ -296,8 +270,7 @@ def _from_imagefolder(
 # --- Hugging Face -------------------------------------------------------------------------------
 def _import_datasets() -> Any:
     """Import ``datasets`` set to work offline: only local data is read here."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    stay_offline()
     import datasets
 
     return datasets
@@ -405,7 +378,8 @@ def _from_hf(
         if isinstance(feature, datasets.ClassLabel):
             to_int, label_names = {v: int(v) for v in distinct}, list(feature.names)
         else:
-            to_int, label_names = _label_map(distinct, f"HF dataset {path} column {label_column!r}")
+            labels = label_map(distinct, f"HF dataset {path} column {label_column!r}")
+            to_int, label_names = labels.to_int, labels.names
 
     one_caption = isinstance(ds.features[caption_column], datasets.Value)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines import DataError
+from data_pipelines.labels import label_map
 
 from .datasets import (
     CAPTION_COLUMNS,
@@ -48,14 +49,15 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
     return found
 
 
-def _labels_from_strings(values: list[str]) -> tuple[list[int], list[str] | None]:
-    """Integer labels as they are; string labels numbered in sorted order (the class names)."""
-    present = [v for v in values if v != ""]
-    if all(re.fullmatch(r"-?\d+", v) for v in present):
-        return [int(v) if v != "" else -1 for v in values], None
-    names = sorted(set(present))
-    ids = {n: i for i, n in enumerate(names)}
-    return [ids[v] if v != "" else -1 for v in values], names
+def _label_ids(values: list[Any], where: str) -> tuple[list[int], list[str] | None]:
+    """Ids by ``data_pipelines.labels``' rule; a missing value (None, empty) is -1 (unlabelled).
+    Names only for string labels: integer ids name no class by themselves."""
+    def missing(v: Any) -> bool:
+        return v is None or (isinstance(v, str) and not v.strip())
+
+    labels = label_map((v for v in values if not missing(v)), where)
+    ids = [-1 if missing(v) else labels.to_int[v] for v in values]
+    return ids, labels.names if labels.from_strings else None
 
 
 class CsvTable(EvalDataset):
@@ -78,8 +80,8 @@ class CsvTable(EvalDataset):
         iid = _pick(columns, None, IMAGE_ID_COLUMNS, "image_id", str(path), False)
         if cap is None and lab is None:
             raise DataError(f"{path}: neither a caption nor a label column (columns: {columns})")
-        labels, names = _labels_from_strings([(r[lab] or "").strip() for r in rows] if lab
-                                             else [""] * len(rows))
+        labels, names = _label_ids([(r[lab] or "").strip() for r in rows] if lab else [""] * len(rows),
+                                   f"{path} column {lab!r}")
         groups: dict[str, dict[str, Any]] = {}
         for row, label in zip(rows, labels, strict=True):
             file = (row[img] or "").strip()
@@ -179,6 +181,9 @@ class HFTable(EvalDataset):
             raise DataError(f"{where}: neither a caption nor a label column (columns: {columns})")
         classnames = features[lab].names if lab and isinstance(features[lab], datasets.ClassLabel) \
             else None
+        self._label_ids: list[int] | None = None  # labels that are not a ClassLabel: numbered here
+        if lab and classnames is None:
+            self._label_ids, classnames = _label_ids(dataset[lab], f"{where} column {lab!r}")
         iid = _pick(columns, None, IMAGE_ID_COLUMNS, "image_id", where, False)
         self.columns = {"image": img, "caption": cap, "label": lab, "image_id": iid}
         self.dataset = dataset
@@ -226,7 +231,11 @@ class HFTable(EvalDataset):
         if isinstance(captions, str):
             captions = [captions]
         captions = [c.strip() for c in captions or [] if isinstance(c, str) and c.strip()]
-        label = row.get(cols["label"]) if cols["label"] else None
+        if self._label_ids is not None:
+            label = self._label_ids[row_no]
+        else:
+            label = row.get(cols["label"]) if cols["label"] else None
+            label = label if isinstance(label, int) else -1
         image_id = row.get(cols["image_id"]) if cols["image_id"] else None
-        return Item(pos, load, captions, label if isinstance(label, int) else -1,
+        return Item(pos, load, captions, label,
                     str(image_id if image_id is not None else row_no))

@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-
-def _offline() -> None:
-    """Evaluation and export never download: transformers and datasets stay offline."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")
+from data_pipelines.offline import stay_offline
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from eval.processes import finish_processes, setup_processes
     from eval.run import EvalOptions, run_eval
 
-    _offline()
+    stay_offline()
     opts = EvalOptions(
         task=a.task, data=a.data, train_data=a.train_data, split=a.split,
         train_split=a.train_split, classnames=a.classnames, templates=a.templates,
@@ -53,7 +48,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from ..export import export_checkpoint
 
-    _offline()
+    stay_offline()
     result = export_checkpoint(a.checkpoint, a.format, a.out, verify=a.verify,
                                tolerance=a.tolerance, overwrite=a.overwrite)
     print(f"exported {result.source['checkpoint']} (step {result.source['step']}, "

@@ -16,11 +16,12 @@ Weight mapping (exact; see docs/evaluation.md): ``attn.in_proj_*`` splits in thr
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import open_clip
 import torch
+
+from data_pipelines.offline import stay_offline
 
 from ..checkpoints import LoadedCheckpoint
 from ..models.factory import model_config
@@ -149,8 +150,7 @@ def export(loaded: LoadedCheckpoint, out: Path) -> list[str]:
 @torch.no_grad()
 def verify(loaded: LoadedCheckpoint, out: Path, tolerance: float) -> Comparison:
     """Load the folder with transformers (offline) and compare embeddings with ours."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    stay_offline()
     from transformers import CLIPModel, CLIPProcessor
 
     hf_model = CLIPModel.from_pretrained(out).eval()
