@@ -78,3 +78,21 @@ def test_paper_recipes_follow_the_reference_code():
         assert cfg.loss.name == "fastclip_v3", path
         assert cfg.fnd.bias_correction == "epoch", path
         assert cfg.loss.tau_schedule == "fastclip", path
+
+
+def test_every_package_is_installed_and_eval_under_its_own_name():
+    """pyproject lists packages by name (setuptools' find cannot install eval/ as
+    clipfnd_eval): a new subpackage must be listed, or an installed clipfnd would lack it."""
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(root).parts) for top in ("clipfnd", "data_pipelines")
+               for p in (root / top).rglob("__init__.py")}
+    assert on_disk | {"clipfnd_eval"} == set(tool["packages"])
+    assert tool["package-dir"] == {"clipfnd_eval": "eval"}
+    import clipfnd_eval
+
+    assert Path(clipfnd_eval.__file__).parent == root / "eval"

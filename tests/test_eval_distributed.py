@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
+from clipfnd_eval.processes import Processes
+from clipfnd_eval.run import EvalOptions, run_eval
 from data_pipelines.shards import write_split
 from data_pipelines.synthetic import SyntheticSpec, generate, label_names
-from eval.processes import Processes
-from eval.run import EvalOptions, run_eval
 
 from checkpoints import write_checkpoint
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval.knn import knn_classify, knn_metrics
-from eval.linear_probe import linear_probe
-from eval.retrieval import first_positive_rank, grouped_retrieval_metrics, retrieval_metrics
-from eval.zeroshot import as_callable, class_embeddings, classification_metrics
+from clipfnd_eval.knn import knn_classify, knn_metrics
+from clipfnd_eval.linear_probe import linear_probe
+from clipfnd_eval.retrieval import first_positive_rank, grouped_retrieval_metrics, retrieval_metrics
+from clipfnd_eval.zeroshot import as_callable, class_embeddings, classification_metrics
 
 
 def unit(*rows: list[float]) -> torch.Tensor:

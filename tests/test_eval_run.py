@@ -26,13 +26,13 @@ from PIL import Image  # noqa: E402
 
 from clipfnd.cli.main import main  # noqa: E402
 from clipfnd.models.factory import create_clip  # noqa: E402
+from clipfnd_eval.processes import Processes  # noqa: E402
+from clipfnd_eval.retrieval import label_retrieval_metrics, retrieval_metrics  # noqa: E402
+from clipfnd_eval.run import EvalOptions, run_eval  # noqa: E402
+from clipfnd_eval.zeroshot import load_classnames, load_templates  # noqa: E402
 from data_pipelines import load_shard_set  # noqa: E402
 from data_pipelines.shards import iter_tar_samples, write_split  # noqa: E402
 from data_pipelines.synthetic import SyntheticSpec, generate, label_names  # noqa: E402
-from eval.processes import Processes  # noqa: E402
-from eval.retrieval import label_retrieval_metrics, retrieval_metrics  # noqa: E402
-from eval.run import EvalOptions, run_eval  # noqa: E402
-from eval.zeroshot import load_classnames, load_templates  # noqa: E402
 
 from checkpoints import write_checkpoint  # noqa: E402
 

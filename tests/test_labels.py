@@ -9,11 +9,11 @@ import json
 import pytest
 from PIL import Image
 
+from clipfnd_eval.layouts import open_dataset
 from data_pipelines import DataError, load_shard_set
 from data_pipelines.build import build_shards
 from data_pipelines.labels import label_map
 from data_pipelines.shards import iter_tar_samples
-from eval.layouts import open_dataset
 
 
 def test_label_rule():

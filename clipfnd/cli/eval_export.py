@@ -19,8 +19,8 @@ from data_pipelines.offline import stay_offline
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from eval.processes import finish_processes, setup_processes
-    from eval.run import EvalOptions, run_eval
+    from clipfnd_eval.processes import finish_processes, setup_processes
+    from clipfnd_eval.run import EvalOptions, run_eval
 
     stay_offline()
     opts = EvalOptions(

@@ -28,10 +28,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from clipfnd_eval.processes import Processes
+from clipfnd_eval.run import EvalModel, EvalOptions, run_eval
 from data_pipelines import load_shard_set
 from data_pipelines.loader import EpochIterator, LoaderState, ShardStream
-from eval.processes import Processes
-from eval.run import EvalModel, EvalOptions, run_eval
 
 from .. import distributed
 from ..config import Config, ConfigError, to_yaml
