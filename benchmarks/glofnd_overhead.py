@@ -20,27 +20,35 @@ GLOFND = ["fnd.detector=glofnd", "fnd.alpha=0.01"]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--model", default="clipfnd-tiny-vit")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     a = p.parse_args()
     device = describe_device()
-    print(f"device: {device}; model {a.model}; torch {torch.__version__}; median of {a.repeats} interleaved steps")
+    print(
+        f"device: {device}; model {a.model}; torch {torch.__version__}; median of {a.repeats} interleaved steps"
+    )
     print()
     print(f"{'comparison':<44} {'A ms':>9} {'B ms':>9} {'A/B':>7}  goal")
     for batch in a.batches:
         with_fnd = make_step(GLOFND, batch, 10**5, a.model)
         without = make_step([], batch, 10**5, a.model)
         ta, tb = interleaved(with_fnd, without, a.repeats)
-        print(f"{f'GloFND / none, batch {batch}':<44} {statistics.median(ta) * 1e3:9.1f} "
-              f"{statistics.median(tb) * 1e3:9.1f} {ratio_of_medians(ta, tb):7.3f}  <= 1.05")
+        print(
+            f"{f'GloFND / none, batch {batch}':<44} {statistics.median(ta) * 1e3:9.1f} "
+            f"{statistics.median(tb) * 1e3:9.1f} {ratio_of_medians(ta, tb):7.3f}  <= 1.05"
+        )
     batch = a.batches[0]
     small = make_step(GLOFND, batch, 10**4, a.model)
     large = make_step(GLOFND, batch, 10**7, a.model)
     ta, tb = interleaved(small, large, a.repeats)
-    print(f"{f'N=1e4 / N=1e7 rows (GloFND), batch {batch}':<44} {statistics.median(ta) * 1e3:9.1f} "
-          f"{statistics.median(tb) * 1e3:9.1f} {ratio_of_medians(ta, tb):7.3f}  1.00 +- 0.03")
+    print(
+        f"{f'N=1e4 / N=1e7 rows (GloFND), batch {batch}':<44} {statistics.median(ta) * 1e3:9.1f} "
+        f"{statistics.median(tb) * 1e3:9.1f} {ratio_of_medians(ta, tb):7.3f}  1.00 +- 0.03"
+    )
 
 
 if __name__ == "__main__":

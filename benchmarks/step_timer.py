@@ -28,8 +28,13 @@ def describe_device() -> str:
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def make_step(overrides: list[str], batch: int, num_rows: int, model_name: str = "clipfnd-tiny-vit",
-              seed: int = 0) -> Callable[[], None]:
+def make_step(
+    overrides: list[str],
+    batch: int,
+    num_rows: int,
+    model_name: str = "clipfnd-tiny-vit",
+    seed: int = 0,
+) -> Callable[[], None]:
     """A closure running one optimiser step (forward, objective, backward, AdamW step) on a
     fixed random batch whose dataset indices are drawn from ``num_rows`` rows."""
     torch.manual_seed(seed)
@@ -47,17 +52,28 @@ def make_step(overrides: list[str], batch: int, num_rows: int, model_name: str =
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 64, (batch,), generator=g).to(dev)
     # distinct dataset indices per batch, drawn before timing (their cost is not the step's)
-    batches = itertools.cycle([
-        torch.from_numpy(np.random.default_rng([seed, k]).choice(num_rows, batch, replace=False)).to(dev)
-        for k in range(16)
-    ])
+    batches = itertools.cycle(
+        [
+            torch.from_numpy(
+                np.random.default_rng([seed, k]).choice(num_rows, batch, replace=False)
+            ).to(dev)
+            for k in range(16)
+        ]
+    )
 
     def step() -> None:
         index = next(batches)
         out = model(image=images, text=text)
         # an unlogged step: detection quality is scored on logged steps only (1 in log_every)
-        res = objective(out["image_features"], out["text_features"], out["logit_scale"], index, labels,
-                        epoch=1, measure=False)
+        res = objective(
+            out["image_features"],
+            out["text_features"],
+            out["logit_scale"],
+            index,
+            labels,
+            epoch=1,
+            measure=False,
+        )
         objective.commit(res)
         res.loss.backward()
         opt.step()
@@ -66,7 +82,9 @@ def make_step(overrides: list[str], batch: int, num_rows: int, model_name: str =
     return step
 
 
-def interleaved(a: Callable[[], None], b: Callable[[], None], repeats: int, warmup: int = 2) -> tuple[list[float], list[float]]:
+def interleaved(
+    a: Callable[[], None], b: Callable[[], None], repeats: int, warmup: int = 2
+) -> tuple[list[float], list[float]]:
     """Seconds per call of ``a`` and ``b``, alternating a, b, a, b, ... after warm-up."""
     for _ in range(warmup):
         a()

@@ -16,13 +16,17 @@ from step_timer import describe_device, interleaved, make_step
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="clipfnd-tiny-vit")
     p.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--repeats", type=int, default=10)
     a = p.parse_args()
     device = describe_device()
-    print(f"device: {device}; model {a.model}; torch {torch.__version__}; median of {a.repeats} steps")
+    print(
+        f"device: {device}; model {a.model}; torch {torch.__version__}; median of {a.repeats} steps"
+    )
     print()
     print(f"{'batch':>6} {'ms/step':>9} {'samples/s':>10} {'+GloFND samples/s':>18}")
     for batch in a.batches:

@@ -152,8 +152,9 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
     )
 
 
-def check_fits(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, model_name: str,
-               source: Path) -> None:
+def check_fits(
+    state_dict: dict[str, torch.Tensor], model: torch.nn.Module, model_name: str, source: Path
+) -> None:
     """Refuse weights that do not fit ``model`` (missing/unexpected keys, other shapes)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -185,8 +186,9 @@ def load_checkpoint(spec: str | os.PathLike) -> LoadedCheckpoint:
     config = state.get("config") or {}
     model_name = state.get("model_name") or (config.get("model") or {}).get("name")
     if not model_name:
-        raise CheckpointError(f"{ckpt / TRAINER_STATE} names no model (no model_name, no "
-                         "config.model.name)")
+        raise CheckpointError(
+            f"{ckpt / TRAINER_STATE} names no model (no model_name, no config.model.name)"
+        )
     bundle = create_clip(model_name)
     weights = safetensors.torch.load_file(str(ckpt / WEIGHTS_NAME))
     check_fits(weights, bundle.model, model_name, ckpt / WEIGHTS_NAME)

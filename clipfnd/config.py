@@ -145,12 +145,16 @@ def _friendly(e: OmegaConfBaseException, where: str) -> ConfigError:
     key = getattr(e, "full_key", None) or getattr(e, "key", None)
     msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
     if type(e).__name__ == "ConfigKeyError" or "not in" in msg:
-        return ConfigError(f"{where}: unknown config key '{key}' ({msg}). Top-level keys: "
-                           f"{', '.join(f.name for f in Config.__dataclass_fields__.values())}")
+        return ConfigError(
+            f"{where}: unknown config key '{key}' ({msg}). Top-level keys: "
+            f"{', '.join(f.name for f in Config.__dataclass_fields__.values())}"
+        )
     return ConfigError(f"{where}: bad value for '{key}': {msg}")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> Config:
     """Build the run config: schema defaults, then the YAML file, then ``key=value`` overrides."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
@@ -167,14 +171,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise _friendly(e, str(p)) from e
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)"
+            )
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _friendly(e, f"override {item!r}") from e
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"config keys without a value: {', '.join(missing)} (e.g. data.train=PATH)")
+        raise ConfigError(
+            f"config keys without a value: {', '.join(missing)} (e.g. data.train=PATH)"
+        )
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(obj)
     return obj
@@ -192,20 +200,36 @@ def validate(cfg: Config) -> None:
     for key, choices in CHOICES.items():
         if get(key) not in choices:
             raise ConfigError(f"{key}={get(key)!r} is not one of {', '.join(choices)}")
-    positive = ["data.batch_size", "data.chunk_size", "optim.accum_steps", "train.epochs",
-                "train.log_every", "eval.batch_size", "train.keep_checkpoints",
-                "train.max_nonfinite_steps"]
+    positive = [
+        "data.batch_size",
+        "data.chunk_size",
+        "optim.accum_steps",
+        "train.epochs",
+        "train.log_every",
+        "eval.batch_size",
+        "train.keep_checkpoints",
+        "train.max_nonfinite_steps",
+    ]
     for key in positive:
         if get(key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {get(key)}")
-    for key in ["data.num_workers", "optim.warmup_steps", "train.checkpoint_every",
-                "eval.every_steps", "fnd.start_update", "fnd.start_mask", "optim.weight_decay"]:
+    for key in [
+        "data.num_workers",
+        "optim.warmup_steps",
+        "train.checkpoint_every",
+        "eval.every_steps",
+        "fnd.start_update",
+        "fnd.start_mask",
+        "optim.weight_decay",
+    ]:
         if get(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(key)}")
     bad_tasks = [t for t in cfg.eval.tasks if t not in EVAL_TASKS]
     if bad_tasks or not cfg.eval.tasks:
-        raise ConfigError(f"eval.tasks={cfg.eval.tasks}: each must be one of {', '.join(EVAL_TASKS)} "
-                          "(linear-probe and knn run with `clipfnd eval`)")
+        raise ConfigError(
+            f"eval.tasks={cfg.eval.tasks}: each must be one of {', '.join(EVAL_TASKS)} "
+            "(linear-probe and knn run with `clipfnd eval`)"
+        )
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):

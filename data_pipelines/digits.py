@@ -25,7 +25,9 @@ TEMPLATES = (
 )
 
 
-def generate(split: str = "train", *, seed: int = 0, val_fraction: float = 0.2, image_size: int = 32) -> Iterator[RawSample]:
+def generate(
+    split: str = "train", *, seed: int = 0, val_fraction: float = 0.2, image_size: int = 32
+) -> Iterator[RawSample]:
     from sklearn.datasets import load_digits
 
     if split not in ("train", "val"):

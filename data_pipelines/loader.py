@@ -52,7 +52,10 @@ ON_ERROR = ("skip", "raise")
 
 def _seed(*parts: int) -> int:
     """A 63-bit seed mixed from integers (stable across processes and Python versions)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+        >> 1
+    )
 
 
 @dataclass
@@ -86,7 +89,14 @@ class BadSample:
 
 
 # Modules every loader worker needs, imported once in the fork server instead of per worker.
-WORKER_PRELOAD = ["torch", "torchvision", "PIL.Image", "webdataset", "open_clip", "data_pipelines.loader"]
+WORKER_PRELOAD = [
+    "torch",
+    "torchvision",
+    "PIL.Image",
+    "webdataset",
+    "open_clip",
+    "data_pipelines.loader",
+]
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -115,7 +125,9 @@ class _ErrorLog:
     def __call__(self, exn: Exception) -> bool:
         if self.on_error == "raise":
             raise DataError(f"cannot read shard data: {exn}") from exn
-        self.errors.append(BadSample(_shard_of(exn), "", f"read error ({type(exn).__name__}: {exn})"))
+        self.errors.append(
+            BadSample(_shard_of(exn), "", f"read error ({type(exn).__name__}: {exn})")
+        )
         return True
 
 
@@ -208,7 +220,9 @@ class _RankStream(IterableDataset):
             torch.set_rng_state(saved)
         return image, caption, index, label
 
-    def _make_chunk(self, items: list, bad: list[BadSample], worker: int, start: int, end: int) -> dict[str, Any]:
+    def _make_chunk(
+        self, items: list, bad: list[BadSample], worker: int, start: int, end: int
+    ) -> dict[str, Any]:
         good = [it for it in items if it is not None]
         chunk: dict[str, Any] = {
             "worker": worker,
@@ -291,7 +305,9 @@ class EpochIterator:
         self._n_workers = n_workers
 
     def state(self) -> LoaderState:
-        return LoaderState(self.epoch, self._state.batches, list(self._state.consumed), self._state.next_worker)
+        return LoaderState(
+            self.epoch, self._state.batches, list(self._state.consumed), self._state.next_worker
+        )
 
     def __len__(self) -> int:
         return self.steps - self._state.batches
@@ -334,7 +350,9 @@ class EpochIterator:
             n = int(idx[i])
             msg = f"duplicate dataset index {n}"
             if self.o.on_error == "raise":
-                raise DataError(f"{msg} (worker {chunk['worker']}, raw position {int(chunk['pos'][i])})")
+                raise DataError(
+                    f"{msg} (worker {chunk['worker']}, raw position {int(chunk['pos'][i])})"
+                )
             chunk["bad"].append(asdict(BadSample("?", f"index {n}", msg, int(chunk["pos"][i]))))
         keep = ~dup
         for k in ("image", "text", "index", "label", "pos"):
@@ -453,9 +471,7 @@ class ShardStream:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if global_batch_size % world:
-            raise ValueError(
-                f"batch size {global_batch_size} does not divide by {world} processes"
-            )
+            raise ValueError(f"batch size {global_batch_size} does not divide by {world} processes")
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside [0, {world})")
         self.shard_set = shard_set
@@ -483,7 +499,9 @@ class ShardStream:
         if num_workers > per_rank:
             log.warning(
                 "%d shard(s) per process cannot feed %d workers each; using %d workers",
-                per_rank, num_workers, per_rank,
+                per_rank,
+                num_workers,
+                per_rank,
             )
             num_workers = per_rank
         self.num_workers = num_workers
@@ -495,7 +513,9 @@ class ShardStream:
 
     def shards_for(self, epoch: int, rank: int) -> list[ShardInfo]:
         """The shards rank ``rank`` reads in ``epoch`` (same answer on every rank)."""
-        order = np.random.default_rng(_seed(self.seed, epoch, 0)).permutation(self.shard_set.num_shards)
+        order = np.random.default_rng(_seed(self.seed, epoch, 0)).permutation(
+            self.shard_set.num_shards
+        )
         shards = [self.shard_set.shards[i] for i in order]
         return shards[rank :: self.world]
 

@@ -107,7 +107,9 @@ class ShardWriter:
     renamed when complete, so a crash never leaves a half-written shard under a real name.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, shard_size: int = 1000, *, verify_images: bool = True):
+    def __init__(
+        self, out_dir: str | os.PathLike, shard_size: int = 1000, *, verify_images: bool = True
+    ):
         if shard_size < 1:
             raise DataError(f"--shard-size must be >= 1, got {shard_size}")
         self.out_dir = Path(out_dir)
@@ -197,7 +199,9 @@ class ShardWriter:
         for s in samples:
             self.write(s)
 
-    def finish(self, *, label_names: list[str] | None = None, meta: dict[str, Any] | None = None) -> ShardSet:
+    def finish(
+        self, *, label_names: list[str] | None = None, meta: dict[str, Any] | None = None
+    ) -> ShardSet:
         """Close the last shard and write ``manifest.json``; return the ShardSet."""
         self._close_current()
         if not self.shards:
@@ -304,6 +308,9 @@ def write_split(
         import logging
 
         logging.getLogger(__name__).warning(
-            "%s: skipped %s (e.g. %s)", out_dir, writer.skipped, "; ".join(writer.skipped_examples[:3])
+            "%s: skipped %s (e.g. %s)",
+            out_dir,
+            writer.skipped,
+            "; ".join(writer.skipped_examples[:3]),
         )
     return shard_set

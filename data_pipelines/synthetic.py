@@ -116,7 +116,9 @@ class SyntheticSpec:
         n_single = min(_num_single(), round(self.num_concepts * self.single_object_share))
         singles = rng.choice(_num_single(), n_single, replace=False)
         n_pair_space = concept_space_size() - _num_single()
-        pairs = _num_single() + rng.choice(n_pair_space, self.num_concepts - n_single, replace=False)
+        pairs = _num_single() + rng.choice(
+            n_pair_space, self.num_concepts - n_single, replace=False
+        )
         ids = [int(i) for i in np.concatenate([singles, pairs])]
         return [decode_concept(i) for i in ids]
 

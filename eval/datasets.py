@@ -62,9 +62,16 @@ class EvalDataset(ABC):
 
     layout: str = ""
 
-    def __init__(self, path: str | os.PathLike, *, split: str | None = None,
-                 classnames: list[str] | None = None, templates: list[str] | None = None,
-                 num_items: int | None = None, kind: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        split: str | None = None,
+        classnames: list[str] | None = None,
+        templates: list[str] | None = None,
+        num_items: int | None = None,
+        kind: str | None = None,
+    ):
         self.path = str(path)
         self.split = split
         self.classnames = classnames  # label names when the data has them
@@ -104,5 +111,6 @@ class EvalDataset(ABC):
 
 def read_lines(path: str | os.PathLike) -> list[str]:
     """Non-empty stripped lines of a text file."""
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    return [
+        line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]

@@ -47,8 +47,14 @@ class Features:
 
 
 class _Reader(IterableDataset):
-    def __init__(self, dataset: EvalDataset, transform: Callable, tokenize: Callable | None,
-                 rank: int, world: int):
+    def __init__(
+        self,
+        dataset: EvalDataset,
+        transform: Callable,
+        tokenize: Callable | None,
+        rank: int,
+        world: int,
+    ):
         super().__init__()
         self.dataset, self.transform, self.tokenize = dataset, transform, tokenize
         self.rank, self.world = rank, world
@@ -64,8 +70,13 @@ class _Reader(IterableDataset):
                 log.debug("item %s: %s", key, e)
                 yield {"bad": True}
                 continue
-            out = {"bad": False, "key": key, "image": image, "label": item.label,
-                   "image_id": item.image_id}
+            out = {
+                "bad": False,
+                "key": key,
+                "image": image,
+                "label": item.label,
+                "image_id": item.image_id,
+            }
             if self.tokenize is not None:
                 out["text"] = self.tokenize(item.captions) if item.captions else None
                 out["num_captions"] = len(item.captions)
@@ -107,9 +118,13 @@ def encode_dataset(
     model.eval()
     device = processes.device
     reader = _Reader(dataset, transform, tokenize, processes.rank, processes.world)
-    loader = DataLoader(reader, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate,
-                        multiprocessing_context=worker_context() if num_workers else None)
+    loader = DataLoader(
+        reader,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        multiprocessing_context=worker_context() if num_workers else None,
+    )
     parts: dict[str, list] = {k: [] for k in ("image", "key", "label", "text", "owner", "pos")}
     image_ids: list[tuple[int, str]] = []
     skipped = 0
@@ -139,8 +154,13 @@ def _cat(chunks: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
     return torch.cat(chunks) if chunks else empty
 
 
-def _gather_sorted(parts: dict[str, list], image_ids: list[tuple[int, str]], skipped: int,
-                   device: torch.device, with_text: bool) -> Features:
+def _gather_sorted(
+    parts: dict[str, list],
+    image_ids: list[tuple[int, str]],
+    skipped: int,
+    device: torch.device,
+    with_text: bool,
+) -> Features:
     dim = parts["image"][0].shape[1] if parts["image"] else 0
     # every rank must agree on the width of empty tensors before gathering
     dim = int(gather_uneven(torch.tensor([dim], device=device)).max().item())

@@ -36,8 +36,9 @@ def knn_classify(
 
     x = torch.nn.functional.normalize(train_features.float(), dim=-1).cpu().numpy()
     xt = torch.nn.functional.normalize(test_features.float(), dim=-1).cpu().numpy()
-    clf = KNeighborsClassifier(n_neighbors=min(k, len(x)), metric="cosine", algorithm="brute",
-                               weights=weights)
+    clf = KNeighborsClassifier(
+        n_neighbors=min(k, len(x)), metric="cosine", algorithm="brute", weights=weights
+    )
     clf.fit(x, train_labels.cpu().numpy())
     return clf.predict(xt)
 

@@ -27,8 +27,11 @@ def open_dataset(
     label_column: str | None = None,
 ) -> EvalDataset:
     """Open ``path`` in whichever layout it has (see the module docstring)."""
-    columns = {"image_column": image_column, "caption_column": caption_column,
-               "label_column": label_column}
+    columns = {
+        "image_column": image_column,
+        "caption_column": caption_column,
+        "label_column": label_column,
+    }
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no dataset at {p}")

@@ -59,7 +59,10 @@ def linear_probe(
         raise UserError("the linear probe needs training samples of at least two classes")
     counts = np.unique(y, return_counts=True)[1]
     x_fit, x_val, y_fit, y_val = train_test_split(
-        x, y, test_size=val_fraction, random_state=seed,
+        x,
+        y,
+        test_size=val_fraction,
+        random_state=seed,
         stratify=y if counts.min() >= 2 else None,
     )
     if len(np.unique(y_fit)) < 2:
@@ -70,8 +73,11 @@ def linear_probe(
         best_c = min(c for s, c in scores if s == best_score)
         probe = _fit(x, y, best_c, max_iter, seed)
     if int(np.max(probe.n_iter_)) >= max_iter:
-        log.warning("linear probe: the fit with C=%g stopped at max_iter=%d before converging",
-                    best_c, max_iter)
+        log.warning(
+            "linear probe: the fit with C=%g stopped at max_iter=%d before converging",
+            best_c,
+            max_iter,
+        )
     return {
         "top1": float(probe.score(xt, yt)),
         "C": best_c,

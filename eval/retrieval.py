@@ -109,6 +109,9 @@ def grouped_retrieval_metrics(
     new_index = torch.cumsum(has_caption.long(), 0) - 1
     gallery = image[torch.tensor(rows)][has_caption]
     metrics = retrieval_metrics(gallery, text, new_index[caption_image], ks)
-    counts = {"images": int(gallery.shape[0]), "texts": int(text.shape[0]),
-              "images_without_caption": int((~has_caption).sum())}
+    counts = {
+        "images": int(gallery.shape[0]),
+        "texts": int(text.shape[0]),
+        "images_without_caption": int((~has_caption).sum()),
+    }
     return metrics, counts

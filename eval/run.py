@@ -75,9 +75,14 @@ class EvalOptions:
 
 
 def _open(opts: EvalOptions, path: str, split: str | None, default_split: str) -> EvalDataset:
-    return open_dataset(path, split=split, default_split=default_split,
-                        image_column=opts.image_column, caption_column=opts.caption_column,
-                        label_column=opts.label_column)
+    return open_dataset(
+        path,
+        split=split,
+        default_split=default_split,
+        image_column=opts.image_column,
+        caption_column=opts.caption_column,
+        label_column=opts.label_column,
+    )
 
 
 def _prompts(opts: EvalOptions, ds: EvalDataset) -> tuple[list[str], list, dict[str, Any]]:
@@ -98,8 +103,12 @@ def _prompts(opts: EvalOptions, ds: EvalDataset) -> tuple[list[str], list, dict[
         templates, templates_from = load_templates("openai"), "openai"
     else:
         templates, templates_from = list(DEFAULT_TEMPLATES), "default"
-    info = {"num_classes": len(classnames), "classnames": names_from,
-            "num_templates": len(templates), "templates": templates_from}
+    info = {
+        "num_classes": len(classnames),
+        "classnames": names_from,
+        "num_templates": len(templates),
+        "templates": templates_from,
+    }
     return classnames, templates, info
 
 
@@ -110,8 +119,9 @@ def _labelled(f: Features, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     return f.image[keep], f.label[keep], int((~keep).sum())
 
 
-def run_eval(model: EvalModel | str | os.PathLike, opts: EvalOptions,
-             processes: Processes | None = None) -> dict[str, Any]:
+def run_eval(
+    model: EvalModel | str | os.PathLike, opts: EvalOptions, processes: Processes | None = None
+) -> dict[str, Any]:
     """Run ``opts.task`` on ``model`` (or on the checkpoint a path names); the results on the
     main process (``{}`` on the others)."""
     if opts.task not in TASKS:
@@ -121,21 +131,34 @@ def run_eval(model: EvalModel | str | os.PathLike, opts: EvalOptions,
         raise UserError(f"--task {opts.task} needs --train-data (the split to fit on)")
     ds = _open(opts, opts.data, opts.split, "test")
     if opts.task == "retrieval" and ds.kind == "classification":
-        raise UserError(f"{ds.path} is a classification set (dataset_type.txt): it has no "
-                         "captions for retrieval; try --task zeroshot")
+        raise UserError(
+            f"{ds.path} is a classification set (dataset_type.txt): it has no "
+            "captions for retrieval; try --task zeroshot"
+        )
     train_ds = _open(opts, opts.train_data, opts.train_split, "train") if needs_train else None
     prompts = _prompts(opts, ds) if opts.task == "zeroshot" else None
-    evaluated = model if isinstance(model, EvalModel) else EvalModel.from_checkpoint(load_checkpoint(model))
+    evaluated = (
+        model if isinstance(model, EvalModel) else EvalModel.from_checkpoint(load_checkpoint(model))
+    )
 
     processes = processes or setup_processes(opts.device)
     bundle = evaluated.bundle
     model = bundle.model.to(processes.device).eval()
-    common = dict(processes=processes, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                  progress=opts.progress)
+    common = dict(
+        processes=processes,
+        batch_size=opts.batch_size,
+        num_workers=opts.num_workers,
+        progress=opts.progress,
+    )
     tokenize = bundle.tokenizer if opts.task == "retrieval" else None
     feats = encode_dataset(model, ds, bundle.preprocess_val, tokenize, **common)
-    train = (encode_dataset(model, train_ds, bundle.preprocess_val, None, desc="encoding train",
-                            **common) if train_ds else None)
+    train = (
+        encode_dataset(
+            model, train_ds, bundle.preprocess_val, None, desc="encoding train", **common
+        )
+        if train_ds
+        else None
+    )
     if not processes.is_main:
         return {}
 
@@ -150,30 +173,40 @@ def run_eval(model: EvalModel | str | os.PathLike, opts: EvalOptions,
     elif opts.task == "zeroshot":
         classnames, templates, results["zeroshot"] = prompts
         image, labels, results["data"]["unlabelled"] = _labelled(feats, "evaluation")
-        classes = class_embeddings(model, bundle.tokenizer, classnames, templates,
-                                   processes.device).cpu()
+        classes = class_embeddings(
+            model, bundle.tokenizer, classnames, templates, processes.device
+        ).cpu()
         results["metrics"] = zeroshot_metrics(image, labels, classes)
     else:
         image, labels, results["data"]["unlabelled"] = _labelled(feats, "evaluation")
         train_image, train_labels, train_unlabelled = _labelled(train, "training")
-        results["train_data"] = {**train_ds.describe(), "num_images": train.num_items,
-                                 "skipped": train.skipped, "unlabelled": train_unlabelled}
+        results["train_data"] = {
+            **train_ds.describe(),
+            "num_images": train.num_items,
+            "skipped": train.skipped,
+            "unlabelled": train_unlabelled,
+        }
         if opts.task == "linear-probe":
             results["metrics"] = linear_probe(train_image, train_labels, image, labels)
         else:
             results["knn"] = {"k": opts.k, "temperature": opts.temperature}
-            results["metrics"] = knn_metrics(train_image, train_labels, image, labels, k=opts.k,
-                                             temperature=opts.temperature)
+            results["metrics"] = knn_metrics(
+                train_image, train_labels, image, labels, k=opts.k, temperature=opts.temperature
+            )
     return results
 
 
 def _retrieval(feats: Features, data_info: dict[str, Any]) -> dict[str, float]:
     """Retrieval metrics; concept-level ones too when each image has one caption and a label."""
-    metrics, counts = grouped_retrieval_metrics(feats.image, feats.image_id, feats.text,
-                                                feats.text_item)
+    metrics, counts = grouped_retrieval_metrics(
+        feats.image, feats.image_id, feats.text, feats.text_item
+    )
     data_info.update(counts)
     one_caption_each = torch.equal(feats.text_item, torch.arange(feats.num_items))
-    if one_caption_each and len(set(feats.image_id)) == feats.num_items \
-            and bool((feats.label >= 0).all()):
+    if (
+        one_caption_each
+        and len(set(feats.image_id)) == feats.num_items
+        and bool((feats.label >= 0).all())
+    ):
         metrics.update(label_retrieval_metrics(feats.image, feats.text, feats.label))
     return metrics

@@ -35,8 +35,14 @@ ROWS_PER_PART = 1000
 SPLIT_PREFERENCE = ("test", "validation", "val", "valid")
 
 
-def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str,
-          where: str, required: bool) -> str | None:
+def _pick(
+    columns: list[str],
+    wanted: str | None,
+    candidates: tuple[str, ...],
+    what: str,
+    where: str,
+    required: bool,
+) -> str | None:
     if wanted is not None:
         if wanted not in columns:
             raise DataError(f"{where}: no column {wanted!r} for the {what} (columns: {columns})")
@@ -44,14 +50,17 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
     lower = {c.lower(): c for c in columns}
     found = next((lower[c] for c in candidates if c in lower), None)
     if found is None and required:
-        raise DataError(f"{where}: no {what} column (looked for {', '.join(candidates)}; "
-                        f"columns: {columns}); name it with --{what}-column")
+        raise DataError(
+            f"{where}: no {what} column (looked for {', '.join(candidates)}; "
+            f"columns: {columns}); name it with --{what}-column"
+        )
     return found
 
 
 def _label_ids(values: list[Any], where: str) -> tuple[list[int], list[str] | None]:
     """Ids by ``data_pipelines.labels``' rule; a missing value (None, empty) is -1 (unlabelled).
     Names only for string labels: integer ids name no class by themselves."""
+
     def missing(v: Any) -> bool:
         return v is None or (isinstance(v, str) and not v.strip())
 
@@ -65,8 +74,14 @@ class CsvTable(EvalDataset):
 
     layout = "csv"
 
-    def __init__(self, path: str | os.PathLike, *, image_column: str | None = None,
-                 caption_column: str | None = None, label_column: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_column: str | None = None,
+        caption_column: str | None = None,
+        label_column: str | None = None,
+    ):
         path = Path(path)
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         with open(path, newline="", encoding="utf-8") as f:
@@ -80,8 +95,10 @@ class CsvTable(EvalDataset):
         iid = _pick(columns, None, IMAGE_ID_COLUMNS, "image_id", str(path), False)
         if cap is None and lab is None:
             raise DataError(f"{path}: neither a caption nor a label column (columns: {columns})")
-        labels, names = _label_ids([(r[lab] or "").strip() for r in rows] if lab else [""] * len(rows),
-                                   f"{path} column {lab!r}")
+        labels, names = _label_ids(
+            [(r[lab] or "").strip() for r in rows] if lab else [""] * len(rows),
+            f"{path} column {lab!r}",
+        )
         groups: dict[str, dict[str, Any]] = {}
         for row, label in zip(rows, labels, strict=True):
             file = (row[img] or "").strip()
@@ -101,8 +118,13 @@ class CsvTable(EvalDataset):
         start = part * ROWS_PER_PART
         for pos, (key, g) in enumerate(self.items[start : start + ROWS_PER_PART]):
             file = Path(g["file"])
-            yield Item(pos, partial(open_image, file if file.is_absolute() else self.root / file),
-                       list(g["captions"]), g["label"], key)
+            yield Item(
+                pos,
+                partial(open_image, file if file.is_absolute() else self.root / file),
+                list(g["captions"]),
+                g["label"],
+                key,
+            )
 
 
 def is_saved_hf_dataset(path: Path) -> bool:
@@ -162,25 +184,35 @@ class HFTable(EvalDataset):
 
     layout = "hf"
 
-    def __init__(self, dataset: Any, path: Path, *, split: str | None,
-                 image_column: str | None = None, caption_column: str | None = None,
-                 label_column: str | None = None):
+    def __init__(
+        self,
+        dataset: Any,
+        path: Path,
+        *,
+        split: str | None,
+        image_column: str | None = None,
+        caption_column: str | None = None,
+        label_column: str | None = None,
+    ):
         import datasets
 
         features = dataset.features
         columns = list(features)
         where = str(path)
         img = image_column or next(
-            (c for c, f in features.items() if isinstance(f, datasets.Image)), None)
+            (c for c, f in features.items() if isinstance(f, datasets.Image)), None
+        )
         img = _pick(columns, img, IMAGE_COLUMNS, "image", where, True)
         cap = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", where, False)
         lab = label_column or next(
-            (c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+            (c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None
+        )
         lab = _pick(columns, lab, LABEL_COLUMNS, "label", where, False)
         if cap is None and lab is None:
             raise DataError(f"{where}: neither a caption nor a label column (columns: {columns})")
-        classnames = features[lab].names if lab and isinstance(features[lab], datasets.ClassLabel) \
-            else None
+        classnames = (
+            features[lab].names if lab and isinstance(features[lab], datasets.ClassLabel) else None
+        )
         self._label_ids: list[int] | None = None  # labels that are not a ClassLabel: numbered here
         if lab and classnames is None:
             self._label_ids, classnames = _label_ids(dataset[lab], f"{where} column {lab!r}")
@@ -193,8 +225,9 @@ class HFTable(EvalDataset):
         super().__init__(path, split=split, classnames=classnames, num_items=len(dataset))
 
     @classmethod
-    def from_disk(cls, path: Path, *, split: str | None, default_split: str,
-                  **columns: str | None) -> HFTable:
+    def from_disk(
+        cls, path: Path, *, split: str | None, default_split: str, **columns: str | None
+    ) -> HFTable:
         import datasets
 
         loaded = datasets.load_from_disk(str(path))
@@ -204,12 +237,12 @@ class HFTable(EvalDataset):
         return cls(loaded, path, split=split, **columns)
 
     @classmethod
-    def from_parquet(cls, files: list[Path], path: Path, *, split: str | None,
-                     **columns: str | None) -> HFTable:
+    def from_parquet(
+        cls, files: list[Path], path: Path, *, split: str | None, **columns: str | None
+    ) -> HFTable:
         import datasets
 
-        loaded = datasets.load_dataset("parquet", data_files=[str(f) for f in files],
-                                       split="train")
+        loaded = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
         return cls(loaded, path, split=split, **columns)
 
     def num_parts(self) -> int:
@@ -237,5 +270,4 @@ class HFTable(EvalDataset):
             label = row.get(cols["label"]) if cols["label"] else None
             label = label if isinstance(label, int) else -1
         image_id = row.get(cols["image_id"]) if cols["image_id"] else None
-        return Item(pos, load, captions, label,
-                    str(image_id if image_id is not None else row_no))
+        return Item(pos, load, captions, label, str(image_id if image_id is not None else row_no))

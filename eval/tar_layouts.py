@@ -32,8 +32,9 @@ class ClipfndShards(EvalDataset):
 
     def __init__(self, path: str | os.PathLike):
         shard_set = load_shard_set(path)
-        super().__init__(shard_set.root, classnames=shard_set.label_names,
-                         num_items=shard_set.num_samples)
+        super().__init__(
+            shard_set.root, classnames=shard_set.label_names, num_items=shard_set.num_samples
+        )
         self.shards = [s.path for s in shard_set.shards]
 
     def num_parts(self) -> int:
@@ -90,12 +91,15 @@ class ClipBenchmarkWds(EvalDataset):
         kind_file = root / "dataset_type.txt"
         kind = kind_file.read_text().strip().lower() if kind_file.is_file() else "classification"
         if kind not in ("classification", "retrieval"):
-            raise DataError(f"{kind_file}: dataset type {kind!r} is not supported "
-                            "(classification or retrieval)")
+            raise DataError(
+                f"{kind_file}: dataset type {kind!r} is not supported (classification or retrieval)"
+            )
         classnames = root / "classnames.txt"
         templates = root / "zeroshot_classification_templates.txt"
         super().__init__(
-            root, split=split, kind=kind,
+            root,
+            split=split,
+            kind=kind,
             classnames=read_lines(classnames) if classnames.is_file() else None,
             templates=read_lines(templates) if templates.is_file() else None,
         )

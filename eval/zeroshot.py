@@ -48,8 +48,10 @@ def load_classnames(spec: str) -> list[str]:
         return list(BUILTIN_CLASSNAMES[spec])
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"class names file {spec} does not exist "
-                                f"(or use one of: {', '.join(BUILTIN_CLASSNAMES)})")
+        raise FileNotFoundError(
+            f"class names file {spec} does not exist "
+            f"(or use one of: {', '.join(BUILTIN_CLASSNAMES)})"
+        )
     if path.suffix == ".json":
         names = json.loads(path.read_text())
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
@@ -64,8 +66,9 @@ def load_templates(spec: str) -> list[Template]:
         return list(BUILTIN_TEMPLATES[spec])
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"templates file {spec} does not exist "
-                                f"(or use one of: {', '.join(BUILTIN_TEMPLATES)})")
+        raise FileNotFoundError(
+            f"templates file {spec} does not exist (or use one of: {', '.join(BUILTIN_TEMPLATES)})"
+        )
     return list(read_lines(path))
 
 
@@ -80,9 +83,13 @@ def as_callable(template: Template) -> Callable[[str], str]:
     raise UserError(f"template {template!r} has no {{c}} or {{}} for the class name")
 
 
-def class_embeddings(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
-                     templates: Sequence[Template], device: torch.device | str = "cpu",
-                     ) -> torch.Tensor:
+def class_embeddings(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """``[C, d]`` prompt-ensemble class embeddings (open_clip's classifier builder)."""
     if not classnames:
         raise UserError("zero-shot classification needs at least one class name")
@@ -90,21 +97,31 @@ def class_embeddings(model: torch.nn.Module, tokenizer: Callable, classnames: Se
         raise UserError("zero-shot classification needs at least one template")
     fns = [as_callable(t) for t in templates]
     weights = open_clip.build_zero_shot_classifier(
-        model, tokenizer=tokenizer, classnames=list(classnames), templates=fns,
-        num_classes_per_batch=10, device=device, use_tqdm=False,
+        model,
+        tokenizer=tokenizer,
+        classnames=list(classnames),
+        templates=fns,
+        num_classes_per_batch=10,
+        device=device,
+        use_tqdm=False,
     )
     return weights.T.float()
 
 
-def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, prefix: str = "",
-                           ) -> dict[str, float]:
+def classification_metrics(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    prefix: str = "",
+) -> dict[str, float]:
     """Top-1, top-5 and mean per-class recall of ``[N, C]`` scores against ``[N]`` labels."""
     if labels.numel() == 0:
         raise UserError("no labelled samples to classify")
     num_classes = scores.shape[1]
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise UserError(f"labels outside [0, {num_classes}): min {int(labels.min())}, "
-                         f"max {int(labels.max())} (wrong class names, or unlabelled samples?)")
+        raise UserError(
+            f"labels outside [0, {num_classes}): min {int(labels.min())}, "
+            f"max {int(labels.max())} (wrong class names, or unlabelled samples?)"
+        )
     k = min(5, num_classes)
     top = scores.topk(k, dim=1).indices
     correct = top == labels[:, None]
@@ -118,7 +135,10 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, prefix: s
     }
 
 
-def zeroshot_metrics(image: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
-                     ) -> dict[str, float]:
+def zeroshot_metrics(
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    classes: torch.Tensor,
+) -> dict[str, float]:
     """Metrics of normalised image embeddings ``[N, d]`` against class embeddings ``[C, d]``."""
     return classification_metrics(image.float() @ classes.float().T, labels)

@@ -11,9 +11,18 @@ import torch
 from clipfnd.models import create_clip
 
 
-def write_checkpoint(run: Path, weights_of: str = "clipfnd-tiny-vit", recorded_name: str | None = None,
-                     *, seed: int = 0, step: int = 1, epoch: int = 0, logit_scale: float | None = None,
-                     extra_files: tuple[str, ...] = (), config: dict | None = None) -> Path:
+def write_checkpoint(
+    run: Path,
+    weights_of: str = "clipfnd-tiny-vit",
+    recorded_name: str | None = None,
+    *,
+    seed: int = 0,
+    step: int = 1,
+    epoch: int = 0,
+    logit_scale: float | None = None,
+    extra_files: tuple[str, ...] = (),
+    config: dict | None = None,
+) -> Path:
     """``RUN/checkpoints/step_N`` with the weights of a fresh ``weights_of`` model (seeded) and a
     trainer_state.json naming ``recorded_name`` (default: the same). Returns ``run``."""
     name = recorded_name or weights_of
@@ -27,7 +36,12 @@ def write_checkpoint(run: Path, weights_of: str = "clipfnd-tiny-vit", recorded_n
     safetensors.torch.save_file(model.state_dict(), str(ckpt / "model.safetensors"))
     for junk in extra_files:  # e.g. training-only state an export must leave behind
         (ckpt / junk).write_bytes(b"training state")
-    state = {"step": step, "epoch": epoch, "world_size": 1, "model_name": name,
-             "config": {"model": {"name": name}, **(config or {})}}
+    state = {
+        "step": step,
+        "epoch": epoch,
+        "world_size": 1,
+        "model_name": name,
+        "config": {"model": {"name": name}, **(config or {})},
+    }
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
     return run

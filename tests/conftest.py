@@ -21,8 +21,18 @@ def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     spec = synthetic.SyntheticSpec(num_concepts=16, seed=3, image_size=32)
     names = synthetic.label_names(spec)
-    write_split(root / "train", synthetic.generate(spec, 512, "train"), shard_size=64,
-                label_names=names, progress=False)
-    write_split(root / "val", synthetic.generate(spec, 128, "val"), shard_size=64,
-                label_names=names, progress=False)
+    write_split(
+        root / "train",
+        synthetic.generate(spec, 512, "train"),
+        shard_size=64,
+        label_names=names,
+        progress=False,
+    )
+    write_split(
+        root / "val",
+        synthetic.generate(spec, 128, "val"),
+        shard_size=64,
+        label_names=names,
+        progress=False,
+    )
     return root

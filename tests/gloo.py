@@ -37,8 +37,13 @@ def run_group(fn, world: int, *args):
         out_dir = os.path.join(d, "out")
         os.makedirs(out_dir)
         try:
-            mp.start_processes(_entry, args=(fn, world, init_file, out_dir, args), nprocs=world,
-                               start_method="spawn", join=True)
+            mp.start_processes(
+                _entry,
+                args=(fn, world, init_file, out_dir, args),
+                nprocs=world,
+                start_method="spawn",
+                join=True,
+            )
         except Exception as e:
             errors = []
             for r in range(world):
@@ -48,4 +53,6 @@ def run_group(fn, world: int, *args):
                     if "error" in got:
                         errors.append(f"rank {r}:\n{got['error']}")
             raise AssertionError("\n".join(errors) or str(e)) from e
-        return [torch.load(Path(out_dir) / f"{r}.pt", weights_only=False)["ok"] for r in range(world)]
+        return [
+            torch.load(Path(out_dir) / f"{r}.pt", weights_only=False)["ok"] for r in range(world)
+        ]

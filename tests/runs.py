@@ -45,16 +45,24 @@ def write_config(path: Path, shapes: Path, run_dir: Path, extra: dict | None = N
     lines.update(extra or {})
     from omegaconf import OmegaConf
 
-    dotlist = [f"{k}={json.dumps(v) if v is None or isinstance(v, bool) else v}" for k, v in lines.items()]
+    dotlist = [
+        f"{k}={json.dumps(v) if v is None or isinstance(v, bool) else v}" for k, v in lines.items()
+    ]
     path.write_text(OmegaConf.to_yaml(OmegaConf.from_dotlist(dotlist)))
     return path
 
 
-def launch(config: Path, *overrides: str, processes: int = 2, timeout: int = 400,
-           expect_ok: bool = True) -> subprocess.CompletedProcess:
+def launch(
+    config: Path, *overrides: str, processes: int = 2, timeout: int = 400, expect_ok: bool = True
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(launch_cmd(config, overrides, processes), capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        launch_cmd(config, overrides, processes),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -74,26 +82,56 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def launch_cmd(config: Path, overrides: tuple[str, ...], processes: int) -> list[str]:
     if processes > 1:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-                "no", "--main_process_port", str(free_port()), "-m", "clipfnd", "train", str(config),
-                *overrides]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "clipfnd",
+            "train",
+            str(config),
+            *overrides,
+        ]
     return [sys.executable, "-m", "clipfnd", "train", str(config), *overrides]
 
 
-def launch_and_kill(config: Path, run_dir: Path, after_step: int, *overrides: str, processes: int = 2,
-                    timeout: float = 300) -> None:
+def launch_and_kill(
+    config: Path,
+    run_dir: Path,
+    after_step: int,
+    *overrides: str,
+    processes: int = 2,
+    timeout: float = 300,
+) -> None:
     """Start a run and SIGKILL its whole process group once ``after_step`` is logged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log_path = run_dir.parent / f"{run_dir.name}.killed.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(launch_cmd(config, overrides, processes), stdout=log, stderr=log,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            launch_cmd(config, overrides, processes),
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
-                    raise AssertionError(f"the run ended before it could be killed: {log_path.read_text()[-3000:]}")
+                    raise AssertionError(
+                        f"the run ended before it could be killed: {log_path.read_text()[-3000:]}"
+                    )
                 logged = losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
                 if logged and max(logged) >= after_step:
                     os.killpg(proc.pid, signal.SIGKILL)

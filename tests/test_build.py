@@ -56,15 +56,24 @@ def test_csv_captions_string_labels_and_dense_indices(tmp_path):
         f"{absolute},a blue square,blue\n"
         "img/a.png,another red one,red\n"
     )
-    ss = build_shards("csv", str(tmp_path / "data.csv"), str(tmp_path / "out"), shard_size=3,
-                      label_column="label", progress=False)
+    ss = build_shards(
+        "csv",
+        str(tmp_path / "data.csv"),
+        str(tmp_path / "out"),
+        shard_size=3,
+        label_column="label",
+        progress=False,
+    )
 
     assert ss.num_samples == 4 and ss.num_shards == 2
     assert ss.label_names == ["blue", "green", "red"]
     samples = _samples(tmp_path / "out")
     _check_dense(samples)
     assert [s["caption"] for s in samples] == [
-        "a red square", "a green square, small", "a blue square", "another red one"
+        "a red square",
+        "a green square, small",
+        "a blue square",
+        "another red one",
     ]
     assert [s["meta"]["label"] for s in samples] == [2, 1, 0, 2]
     assert "png" in samples[0] and "jpg" in samples[1]
@@ -100,8 +109,13 @@ def test_csv_without_caption_column_names_it(tmp_path):
     with pytest.raises(DataError, match=r"caption column 'caption'.*'image', 'text'"):
         build_shards("csv", str(tmp_path / "data.csv"), str(tmp_path / "out"), progress=False)
     # the configured name is what is looked for
-    ss = build_shards("csv", str(tmp_path / "data.csv"), str(tmp_path / "out"),
-                      caption_column="text", progress=False)
+    ss = build_shards(
+        "csv",
+        str(tmp_path / "data.csv"),
+        str(tmp_path / "out"),
+        caption_column="text",
+        progress=False,
+    )
     assert ss.num_samples == 1
 
 
@@ -109,13 +123,17 @@ def test_tsv_with_integer_labels(tmp_path):
     _image(tmp_path / "a.png", (1, 2, 3))
     _image(tmp_path / "b.png", (4, 5, 6))
     (tmp_path / "data.tsv").write_text(
-        "path\ttext\tcls\n"
-        "a.png\tcommas, stay, in the caption\t2\n"
-        "b.png\tplain\t0\n"
+        "path\ttext\tcls\na.png\tcommas, stay, in the caption\t2\nb.png\tplain\t0\n"
     )
-    ss = build_shards("csv", str(tmp_path / "data.tsv"), str(tmp_path / "out"),
-                      image_column="path", caption_column="text", label_column="cls",
-                      progress=False)
+    ss = build_shards(
+        "csv",
+        str(tmp_path / "data.tsv"),
+        str(tmp_path / "out"),
+        image_column="path",
+        caption_column="text",
+        label_column="cls",
+        progress=False,
+    )
     samples = _samples(tmp_path / "out")
     assert [s["caption"] for s in samples] == ["commas, stay, in the caption", "plain"]
     assert [s["meta"]["label"] for s in samples] == [2, 0]
@@ -128,8 +146,9 @@ def test_csv_several_captions_per_image_share_image_id(tmp_path):
     (tmp_path / "caps.csv").write_text(
         "image;caption\nx/a.png;one\nx/b.png;two\nx/a.png;three\nx/a.png;four\n"
     )
-    build_shards("csv", str(tmp_path / "caps.csv"), str(tmp_path / "out"), separator=";",
-                 progress=False)
+    build_shards(
+        "csv", str(tmp_path / "caps.csv"), str(tmp_path / "out"), separator=";", progress=False
+    )
     samples = _samples(tmp_path / "out")
     assert [s["meta"]["image_id"] for s in samples] == ["x/a.png", "x/b.png", "x/a.png", "x/a.png"]
     assert samples[0]["png"] == samples[2]["png"]
@@ -141,8 +160,14 @@ def test_csv_build_is_deterministic(tmp_path):
     rows = "".join(f"{i}.png,caption {i},{i % 2}\n" for i in range(5))
     (tmp_path / "d.csv").write_text("image,caption,label\n" + rows)
     for out in ("one", "two"):
-        build_shards("csv", str(tmp_path / "d.csv"), str(tmp_path / out), shard_size=2,
-                     label_column="label", progress=False)
+        build_shards(
+            "csv",
+            str(tmp_path / "d.csv"),
+            str(tmp_path / out),
+            shard_size=2,
+            label_column="label",
+            progress=False,
+        )
     assert _shard_bytes(tmp_path / "one") == _shard_bytes(tmp_path / "two")
     assert _manifest(tmp_path / "one") == _manifest(tmp_path / "two")
 
@@ -156,13 +181,19 @@ def test_imagefolder_sidecar_captions_and_folder_labels(tmp_path):
     _image(root / "cats" / "c0.webp", (4, 4, 4), fmt="WEBP")
     _image(root / "cats" / "no_caption.png", (5, 5, 5))
     _image(root / ".hidden" / "h.png", (6, 6, 6))
-    for rel, text in [("dogs/d2", "dog two"), ("dogs/d1", "dog one\n"),
-                      ("cats/deep/c1", "cat one"), ("cats/c0", "cat zero"), (".hidden/h", "x")]:
+    for rel, text in [
+        ("dogs/d2", "dog two"),
+        ("dogs/d1", "dog one\n"),
+        ("cats/deep/c1", "cat one"),
+        ("cats/c0", "cat zero"),
+        (".hidden/h", "x"),
+    ]:
         (root / f"{rel}.txt").write_text(text)
     (root / "notes.md").write_text("not an image")
 
-    ss = build_shards("imagefolder", str(root), str(tmp_path / "out"), label_column="folder",
-                      progress=False)
+    ss = build_shards(
+        "imagefolder", str(root), str(tmp_path / "out"), label_column="folder", progress=False
+    )
 
     samples = _samples(tmp_path / "out")
     _check_dense(samples)
@@ -186,12 +217,20 @@ def hf_dataset(tmp_path, monkeypatch):
     jpg = _image(tmp_path / "files" / "photo.jpg", (9, 99, 199))
     images = [Image.new("RGB", (8, 8), (i * 60, 10, 20)) for i in range(3)] + [str(jpg)]
     features = datasets.Features(
-        {"image": datasets.Image(), "caption": datasets.Value("string"),
-         "label": datasets.Value("string"), "extra": datasets.Value("int64")}
+        {
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "label": datasets.Value("string"),
+            "extra": datasets.Value("int64"),
+        }
     )
     return datasets.Dataset.from_dict(
-        {"image": images, "caption": ["zero", "one", "", "photo"],
-         "label": ["plane", "car", "car", "bird"], "extra": [0, 1, 2, 3]},
+        {
+            "image": images,
+            "caption": ["zero", "one", "", "photo"],
+            "label": ["plane", "car", "car", "bird"],
+            "extra": [0, 1, 2, 3],
+        },
         features=features,
     )
 
@@ -200,8 +239,9 @@ def test_hf_save_to_disk_image_feature_and_string_labels(tmp_path, hf_dataset):
     import datasets
 
     hf_dataset.save_to_disk(str(tmp_path / "ds"))
-    ss = build_shards("hf", str(tmp_path / "ds"), str(tmp_path / "out"), label_column="label",
-                      progress=False)
+    ss = build_shards(
+        "hf", str(tmp_path / "ds"), str(tmp_path / "out"), label_column="label", progress=False
+    )
 
     samples = _samples(tmp_path / "out")
     _check_dense(samples)
@@ -216,16 +256,19 @@ def test_hf_save_to_disk_image_feature_and_string_labels(tmp_path, hf_dataset):
     datasets.DatasetDict({"train": hf_dataset.select([0]), "val": hf_dataset}).save_to_disk(
         str(tmp_path / "dd")
     )
-    val = build_shards("hf", str(tmp_path / "dd"), str(tmp_path / "out_val"), hf_split="val",
-                       progress=False)
+    val = build_shards(
+        "hf", str(tmp_path / "dd"), str(tmp_path / "out_val"), hf_split="val", progress=False
+    )
     assert val.num_samples == 3
     with pytest.raises(DataError, match=r"no split 'test'.*train, val"):
-        build_shards("hf", str(tmp_path / "dd"), str(tmp_path / "o"), hf_split="test",
-                     progress=False)
+        build_shards(
+            "hf", str(tmp_path / "dd"), str(tmp_path / "o"), hf_split="test", progress=False
+        )
 
     # same input, same bytes
-    build_shards("hf", str(tmp_path / "ds"), str(tmp_path / "again"), label_column="label",
-                 progress=False)
+    build_shards(
+        "hf", str(tmp_path / "ds"), str(tmp_path / "again"), label_column="label", progress=False
+    )
     assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "again")
 
 
@@ -234,13 +277,19 @@ def test_hf_parquet_file_and_folder(tmp_path, hf_dataset):
     hf_dataset.select([0, 1]).to_parquet(str(tmp_path / "pq" / "part-0.parquet"))
     hf_dataset.select([2, 3]).to_parquet(str(tmp_path / "pq" / "part-1.parquet"))
 
-    one = build_shards("hf", str(tmp_path / "pq" / "part-0.parquet"), str(tmp_path / "o1"),
-                       label_column="label", progress=False)
+    one = build_shards(
+        "hf",
+        str(tmp_path / "pq" / "part-0.parquet"),
+        str(tmp_path / "o1"),
+        label_column="label",
+        progress=False,
+    )
     assert [s["caption"] for s in _samples(tmp_path / "o1")] == ["zero", "one"]
     assert one.label_names == ["car", "plane"]
 
-    both = build_shards("hf", str(tmp_path / "pq"), str(tmp_path / "o2"), label_column="label",
-                        progress=False)
+    both = build_shards(
+        "hf", str(tmp_path / "pq"), str(tmp_path / "o2"), label_column="label", progress=False
+    )
     samples = _samples(tmp_path / "o2")
     _check_dense(samples)
     assert [s["caption"] for s in samples] == ["zero", "one", "photo"]
@@ -252,8 +301,9 @@ def test_hf_parquet_file_and_folder(tmp_path, hf_dataset):
 def test_hf_without_column_names_it(tmp_path, hf_dataset):
     hf_dataset.save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(DataError, match=r"label column 'cls'.*'caption'"):
-        build_shards("hf", str(tmp_path / "ds"), str(tmp_path / "out"), label_column="cls",
-                     progress=False)
+        build_shards(
+            "hf", str(tmp_path / "ds"), str(tmp_path / "out"), label_column="cls", progress=False
+        )
 
 
 def test_hf_caption_lists_bytes_column_and_int_labels(tmp_path, monkeypatch):
@@ -266,12 +316,17 @@ def test_hf_caption_lists_bytes_column_and_int_labels(tmp_path, monkeypatch):
         buf = io.BytesIO()
         Image.new("RGB", (4, 4), color).save(buf, format="GIF")  # not kept: becomes PNG
         blobs.append(buf.getvalue())
-    ds = datasets.Dataset.from_dict(
-        {"img": blobs, "sentences": [["a", "b"], ["c"]], "y": [3, 1]}
-    )
+    ds = datasets.Dataset.from_dict({"img": blobs, "sentences": [["a", "b"], ["c"]], "y": [3, 1]})
     ds.save_to_disk(str(tmp_path / "ds"))
-    ss = build_shards("hf", str(tmp_path / "ds"), str(tmp_path / "out"), image_column="img",
-                      caption_column="sentences", label_column="y", progress=False)
+    ss = build_shards(
+        "hf",
+        str(tmp_path / "ds"),
+        str(tmp_path / "out"),
+        image_column="img",
+        caption_column="sentences",
+        label_column="y",
+        progress=False,
+    )
     samples = _samples(tmp_path / "out")
     _check_dense(samples)
     assert [s["caption"] for s in samples] == ["a", "b", "c"]
@@ -296,9 +351,37 @@ def test_cli_data_build(tmp_path, capsys):
 
     _image(tmp_path / "a.png", (1, 2, 3))
     (tmp_path / "d.csv").write_text("image,caption\na.png,hello\n")
-    assert main(["data", "build", "--from", "csv", "--input", str(tmp_path / "d.csv"),
-                 "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--from",
+                "csv",
+                "--input",
+                str(tmp_path / "d.csv"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["samples"] == 1
-    assert main(["data", "build", "--from", "csv", "--input", str(tmp_path / "d.csv"),
-                 "--out", str(tmp_path / "o2"), "--caption-column", "text"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--from",
+                "csv",
+                "--input",
+                str(tmp_path / "d.csv"),
+                "--out",
+                str(tmp_path / "o2"),
+                "--caption-column",
+                "text",
+            ]
+        )
+        == 2
+    )
     assert "'text'" in capsys.readouterr().err

@@ -11,9 +11,20 @@ from clipfnd.cli.main import eval_lines, main
 
 
 def _args(shapes, run, *extra: str) -> list[str]:
-    return ["train", "configs/demo.yaml", f"output_dir={run}", f"data.train={shapes / 'train'}",
-            f"data.val={shapes / 'val'}", "data.num_workers=0", "data.batch_size=64", "train.max_steps=2",
-            "train.progress=false", "train.tensorboard=false", "eval.batch_size=128", *extra]
+    return [
+        "train",
+        "configs/demo.yaml",
+        f"output_dir={run}",
+        f"data.train={shapes / 'train'}",
+        f"data.val={shapes / 'val'}",
+        "data.num_workers=0",
+        "data.batch_size=64",
+        "train.max_steps=2",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "eval.batch_size=128",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("tasks", [["retrieval"], ["zeroshot"], ["retrieval", "zeroshot"]])
@@ -35,13 +46,18 @@ def test_summary_lines_for_partial_results():
     assert only_zs == ["zero-shot top-1/5 : 0.500"]
 
 
-@pytest.mark.parametrize("override,message", [
-    ("data.train=/nonexistent/shards", "/nonexistent/shards"),
-    ("model.name=no-such-model", "no-such-model"),
-    ("data.batch_size=1024", "cannot fill one batch"),
-    ("optim.accum_steps=9", "no optimiser step"),
-])
-def test_a_run_that_cannot_start_leaves_no_output_folder(shapes, tmp_path, capsys, override, message):
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.train=/nonexistent/shards", "/nonexistent/shards"),
+        ("model.name=no-such-model", "no-such-model"),
+        ("data.batch_size=1024", "cannot fill one batch"),
+        ("optim.accum_steps=9", "no optimiser step"),
+    ],
+)
+def test_a_run_that_cannot_start_leaves_no_output_folder(
+    shapes, tmp_path, capsys, override, message
+):
     run = tmp_path / "deep" / "run"
     rc = main(_args(shapes, run, override))
     err = capsys.readouterr().err
@@ -49,7 +65,9 @@ def test_a_run_that_cannot_start_leaves_no_output_folder(shapes, tmp_path, capsy
     assert not run.exists() and not (tmp_path / "deep").exists()
 
 
-def test_user_errors_are_one_line_and_bugs_keep_their_traceback(shapes, tmp_path, capsys, monkeypatch):
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(
+    shapes, tmp_path, capsys, monkeypatch
+):
     import clipfnd.train.loop as loop
 
     rc = main(_args(shapes, tmp_path / "run", "fnd.alpha=2"))  # a user's mistake

@@ -89,8 +89,11 @@ def test_every_package_is_installed_and_eval_under_its_own_name():
 
     root = Path(__file__).parent.parent
     tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    on_disk = {".".join(p.parent.relative_to(root).parts) for top in ("clipfnd", "data_pipelines")
-               for p in (root / top).rglob("__init__.py")}
+    on_disk = {
+        ".".join(p.parent.relative_to(root).parts)
+        for top in ("clipfnd", "data_pipelines")
+        for p in (root / top).rglob("__init__.py")
+    }
     assert on_disk | {"clipfnd_eval"} == set(tool["packages"])
     assert tool["package-dir"] == {"clipfnd_eval": "eval"}
     import clipfnd_eval

@@ -30,8 +30,15 @@ def tokenize(captions):
 
 
 def stream(shard_set, **kw):
-    args = dict(global_batch_size=32, image_transform=TRANSFORM, tokenize=tokenize, num_workers=2,
-                seed=5, shuffle_buffer=50, chunk_size=8)
+    args = dict(
+        global_batch_size=32,
+        image_transform=TRANSFORM,
+        tokenize=tokenize,
+        num_workers=2,
+        seed=5,
+        shuffle_buffer=50,
+        chunk_size=8,
+    )
     args.update(kw)
     return ShardStream(shard_set, **args)
 
@@ -48,8 +55,13 @@ def digest(folder):
 def test_synthetic_same_seed_same_bytes_and_manifest(tmp_path):
     spec = synthetic.SyntheticSpec(num_concepts=8, seed=11)
     for name in ("a", "b"):
-        write_split(tmp_path / name, synthetic.generate(spec, 50), shard_size=16,
-                    label_names=synthetic.label_names(spec), progress=False)
+        write_split(
+            tmp_path / name,
+            synthetic.generate(spec, 50),
+            shard_size=16,
+            label_names=synthetic.label_names(spec),
+            progress=False,
+        )
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     other = synthetic.SyntheticSpec(num_concepts=8, seed=12)
     write_split(tmp_path / "c", synthetic.generate(other, 50), shard_size=16, progress=False)
@@ -58,7 +70,11 @@ def test_synthetic_same_seed_same_bytes_and_manifest(tmp_path):
     assert manifest["num_samples"] == 50 and manifest["num_shards"] == 4
     assert [s["num_samples"] for s in manifest["shards"]] == [16, 16, 16, 2]
     assert manifest["num_labels"] == 8 and len(manifest["label_names"]) == 8
-    seen = [json.loads(s["json"]) for p in sorted((tmp_path / "a").glob("*.tar")) for s in iter_tar_samples(str(p))]
+    seen = [
+        json.loads(s["json"])
+        for p in sorted((tmp_path / "a").glob("*.tar"))
+        for s in iter_tar_samples(str(p))
+    ]
     assert [s["index"] for s in seen] == list(range(50))
     assert all(0 <= s["label"] < 8 for s in seen)
 
@@ -108,7 +124,9 @@ def test_epochs_differ_and_ranks_agree(shapes):
 
 def test_uneven_shards_give_equal_batch_counts(tmp_path):
     spec = synthetic.SyntheticSpec(num_concepts=4, seed=1, image_size=16)
-    ss = write_split(tmp_path, synthetic.generate(spec, 200), shard_size=60, progress=False)  # 60,60,60,20
+    ss = write_split(
+        tmp_path, synthetic.generate(spec, 200), shard_size=60, progress=False
+    )  # 60,60,60,20
     counts = []
     for rank in range(2):
         s = stream(ss, rank=rank, world=2, global_batch_size=16, num_workers=1)
@@ -205,7 +223,9 @@ def test_resampled_stream_has_fixed_epoch_length(shapes):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_fast_forwards_without_decoding_and_counts_each_bad_sample_once(shapes, tmp_path, num_workers):
+def test_resume_fast_forwards_without_decoding_and_counts_each_bad_sample_once(
+    shapes, tmp_path, num_workers
+):
     """Bad samples before the resume point are neither decoded again nor counted again."""
     ss = load_shard_set(_corrupt_copy(shapes, tmp_path))
     s = stream(ss, rank=0, world=1, num_workers=num_workers, chunk_size=5)

@@ -29,12 +29,18 @@ def _global_features():
 def _clip_worker(rank, world):
     img0, txt0 = _global_features()
     b = B // world
-    img = img0[rank * b:(rank + 1) * b].clone().requires_grad_()
-    txt = txt0[rank * b:(rank + 1) * b].clone().requires_grad_()
+    img = img0[rank * b : (rank + 1) * b].clone().requires_grad_()
+    txt = txt0[rank * b : (rank + 1) * b].clone().requires_grad_()
     img_all = distributed.gather_with_grad(img)
     txt_all = distributed.gather_with_grad(txt)
-    loss = clip_loss(img, txt, img_all, txt_all, torch.tensor(1 / 0.07, dtype=torch.float64),
-                     distributed.label_offset(b))
+    loss = clip_loss(
+        img,
+        txt,
+        img_all,
+        txt_all,
+        torch.tensor(1 / 0.07, dtype=torch.float64),
+        distributed.label_offset(b),
+    )
     # Each rank's loss is the mean over its anchors; the loss of the global batch is the
     # mean over ranks, so the gradients that sum to the single-process one are of loss/world.
     (loss / world).backward()
@@ -57,18 +63,44 @@ def test_clip_loss_and_gradients_two_processes_equal_one():
 N, D_IN = 64, 10
 CONFIGS = {
     "clip_glofnd": {"fnd.detector": "glofnd", "fnd.start_mask": 1, "fnd.lr": 0.3},
-    "clip_glofnd_attract": {"fnd.detector": "glofnd", "fnd.start_mask": 1, "fnd.lr": 0.3, "fnd.removal": "attract"},
+    "clip_glofnd_attract": {
+        "fnd.detector": "glofnd",
+        "fnd.start_mask": 1,
+        "fnd.lr": 0.3,
+        "fnd.removal": "attract",
+    },
     "clip_glofnd_sgd": {"fnd.detector": "glofnd", "fnd.optimizer": "sgd", "fnd.lr": 0.2},
-    "sogclr_glofnd": {"loss.name": "sogclr", "fnd.detector": "glofnd", "fnd.start_mask": 1,
-                      "fnd.lr": 0.3, "loss.gamma_decay_epochs": 2},
-    "fastclip_v3_glofnd": {"loss.name": "fastclip_v3", "fnd.detector": "glofnd", "fnd.start_mask": 1,
-                           "fnd.lr": 0.3, "loss.gamma_decay_epochs": 2},
+    "sogclr_glofnd": {
+        "loss.name": "sogclr",
+        "fnd.detector": "glofnd",
+        "fnd.start_mask": 1,
+        "fnd.lr": 0.3,
+        "loss.gamma_decay_epochs": 2,
+    },
+    "fastclip_v3_glofnd": {
+        "loss.name": "fastclip_v3",
+        "fnd.detector": "glofnd",
+        "fnd.start_mask": 1,
+        "fnd.lr": 0.3,
+        "loss.gamma_decay_epochs": 2,
+    },
     "clip_oracle_attract": {"fnd.detector": "oracle", "fnd.removal": "attract"},
     # every sample of the global batch twice, the copies spread over both ranks (as
     # data.resampled=true can draw them): copies are no negatives, rows written once
-    "clip_glofnd_repeats": {"fnd.detector": "glofnd", "fnd.start_mask": 1, "fnd.lr": 0.3, "repeats": True},
-    "fastclip_v3_glofnd_repeats": {"loss.name": "fastclip_v3", "fnd.detector": "glofnd", "fnd.start_mask": 1,
-                                   "fnd.lr": 0.3, "loss.gamma_decay_epochs": 2, "repeats": True},
+    "clip_glofnd_repeats": {
+        "fnd.detector": "glofnd",
+        "fnd.start_mask": 1,
+        "fnd.lr": 0.3,
+        "repeats": True,
+    },
+    "fastclip_v3_glofnd_repeats": {
+        "loss.name": "fastclip_v3",
+        "fnd.detector": "glofnd",
+        "fnd.start_mask": 1,
+        "fnd.lr": 0.3,
+        "loss.gamma_decay_epochs": 2,
+        "repeats": True,
+    },
 }
 STEPS = 8
 
@@ -101,7 +133,7 @@ def run_steps(rank: int, world: int, overrides: dict, steps: int = STEPS):
         if repeats:
             half = order[: B // 2]
             order = torch.cat([half, half])[torch.randperm(B, generator=gen)]
-        idx = order[rank * b:(rank + 1) * b]
+        idx = order[rank * b : (rank + 1) * b]
         img = F.normalize(wi(xi[idx]), dim=1)
         txt = F.normalize(wt(xt[idx]), dim=1)
         out = obj(img, txt, log_scale.exp(), idx, labels[idx], epoch=step // 3)
@@ -114,7 +146,11 @@ def run_steps(rank: int, world: int, overrides: dict, steps: int = STEPS):
         opt.step()
         opt.zero_grad()
         losses.append(distributed.all_reduce_sum(out.loss.detach()).item() / world)
-    return losses, {k: v.clone() for k, v in tables.state_dict()["tables"].items()}, [p.detach().clone() for p in params]
+    return (
+        losses,
+        {k: v.clone() for k, v in tables.state_dict()["tables"].items()},
+        [p.detach().clone() for p in params],
+    )
 
 
 def _objective_worker(rank, world):

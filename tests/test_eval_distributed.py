@@ -30,22 +30,58 @@ def free_port() -> int:
 def test_two_processes_equal_one(tmp_path):
     spec = SyntheticSpec(num_concepts=8, image_size=32)
     # 3 uneven shards read by 2 processes x 2 workers: readers stride over items
-    write_split(tmp_path / "val", generate(spec, 50, "val"), shard_size=20,
-                label_names=label_names(spec), progress=False)
+    write_split(
+        tmp_path / "val",
+        generate(spec, 50, "val"),
+        shard_size=20,
+        label_names=label_names(spec),
+        progress=False,
+    )
     run = write_checkpoint(tmp_path / "run")
     out = tmp_path / "two.json"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "clipfnd", "eval", "--checkpoint", str(run), "--task", "retrieval",
-           "--data", str(tmp_path / "val"), "--out", str(out), "--batch-size", "8",
-           "--num-workers", "2", "--no-progress"]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "clipfnd",
+        "eval",
+        "--checkpoint",
+        str(run),
+        "--task",
+        "retrieval",
+        "--data",
+        str(tmp_path / "val"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "2",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(out.read_text())
-    one = run_eval(run, EvalOptions(task="retrieval", data=str(tmp_path / "val"), num_workers=0,
-                                    progress=False), Processes(0, 1, torch.device("cpu")))
+    one = run_eval(
+        run,
+        EvalOptions(task="retrieval", data=str(tmp_path / "val"), num_workers=0, progress=False),
+        Processes(0, 1, torch.device("cpu")),
+    )
     assert two["processes"] == 2 and one["processes"] == 1
     assert two["data"] == one["data"]  # every item once: 50 images, 50 captions
     assert two["data"]["images"] == 50

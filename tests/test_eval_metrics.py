@@ -46,7 +46,9 @@ def test_retrieval_exact_ties_count_against_the_query():
     assert m["i2t_mean_rank"] == pytest.approx((3 + 3 + 3 + 1) / 4)
     # caption -> image is tie-free here (the three images differ): caption 0 finds image 0 first
     assert m["t2i_R@1"] == pytest.approx(2 / 4)
-    ranks = first_positive_rank(torch.tensor([[0.5, 0.5, 0.5]]), torch.tensor([[False, True, False]]))
+    ranks = first_positive_rank(
+        torch.tensor([[0.5, 0.5, 0.5]]), torch.tensor([[False, True, False]])
+    )
     assert ranks.tolist() == [2]  # both tied wrong candidates come first
 
 
@@ -83,14 +85,17 @@ def test_grouped_retrieval_pools_captions_and_drops_captionless_images():
 # --- zero-shot -------------------------------------------------------------------------------
 def test_classification_metrics_known_answers():
     # 6 samples, 6 classes; scores rank the true class 1st, 1st, 3rd, 6th, 1st, 2nd
-    scores = torch.tensor([
-        [9, 1, 2, 3, 4, 5],
-        [1, 9, 2, 3, 4, 5],
-        [7, 8, 6, 3, 4, 5],
-        [9, 8, 7, 6, 5, 1],
-        [1, 2, 3, 4, 5, 9],
-        [1, 2, 3, 4, 8, 9],
-    ], dtype=torch.float32)
+    scores = torch.tensor(
+        [
+            [9, 1, 2, 3, 4, 5],
+            [1, 9, 2, 3, 4, 5],
+            [7, 8, 6, 3, 4, 5],
+            [9, 8, 7, 6, 5, 1],
+            [1, 2, 3, 4, 5, 9],
+            [1, 2, 3, 4, 8, 9],
+        ],
+        dtype=torch.float32,
+    )
     labels = torch.tensor([0, 1, 2, 5, 5, 4])
     m = classification_metrics(scores, labels)
     assert m["top1"] == pytest.approx(3 / 6)
@@ -115,8 +120,12 @@ class FakeTextModel(torch.nn.Module):
 
 
 def fake_tokenizer(texts: list[str]) -> torch.Tensor:
-    return torch.tensor([[sum(map(ord, w)) % 1000 for w in t.split()[:3]] + [0] * (3 - len(
-        t.split()[:3])) for t in texts])
+    return torch.tensor(
+        [
+            [sum(map(ord, w)) % 1000 for w in t.split()[:3]] + [0] * (3 - len(t.split()[:3]))
+            for t in texts
+        ]
+    )
 
 
 def test_class_embeddings_are_the_prompt_ensemble_of_methods_md():
@@ -163,9 +172,11 @@ def test_knn_top1_known_answer():
 def test_linear_probe_separable_classes():
     gen = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=-1) * 4
+
     def sample(n):
         y = torch.arange(n) % 3
         return centres[y] + 0.3 * torch.randn(n, 16, generator=gen), y
+
     x, y = sample(90)
     xt, yt = sample(30)
     m = linear_probe(x, y, xt, yt, cs=(0.01, 1.0, 100.0))

@@ -40,8 +40,9 @@ SPEC = SyntheticSpec(num_concepts=8, image_size=32)
 CPU = Processes(0, 1, torch.device("cpu"))
 
 
-def write_clip_benchmark(root: Path, samples, kind: str, classnames=None, templates=None,
-                         shard_size: int = 20) -> Path:
+def write_clip_benchmark(
+    root: Path, samples, kind: str, classnames=None, templates=None, shard_size: int = 20
+) -> Path:
     """clip_benchmark's layout: ROOT/test/{nshards.txt,0.tar,...} + metadata files."""
     split = root / "test"
     split.mkdir(parents=True)
@@ -70,25 +71,40 @@ def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
     names = label_names(SPEC)
     out = {"run": write_checkpoint(root / "run")}
-    write_split(root / "val", generate(SPEC, 64, "val"), shard_size=24, label_names=names,
-                progress=False)
-    write_split(root / "train", generate(SPEC, 96, "train"), shard_size=48, label_names=names,
-                progress=False)
+    write_split(
+        root / "val", generate(SPEC, 64, "val"), shard_size=24, label_names=names, progress=False
+    )
+    write_split(
+        root / "train",
+        generate(SPEC, 96, "train"),
+        shard_size=48,
+        label_names=names,
+        progress=False,
+    )
     out["val"], out["train"] = root / "val", root / "train"
     raw = list(generate(SPEC, 40, "test"))
-    cls = [{("png" if i % 2 else "jpg"): as_png(s.image) if i % 2 else s.image,
-            "cls": str(s.label).encode()} for i, s in enumerate(raw)]
-    out["cb_cls"] = write_clip_benchmark(root / "cb_cls", cls, "classification", names,
-                                         ["a photo of a {c}.", "{c}, drawn"])
-    ret = [{"webp": s.image, "txt": f"{s.caption}\nsomething about {names[s.label]}\n".encode()}
-           for s in raw[:30]]  # "webp" key holding JPEG bytes: decoding goes by content
+    cls = [
+        {
+            ("png" if i % 2 else "jpg"): as_png(s.image) if i % 2 else s.image,
+            "cls": str(s.label).encode(),
+        }
+        for i, s in enumerate(raw)
+    ]
+    out["cb_cls"] = write_clip_benchmark(
+        root / "cb_cls", cls, "classification", names, ["a photo of a {c}.", "{c}, drawn"]
+    )
+    ret = [
+        {"webp": s.image, "txt": f"{s.caption}\nsomething about {names[s.label]}\n".encode()}
+        for s in raw[:30]
+    ]  # "webp" key holding JPEG bytes: decoding goes by content
     out["cb_ret"] = write_clip_benchmark(root / "cb_ret", ret, "retrieval")
     return out
 
 
 def options(task: str, data: Path, **kw) -> EvalOptions:
-    return EvalOptions(task=task, data=str(data), batch_size=16, num_workers=0, progress=False,
-                       **kw)
+    return EvalOptions(
+        task=task, data=str(data), batch_size=16, num_workers=0, progress=False, **kw
+    )
 
 
 def test_retrieval_on_shards_equals_a_direct_computation(data):
@@ -96,14 +112,28 @@ def test_retrieval_on_shards_equals_a_direct_computation(data):
     res = run_eval(data["run"], options("retrieval", data["val"]), CPU)
     bundle = create_clip("clipfnd-tiny-vit")
     model = bundle.model.eval()
-    model.load_state_dict(safetensors.torch.load_file(
-        str(data["run"] / "checkpoints/step_00000001/model.safetensors")))
-    samples = sorted((s for sh in load_shard_set(data["val"]).shards for s in iter_tar_samples(sh.path)),
-                     key=lambda s: json.loads(s["json"])["index"])
+    model.load_state_dict(
+        safetensors.torch.load_file(
+            str(data["run"] / "checkpoints/step_00000001/model.safetensors")
+        )
+    )
+    samples = sorted(
+        (s for sh in load_shard_set(data["val"]).shards for s in iter_tar_samples(sh.path)),
+        key=lambda s: json.loads(s["json"])["index"],
+    )
     with torch.no_grad():
-        image = torch.cat([model.encode_image(bundle.preprocess_val(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))[None],
-                                              normalize=True) for s in samples])
-        text = model.encode_text(bundle.tokenizer([s["txt"].decode() for s in samples]), normalize=True)
+        image = torch.cat(
+            [
+                model.encode_image(
+                    bundle.preprocess_val(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))[None],
+                    normalize=True,
+                )
+                for s in samples
+            ]
+        )
+        text = model.encode_text(
+            bundle.tokenizer([s["txt"].decode() for s in samples]), normalize=True
+        )
     label = torch.tensor([json.loads(s["json"])["label"] for s in samples])
     want = retrieval_metrics(image, text, torch.arange(len(samples)))
     want.update(label_retrieval_metrics(image, text, label))
@@ -118,8 +148,9 @@ def test_retrieval_on_shards_equals_a_direct_computation(data):
 def _reference_zeroshot(data_root: Path, classnames, templates, run: Path) -> dict[str, float]:
     """open_clip's own classifier builder and accuracy logic, on images read by hand."""
     bundle = create_clip("clipfnd-tiny-vit")
-    bundle.model.load_state_dict(safetensors.torch.load_file(
-        str(run / "checkpoints/step_00000001/model.safetensors")))
+    bundle.model.load_state_dict(
+        safetensors.torch.load_file(str(run / "checkpoints/step_00000001/model.safetensors"))
+    )
     model = bundle.model.eval()
     images, targets = [], []
     nshards = int((data_root / "test/nshards.txt").read_text())
@@ -133,8 +164,12 @@ def _reference_zeroshot(data_root: Path, classnames, templates, run: Path) -> di
     target = torch.tensor(targets)
     with torch.no_grad():
         classifier = open_clip.build_zero_shot_classifier(
-            model, tokenizer=bundle.tokenizer, classnames=classnames,
-            templates=[t.replace("{c}", "{}") for t in templates], num_classes_per_batch=3)
+            model,
+            tokenizer=bundle.tokenizer,
+            classnames=classnames,
+            templates=[t.replace("{c}", "{}") for t in templates],
+            num_classes_per_batch=3,
+        )
         feats = model(image=torch.stack(images))["image_features"]
         logits = 100.0 * feats @ classifier
     # open_clip_train.zero_shot.accuracy, with .item() (its float(ndarray) fails on numpy 2.4)
@@ -151,8 +186,9 @@ def test_zeroshot_clip_benchmark_layout_equals_open_clip(data):
     assert res["data"]["num_images"] == 40
     assert res["zeroshot"]["num_templates"] == 2
     assert res["zeroshot"]["templates"].startswith("dataset")
-    want = _reference_zeroshot(data["cb_cls"], label_names(SPEC),
-                               ["a photo of a {c}.", "{c}, drawn"], data["run"])
+    want = _reference_zeroshot(
+        data["cb_cls"], label_names(SPEC), ["a photo of a {c}.", "{c}, drawn"], data["run"]
+    )
     for k, v in want.items():
         assert res["metrics"][k] == pytest.approx(v, abs=1e-9), k
 
@@ -162,14 +198,24 @@ def test_zeroshot_files_and_builtin_imagenet_lists(data, tmp_path):
     names.write_text("\n".join(label_names(SPEC)) + "\n")
     templates = tmp_path / "templates.txt"
     templates.write_text("a drawing of a {c}\n")
-    res = run_eval(data["run"], options("zeroshot", data["val"], classnames=str(names),
-                                        templates=str(templates)), CPU)
-    assert res["zeroshot"] == {"classnames": str(names), "num_classes": 8, "num_templates": 1,
-                               "templates": str(templates)}
+    res = run_eval(
+        data["run"],
+        options("zeroshot", data["val"], classnames=str(names), templates=str(templates)),
+        CPU,
+    )
+    assert res["zeroshot"] == {
+        "classnames": str(names),
+        "num_classes": 8,
+        "num_templates": 1,
+        "templates": str(templates),
+    }
     assert set(res["metrics"]) == {"top1", "top5", "mean_per_class_recall"}
     # open_clip's ImageNet names (1000 classes; our labels 0..7 are valid ids there)
-    res = run_eval(data["run"], options("zeroshot", data["val"], classnames="imagenet",
-                                        templates=str(templates)), CPU)
+    res = run_eval(
+        data["run"],
+        options("zeroshot", data["val"], classnames="imagenet", templates=str(templates)),
+        CPU,
+    )
     assert res["zeroshot"]["num_classes"] == 1000
     assert load_classnames("imagenet") == list(open_clip.IMAGENET_CLASSNAMES)
     assert load_templates("openai") == list(open_clip.OPENAI_IMAGENET_TEMPLATES)
@@ -206,19 +252,28 @@ def test_hf_saved_dataset_and_parquet(data, tmp_path):
     import datasets
 
     raw = list(generate(SPEC, 16, "test"))
-    features = datasets.Features({
-        "image": datasets.Image(),
-        "caption": datasets.Value("string"),
-        "label": datasets.ClassLabel(names=label_names(SPEC)),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=label_names(SPEC)),
+        }
+    )
     ds = datasets.Dataset.from_dict(
-        {"image": [Image.open(io.BytesIO(s.image)) for s in raw],
-         "caption": [s.caption for s in raw], "label": [s.label for s in raw]},
-        features=features)
+        {
+            "image": [Image.open(io.BytesIO(s.image)) for s in raw],
+            "caption": [s.caption for s in raw],
+            "label": [s.label for s in raw],
+        },
+        features=features,
+    )
     datasets.DatasetDict({"test": ds, "train": ds}).save_to_disk(str(tmp_path / "saved"))
     res = run_eval(data["run"], options("zeroshot", tmp_path / "saved"), CPU)
-    assert (res["data"]["layout"], res["data"]["split"], res["data"]["num_images"]) == \
-        ("hf", "test", 16)
+    assert (res["data"]["layout"], res["data"]["split"], res["data"]["num_images"]) == (
+        "hf",
+        "test",
+        16,
+    )
     assert res["zeroshot"]["classnames"] == "dataset (hf)"
     ds.to_parquet(str(tmp_path / "test-00000.parquet"))
     res = run_eval(data["run"], options("retrieval", tmp_path / "test-00000.parquet"), CPU)
@@ -230,30 +285,51 @@ def test_linear_probe_and_knn_on_shards(data):
     assert res["train_data"]["num_images"] == 96
     assert res["knn"] == {"k": 20, "temperature": 0.07}
     assert 0.0 <= res["metrics"]["top1"] <= 1.0
-    res = run_eval(data["run"], options("linear-probe", data["val"],
-                                        train_data=str(data["train"])), CPU)
+    res = run_eval(
+        data["run"], options("linear-probe", data["val"], train_data=str(data["train"])), CPU
+    )
     assert {"top1", "C", "val_top1"} <= set(res["metrics"])
 
 
 def test_cli_eval_writes_results(data, tmp_path, capsys):
     out = tmp_path / "results.json"
-    rc = main(["eval", "--checkpoint", str(data["run"]), "--task", "zeroshot", "--data",
-               str(data["cb_cls"]), "--out", str(out), "--num-workers", "0", "--no-progress",
-               "--device", "cpu"])
+    rc = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(data["run"]),
+            "--task",
+            "zeroshot",
+            "--data",
+            str(data["cb_cls"]),
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     written = json.loads(out.read_text())
     assert written["task"] == "zeroshot" and "top1" in written["metrics"]
     assert json.loads(capsys.readouterr().out) == written
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--checkpoint", "{tmp}/missing", "--task", "retrieval", "--data", "{val}"],
-     "does not exist"),
-    (["--checkpoint", "{run}", "--task", "knn", "--data", "{val}"], "needs --train-data"),
-    (["--checkpoint", "{run}", "--task", "retrieval", "--data", "{tmp}"], "no known dataset"),
-    (["--checkpoint", "{run}", "--task", "zeroshot", "--data", "{cb_ret}"], "class names"),
-    (["--checkpoint", "{val}", "--task", "retrieval", "--data", "{val}"], "no checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--checkpoint", "{tmp}/missing", "--task", "retrieval", "--data", "{val}"],
+            "does not exist",
+        ),
+        (["--checkpoint", "{run}", "--task", "knn", "--data", "{val}"], "needs --train-data"),
+        (["--checkpoint", "{run}", "--task", "retrieval", "--data", "{tmp}"], "no known dataset"),
+        (["--checkpoint", "{run}", "--task", "zeroshot", "--data", "{cb_ret}"], "class names"),
+        (["--checkpoint", "{val}", "--task", "retrieval", "--data", "{val}"], "no checkpoint"),
+    ],
+)
 def test_cli_eval_errors_are_one_clear_line(data, tmp_path, capsys, args, message):
     fill = {"tmp": tmp_path, "val": data["val"], "run": data["run"], "cb_ret": data["cb_ret"]}
     rc = main(["eval", *[a.format(**fill) for a in args], "--no-progress"])
@@ -270,7 +346,9 @@ def _read_clip_benchmark(root: Path, bundle) -> list[tuple[torch.Tensor, dict[st
         with tarfile.open(root / f"test/{n}.tar") as tf:
             members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
         for key in sorted({name.split(".")[0] for name in members}):
-            mine = {name.split(".", 1)[1]: v for name, v in members.items() if name.split(".")[0] == key}
+            mine = {
+                name.split(".", 1)[1]: v for name, v in members.items() if name.split(".")[0] == key
+            }
             img = next(mine[e] for e in ("jpg", "png", "webp") if e in mine)
             out.append((bundle.preprocess_val(Image.open(io.BytesIO(img)).convert("RGB")), mine))
     return out
@@ -278,8 +356,9 @@ def _read_clip_benchmark(root: Path, bundle) -> list[tuple[torch.Tensor, dict[st
 
 def _checkpoint_model(run: Path):
     bundle = create_clip("clipfnd-tiny-vit")
-    bundle.model.load_state_dict(safetensors.torch.load_file(
-        str(run / "checkpoints/step_00000001/model.safetensors")))
+    bundle.model.load_state_dict(
+        safetensors.torch.load_file(str(run / "checkpoints/step_00000001/model.safetensors"))
+    )
     bundle.model.eval()
     return bundle
 
@@ -292,22 +371,36 @@ def test_retrieval_agrees_with_clip_benchmark(data, tmp_path):
 
     names = label_names(SPEC)
     raw = list(generate(SPEC, 40, "test"))
-    unique = [{"jpg": s.image, "txt": f"{s.caption} number {i}\nsample {i} shows {names[s.label]}\n".encode()}
-              for i, s in enumerate(raw)]
-    repeated = [{"jpg": s.image, "txt": f"{names[s.label]}\n".encode()} for s in raw]  # one caption per concept
+    unique = [
+        {
+            "jpg": s.image,
+            "txt": f"{s.caption} number {i}\nsample {i} shows {names[s.label]}\n".encode(),
+        }
+        for i, s in enumerate(raw)
+    ]
+    repeated = [
+        {"jpg": s.image, "txt": f"{names[s.label]}\n".encode()} for s in raw
+    ]  # one caption per concept
     bundle = _checkpoint_model(data["run"])
     for kind, samples in (("unique", unique), ("repeated", repeated)):
         root = write_clip_benchmark(tmp_path / kind, samples, "retrieval")
         ours = run_eval(data["run"], options("retrieval", root), CPU)["metrics"]
         read = _read_clip_benchmark(root, bundle)
-        batches = [(torch.stack([x for x, _ in read[i:i + 16]]),
-                    [m["txt"].decode().strip().split("\n") for _, m in read[i:i + 16]])
-                   for i in range(0, len(read), 16)]
-        theirs = zeroshot_retrieval.evaluate(bundle.model, batches, bundle.tokenizer, "cpu", amp=False,
-                                             recall_k_list=[1, 5, 10])
+        batches = [
+            (
+                torch.stack([x for x, _ in read[i : i + 16]]),
+                [m["txt"].decode().strip().split("\n") for _, m in read[i : i + 16]],
+            )
+            for i in range(0, len(read), 16)
+        ]
+        theirs = zeroshot_retrieval.evaluate(
+            bundle.model, batches, bundle.tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10]
+        )
         for k in (1, 5, 10):
-            pairs = ((ours[f"t2i_R@{k}"], theirs[f"image_retrieval_recall@{k}"]),
-                     (ours[f"i2t_R@{k}"], theirs[f"text_retrieval_recall@{k}"]))
+            pairs = (
+                (ours[f"t2i_R@{k}"], theirs[f"image_retrieval_recall@{k}"]),
+                (ours[f"i2t_R@{k}"], theirs[f"text_retrieval_recall@{k}"]),
+            )
             for mine, cb in pairs:
                 if kind == "unique":
                     assert mine == pytest.approx(cb, abs=1e-9), (kind, k, mine, cb)
@@ -338,12 +431,20 @@ def test_zeroshot_agrees_with_clip_benchmark(data, monkeypatch):
     monkeypatch.setattr(zeroshot_classification, "accuracy", accuracy)
     bundle = _checkpoint_model(data["run"])
     read = _read_clip_benchmark(data["cb_cls"], bundle)
-    batches = BatchList([(torch.stack([x for x, _ in read[i:i + 16]]),
-                          torch.tensor([int(m["cls"]) for _, m in read[i:i + 16]]))
-                         for i in range(0, len(read), 16)], label_names(SPEC))
+    batches = BatchList(
+        [
+            (
+                torch.stack([x for x, _ in read[i : i + 16]]),
+                torch.tensor([int(m["cls"]) for _, m in read[i : i + 16]]),
+            )
+            for i in range(0, len(read), 16)
+        ],
+        label_names(SPEC),
+    )
     templates = ["a photo of a {c}.", "{c}, drawn"]
-    theirs = zeroshot_classification.evaluate(bundle.model, batches, bundle.tokenizer, label_names(SPEC),
-                                              templates, "cpu", amp=False)
+    theirs = zeroshot_classification.evaluate(
+        bundle.model, batches, bundle.tokenizer, label_names(SPEC), templates, "cpu", amp=False
+    )
     ours = run_eval(data["run"], options("zeroshot", data["cb_cls"]), CPU)["metrics"]
     assert ours["top1"] == pytest.approx(theirs["acc1"], abs=1e-9)
     assert ours["top5"] == pytest.approx(theirs["acc5"], abs=1e-9)

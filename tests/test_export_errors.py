@@ -27,9 +27,15 @@ from checkpoints import write_checkpoint  # noqa: E402
 def in_memory(name: str, model: torch.nn.Module | None = None) -> LoadedCheckpoint:
     """A LoadedCheckpoint around a freshly built model (no files: the check runs first)."""
     model = model if model is not None else open_clip.create_model(name)
-    return LoadedCheckpoint(path=Path("/nowhere"), run_dir=None, step=0, epoch=0,
-                            model_name=name, config={},
-                            bundle=ClipBundle(model.eval(), None, None, None, name))
+    return LoadedCheckpoint(
+        path=Path("/nowhere"),
+        run_dir=None,
+        step=0,
+        epoch=0,
+        model_name=name,
+        config={},
+        bundle=ClipBundle(model.eval(), None, None, None, name),
+    )
 
 
 @pytest.mark.parametrize("fmt", ["hf", "timm"])
@@ -50,8 +56,9 @@ def register(tmp_path: Path, name: str, vision: dict, text: dict) -> str:
 
 
 def test_non_plain_towers_list_what_does_not_fit(tmp_path):
-    name = register(tmp_path, "test-attnpool-vit", {"attentional_pool": True,
-                                                     "attn_pooler_heads": 2}, {})
+    name = register(
+        tmp_path, "test-attnpool-vit", {"attentional_pool": True, "attn_pooler_heads": 2}, {}
+    )
     with pytest.raises(UnsupportedExport, match=r"vision_cfg\.attentional_pool=True"):
         export_checkpoint(in_memory(name), "timm", tmp_path / "out")
     name = register(tmp_path, "test-lastpool-vit", {}, {"pool_type": "last"})
@@ -62,16 +69,29 @@ def test_non_plain_towers_list_what_does_not_fit(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--checkpoint", "{tmp}/missing"], "does not exist"),
-    (["--checkpoint", "{tmp}"], "no checkpoint in"),
-    (["--checkpoint", "{mismatch}"], "do not fit model 'clipfnd-small-vit'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "{tmp}/missing"], "does not exist"),
+        (["--checkpoint", "{tmp}"], "no checkpoint in"),
+        (["--checkpoint", "{mismatch}"], "do not fit model 'clipfnd-small-vit'"),
+    ],
+)
 def test_cli_export_errors_are_one_clear_line(tmp_path, capsys, args, message):
-    fill = {"tmp": tmp_path,
-            "mismatch": write_checkpoint(tmp_path / "run", "clipfnd-tiny-vit", "clipfnd-small-vit")}
-    rc = main(["export", *[a.format(**fill) for a in args], "--format", "hf", "--out",
-               str(tmp_path / "out")])
+    fill = {
+        "tmp": tmp_path,
+        "mismatch": write_checkpoint(tmp_path / "run", "clipfnd-tiny-vit", "clipfnd-small-vit"),
+    }
+    rc = main(
+        [
+            "export",
+            *[a.format(**fill) for a in args],
+            "--format",
+            "hf",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("clipfnd: error:") and message in err, err

@@ -29,8 +29,9 @@ MODELS = ("clipfnd-tiny-vit", "clipfnd-small-vit")
 TRAINING_ONLY = ("optimizer.bin", "custom_checkpoint_0.pkl", "loader_rank0.json")
 # a logit scale that differs from the init (to see it carried over), training-only files that
 # must not be exported, and a step/epoch/config to find in the export record
-CHECKPOINT = dict(step=7, epoch=1, logit_scale=3.3, extra_files=TRAINING_ONLY,
-                  config={"optim": {"lr": 0.001}})
+CHECKPOINT = dict(
+    step=7, epoch=1, logit_scale=3.3, extra_files=TRAINING_ONLY, config={"optim": {"lr": 0.001}}
+)
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -62,8 +63,9 @@ def test_open_clip_local_dir_and_state_dict_give_identical_embeddings(exported):
     assert torch.equal(image, ours[0]) and torch.equal(text, ours[1])
     assert model.logit_scale.item() == pytest.approx(3.3)
 
-    model = open_clip.create_model(exported["name"],
-                                   pretrained=str(out / "open_clip_pytorch_model.bin"))
+    model = open_clip.create_model(
+        exported["name"], pretrained=str(out / "open_clip_pytorch_model.bin")
+    )
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
 
@@ -136,8 +138,18 @@ def test_exports_record_source_and_hold_no_training_state(exported):
 def test_cli_export_verify_prints_differences(tmp_path, capsys):
     run = write_checkpoint(tmp_path / "run", MODELS[0], **CHECKPOINT)
     for fmt in ("open_clip", "hf", "timm"):
-        rc = main(["export", "--checkpoint", str(run), "--format", fmt, "--out",
-                   str(tmp_path / fmt), "--verify"])
+        rc = main(
+            [
+                "export",
+                "--checkpoint",
+                str(run),
+                "--format",
+                fmt,
+                "--out",
+                str(tmp_path / fmt),
+                "--verify",
+            ]
+        )
         assert rc == 0
         printed = capsys.readouterr().out
         assert "max abs diff" in printed and "passed" in printed

@@ -26,8 +26,13 @@ RHO = 6.5
 
 
 def _setup(glofnd: bool, seed: int = 0):
-    over = ["data.train=unused", "loss.name=fastclip_v3", f"loss.rho={RHO}", "loss.gamma_decay_epochs=0",
-            "loss.gamma_min=0.3"]
+    over = [
+        "data.train=unused",
+        "loss.name=fastclip_v3",
+        f"loss.rho={RHO}",
+        "loss.gamma_decay_epochs=0",
+        "loss.gamma_min=0.3",
+    ]
     if glofnd:  # mask from the first step on, from thresholds placed by hand below
         over += ["fnd.detector=glofnd", "fnd.start_mask=0", "fnd.alpha=0.1"]
     cfg = load_config(None, over)
@@ -54,7 +59,10 @@ def _features(data, idx, log_scale):
 def _kept(sim: torch.Tensor, lam: torch.Tensor | None) -> list[list[int]]:
     """Kept negatives per row: not the positive, not above the anchor's threshold."""
     b = sim.shape[0]
-    return [[j for j in range(b) if j != i and (lam is None or not bool(sim[i, j] > lam[i]))] for i in range(b)]
+    return [
+        [j for j in range(b) if j != i and (lam is None or not bool(sim[i, j] > lam[i]))]
+        for i in range(b)
+    ]
 
 
 def _lambdas(tables, idx, glofnd):
@@ -95,7 +103,9 @@ def naive_surrogate(img, txt, log_scale, u_old, visits, gamma, lam):
             u = (1 - gam) * u_old[t][i] + gam * g.detach()
             terms.append(g / u)
             logs.append(torch.log(u))
-        loss = loss + 0.5 * (tau.detach() * torch.stack(terms).mean() + tau * torch.stack(logs).mean())
+        loss = loss + 0.5 * (
+            tau.detach() * torch.stack(terms).mean() + tau * torch.stack(logs).mean()
+        )
     return loss
 
 
@@ -123,7 +133,9 @@ def test_temperature_and_feature_gradients_match_the_naive_surrogate_on_a_later_
     data = (data[0], data[1], w_img, data[3])
     log_scale = torch.tensor(math.log(1 / 0.05), dtype=torch.float64, requires_grad=True)
     # step 1 fills u for samples 0..9; step 2 revisits 5..9 (u != g there) and sees 10..14 fresh
-    first = obj(*_features(data, torch.arange(B), log_scale), torch.arange(B), torch.full((B,), -1), epoch=0)
+    first = obj(
+        *_features(data, torch.arange(B), log_scale), torch.arange(B), torch.full((B,), -1), epoch=0
+    )
     obj.commit(first)
     idx = torch.arange(5, 5 + B)
     u_old = {t: tables[f"gcl.u_{t}"][idx].to(torch.float64) for t in ("img", "txt")}

@@ -34,8 +34,10 @@ def test_thresholds_converge_to_quantile(alpha):
             det.lr = 0.005  # a smaller step for the last half, as any SGD run would anneal
         perm = torch.randperm(N, generator=g)
         for k in range(N // B):
-            idx = perm[k * B:(k + 1) * B]
-            tables.write_rows(idx, det.update("view", idx, [S[idx][:, idx]], [[torch.arange(B)]], B - 1))
+            idx = perm[k * B : (k + 1) * B]
+            tables.write_rows(
+                idx, det.update("view", idx, [S[idx][:, idx]], [[torch.arange(B)]], B - 1)
+            )
     others = S.masked_select(~torch.eye(N, dtype=torch.bool)).view(N, N - 1)
     target = torch.quantile(others, 1 - alpha, dim=1)
     err = (tables["glofnd.lambda_view"] - target).abs()
@@ -67,15 +69,22 @@ def naive_glofnd(steps, N, alpha, lr, b1, b2, optimizer, epochs=None, bias="samp
             mn = b1 * m[n] + (1 - b1) * gr
             vn = b2 * v[n] + (1 - b2) * gr * gr
             t = cn if bias == "sample" else epochs[k] + 1
-            mhat = mn / (1 - b1 ** t)
-            vhat = vn / (1 - b2 ** t)
-            new[n] = (min(1.0, max(-1.0, lam[n] - lr * mhat / (math.sqrt(vhat) + 1e-8))), mn, vn, cn)
+            mhat = mn / (1 - b1**t)
+            vhat = vn / (1 - b2**t)
+            new[n] = (
+                min(1.0, max(-1.0, lam[n] - lr * mhat / (math.sqrt(vhat) + 1e-8))),
+                mn,
+                vn,
+                cn,
+            )
         for n, (a, mm, vv, cc) in new.items():
             lam[n], m[n], v[n], c[n] = a, mm, vv, cc
     return lam, c
 
 
-@pytest.mark.parametrize("optimizer,bias", [("adam", "sample"), ("sgd", "sample"), ("adam", "epoch")])
+@pytest.mark.parametrize(
+    "optimizer,bias", [("adam", "sample"), ("sgd", "sample"), ("adam", "epoch")]
+)
 @pytest.mark.parametrize("views", [1, 2])
 def test_update_matches_naive_loop(optimizer, bias, views):
     """Resampled batches (uneven visit counts) exercise the per-sample bias correction;
@@ -103,12 +112,22 @@ def test_update_matches_naive_loop(optimizer, bias, views):
             negs.append(neg)
         steps.append((idx, rows, negs, excludes))
     tables = StateTables(N)
-    det = GloFND.from_config(FNDConfig(alpha=alpha, lr=lr, optimizer=optimizer, bias_correction=bias), tables, ("a",))
-    epochs = [15 + k // 5 for k in range(len(steps))]  # updates starting at epoch 15, as the paper's
+    det = GloFND.from_config(
+        FNDConfig(alpha=alpha, lr=lr, optimizer=optimizer, bias_correction=bias), tables, ("a",)
+    )
+    epochs = [
+        15 + k // 5 for k in range(len(steps))
+    ]  # updates starting at epoch 15, as the paper's
     for (idx, rows, negs, excludes), epoch in zip(steps, epochs):
-        tables.write_rows(idx, det.update("a", idx, rows, excludes, int(negs[0][0].sum()), epoch=epoch))
-    lam, counts = naive_glofnd([st[:3] for st in steps], N, alpha, lr, 0.9, 0.98, optimizer, epochs, bias)
-    torch.testing.assert_close(tables["glofnd.lambda_a"], torch.tensor(lam, dtype=torch.float32), atol=2e-6, rtol=0)
+        tables.write_rows(
+            idx, det.update("a", idx, rows, excludes, int(negs[0][0].sum()), epoch=epoch)
+        )
+    lam, counts = naive_glofnd(
+        [st[:3] for st in steps], N, alpha, lr, 0.9, 0.98, optimizer, epochs, bias
+    )
+    torch.testing.assert_close(
+        tables["glofnd.lambda_a"], torch.tensor(lam, dtype=torch.float32), atol=2e-6, rtol=0
+    )
     assert tables["glofnd.count_a"].tolist() == [float(c) for c in counts]
     assert len(set(counts)) > 1  # visit counts really differ
 
@@ -119,7 +138,9 @@ def test_thresholds_start_at_one_and_stay_clamped():
     assert tables["glofnd.lambda_a"].tolist() == [1.0] * 4
     sims = torch.full((4, 4), -1.0)
     for _ in range(3):  # g = alpha > 0 pushes lambda down, hard
-        tables.write_rows(torch.arange(4), det.update("a", torch.arange(4), [sims], [[torch.arange(4)]], 3))
+        tables.write_rows(
+            torch.arange(4), det.update("a", torch.arange(4), [sims], [[torch.arange(4)]], 3)
+        )
     assert tables["glofnd.lambda_a"].tolist() == [-1.0] * 4
 
 
@@ -129,14 +150,20 @@ def test_flags_and_gradient_definition():
     lam = torch.tensor([0.5, 0.0, 0.9])
     sim = torch.tensor([[1.0, 0.6, 0.4, 0.7], [0.1, 1.0, 0.2, -0.3], [0.95, 0.91, 1.0, 0.2]])
     flags = det.flags(sim, lam, [torch.arange(3)])  # the positive of row i is column i
-    assert flags.tolist() == [[False, True, False, True], [True, False, True, False], [True, True, False, False]]
+    assert flags.tolist() == [
+        [False, True, False, True],
+        [True, False, True, False],
+        [True, True, False, False],
+    ]
     g = det.gradient([flags], 3)
     torch.testing.assert_close(g, torch.tensor([0.25 - 2 / 3, 0.25 - 2 / 3, 0.25 - 2 / 3]))
 
 
 def test_index_out_of_range_is_a_clear_error():
     tables = StateTables(10)
-    with pytest.raises(TableIndexError, match="dataset index 12 is outside the per-sample tables of 10 rows"):
+    with pytest.raises(
+        TableIndexError, match="dataset index 12 is outside the per-sample tables of 10 rows"
+    ):
         tables.check_indices(torch.tensor([1, 12]))
 
 
@@ -156,7 +183,9 @@ def _batch(b=8, d=6, seed=0):
 
 
 def test_objective_before_start_mask_equals_plain_clip_and_updates_only_from_start_update():
-    cfg = _cfg(**{"fnd.detector": "glofnd", "fnd.start_update": 1, "fnd.start_mask": 2, "fnd.lr": 0.5})
+    cfg = _cfg(
+        **{"fnd.detector": "glofnd", "fnd.start_update": 1, "fnd.start_mask": 2, "fnd.lr": 0.5}
+    )
     tables = StateTables(8)
     obj = ClipObjective(cfg, tables, has_labels=True)
     img, txt, scale, idx, lab = _batch()
@@ -186,4 +215,6 @@ def test_objective_masks_use_cross_modal_similarity_and_pre_update_thresholds():
     eye = torch.eye(8, dtype=torch.bool)
     fn_i = (s > 0.0) & ~eye
     fn_t = (s.T > 0.3) & ~eye
-    torch.testing.assert_close(out.loss, clip_loss(img, txt, img, txt, scale, 0, fn_i, fn_t, "eliminate", False))
+    torch.testing.assert_close(
+        out.loss, clip_loss(img, txt, img, txt, scale, 0, fn_i, fn_t, "eliminate", False)
+    )

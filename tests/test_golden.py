@@ -23,15 +23,32 @@ CONFIG = Path(__file__).parent.parent / "configs" / "demo.yaml"
 
 # 8 steps an epoch on the test shapes; thresholds learn from step 1, negatives are removed
 # from epoch 1 (steps 9-12), so every part of each objective runs.
-COMMON = ["data.batch_size=64", "data.num_workers=0", "data.shuffle_buffer=100", "train.epochs=2",
-          "train.max_steps=12", "fnd.start_update=0", "fnd.start_mask=1", "fnd.alpha=0.06", "fnd.lr=0.1",
-          "optim.warmup_steps=2", "train.log_every=1", "train.progress=false", "train.tensorboard=false",
-          "eval.at_end=false", "train.checkpoint_every=0"]
+COMMON = [
+    "data.batch_size=64",
+    "data.num_workers=0",
+    "data.shuffle_buffer=100",
+    "train.epochs=2",
+    "train.max_steps=12",
+    "fnd.start_update=0",
+    "fnd.start_mask=1",
+    "fnd.alpha=0.06",
+    "fnd.lr=0.1",
+    "optim.warmup_steps=2",
+    "train.log_every=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "eval.at_end=false",
+    "train.checkpoint_every=0",
+]
 RUNS = {
     "demo_clip_glofnd": [],
     "fastclip_v3_glofnd": ["loss.name=fastclip_v3", "loss.gamma_decay_epochs=2"],
     "sogclr_oracle_attract": ["loss.name=sogclr", "fnd.detector=oracle", "fnd.removal=attract"],
-    "clip_glofnd_attract_accum": ["fnd.removal=attract", "optim.accum_steps=2", "train.max_steps=6"],
+    "clip_glofnd_attract_accum": [
+        "fnd.removal=attract",
+        "optim.accum_steps=2",
+        "train.max_steps=6",
+    ],
 }
 
 
@@ -43,8 +60,16 @@ def _losses(run: Path) -> list[float]:
 @pytest.mark.parametrize("name", list(RUNS))
 def test_seeded_losses_equal_the_golden_ones(name, shapes, tmp_path):
     run = tmp_path / name
-    cfg = load_config(CONFIG, [f"output_dir={run}", f"data.train={shapes / 'train'}", "data.val=null",
-                               *COMMON, *RUNS[name]])
+    cfg = load_config(
+        CONFIG,
+        [
+            f"output_dir={run}",
+            f"data.train={shapes / 'train'}",
+            "data.val=null",
+            *COMMON,
+            *RUNS[name],
+        ],
+    )
     train(cfg)
     got = _losses(run)
     if os.environ.get("CLIPFND_WRITE_GOLDEN"):

@@ -46,10 +46,19 @@ def _table(tmp_path, labels: list[str]):
 
 def test_build_and_eval_read_one_csv_the_same_way(tmp_path):
     path = _table(tmp_path, ["plane", "bird", "car", "bird"])
-    ss = build_shards("csv", str(path), str(tmp_path / "shards"), image_column="image",
-                      caption_column="caption", label_column="label")
-    built = sorted((json.loads(s["json"])["index"], json.loads(s["json"])["label"])
-                   for sh in load_shard_set(tmp_path / "shards").shards for s in iter_tar_samples(sh.path))
+    ss = build_shards(
+        "csv",
+        str(path),
+        str(tmp_path / "shards"),
+        image_column="image",
+        caption_column="caption",
+        label_column="label",
+    )
+    built = sorted(
+        (json.loads(s["json"])["index"], json.loads(s["json"])["label"])
+        for sh in load_shard_set(tmp_path / "shards").shards
+        for s in iter_tar_samples(sh.path)
+    )
     ds = open_dataset(path, label_column="label")
     read = [item.label for part in range(ds.num_parts()) for item in ds.read_part(part)]
     assert [label for _, label in built] == read == [2, 0, 1, 0]
@@ -60,12 +69,20 @@ def test_eval_numbers_string_labels_of_a_hugging_face_dataset(tmp_path):
     """A string label column (not a ClassLabel) used to be read as 'no label' for every row."""
     import datasets
 
-    ds = datasets.Dataset.from_dict({
-        "image": [Image.new("RGB", (8, 8)) for _ in range(4)],
-        "caption": ["a", "b", "c", "d"],
-        "label": ["dog", "cat", None, "dog"],
-    }, features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
-                                   "label": datasets.Value("string")}))
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": [Image.new("RGB", (8, 8)) for _ in range(4)],
+            "caption": ["a", "b", "c", "d"],
+            "label": ["dog", "cat", None, "dog"],
+        },
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "caption": datasets.Value("string"),
+                "label": datasets.Value("string"),
+            }
+        ),
+    )
     ds.save_to_disk(str(tmp_path / "hf"))
     opened = open_dataset(tmp_path / "hf", label_column="label")
     labels = [item.label for part in range(opened.num_parts()) for item in opened.read_part(part)]

@@ -44,7 +44,9 @@ def naive_rows(sim, tau, fn, removal, rescale):
             terms = [torch.log(torch.exp(sim[i, q] / tau) / denom) for q in [i] + flagged]
             out.append(-sum(terms) / len(terms))
         else:
-            neg_sum = sum((torch.exp(sim[i, j] / tau) for j in kept), torch.zeros((), dtype=sim.dtype))
+            neg_sum = sum(
+                (torch.exp(sim[i, j] / tau) for j in kept), torch.zeros((), dtype=sim.dtype)
+            )
             if rescale and kept:
                 neg_sum = neg_sum * len(negs) / len(kept)
             out.append(-torch.log(e_pos / (e_pos + neg_sum)))
@@ -53,7 +55,10 @@ def naive_rows(sim, tau, fn, removal, rescale):
 
 def naive_clip(img, txt, tau, fn_i, fn_t, removal="eliminate", rescale=True):
     s = img @ txt.T
-    return 0.5 * naive_rows(s, tau, fn_i, removal, rescale).mean() + 0.5 * naive_rows(s.T, tau, fn_t, removal, rescale).mean()
+    return (
+        0.5 * naive_rows(s, tau, fn_i, removal, rescale).mean()
+        + 0.5 * naive_rows(s.T, tau, fn_t, removal, rescale).mean()
+    )
 
 
 @pytest.mark.parametrize("b,d,tau", [(4, 3, 0.07), (9, 16, 0.5), (16, 8, 0.01)])
@@ -69,7 +74,18 @@ def test_clip_loss_matches_naive(b, d, tau, mode):
         removal = "attract" if mode == "attract" else "eliminate"
         rescale = mode != "eliminate_norescale"
     img, txt = img0.clone().requires_grad_(), txt0.clone().requires_grad_()
-    got = clip_loss(img, txt, img, txt, torch.tensor(1 / tau, dtype=torch.float64), 0, fn_i, fn_t, removal, rescale)
+    got = clip_loss(
+        img,
+        txt,
+        img,
+        txt,
+        torch.tensor(1 / tau, dtype=torch.float64),
+        0,
+        fn_i,
+        fn_t,
+        removal,
+        rescale,
+    )
     got.backward()
     img2, txt2 = img0.clone().requires_grad_(), txt0.clone().requires_grad_()
     want = naive_clip(img2, txt2, tau, fn_i, fn_t, removal, rescale)
@@ -89,7 +105,9 @@ def test_clip_loss_equals_cross_entropy_without_masks():
     empty = torch.zeros(8, 8, dtype=torch.bool)
     for removal in ("eliminate", "attract"):
         for rescale in (True, False):
-            torch.testing.assert_close(clip_loss(img, txt, img, txt, scale, 0, empty, empty, removal, rescale), want)
+            torch.testing.assert_close(
+                clip_loss(img, txt, img, txt, scale, 0, empty, empty, removal, rescale), want
+            )
 
 
 def test_clip_loss_everything_flagged_is_finite():
@@ -108,7 +126,10 @@ def test_clip_loss_offset_selects_local_rows():
     img, txt = feats(B, d, 5), feats(B, d, 6)
     scale = torch.tensor(1 / 0.1, dtype=torch.float64)
     full = clip_loss(img, txt, img, txt, scale)
-    halves = [clip_loss(img[r * b:(r + 1) * b], txt[r * b:(r + 1) * b], img, txt, scale, r * b) for r in range(2)]
+    halves = [
+        clip_loss(img[r * b : (r + 1) * b], txt[r * b : (r + 1) * b], img, txt, scale, r * b)
+        for r in range(2)
+    ]
     torch.testing.assert_close(sum(halves) / 2, full)
 
 
@@ -120,7 +141,10 @@ def naive_global(sim, u, tau, fn, removal):
         negs = [j for j in range(m) if j != i]
         flagged = [j for j in negs if fn is not None and bool(fn[i, j])]
         kept = negs if removal == "attract" else [j for j in negs if j not in flagged]
-        g = sum((torch.exp((sim[i, j] - sim[i, i]) / tau) for j in kept), torch.zeros((), dtype=sim.dtype))
+        g = sum(
+            (torch.exp((sim[i, j] - sim[i, i]) / tau) for j in kept),
+            torch.zeros((), dtype=sim.dtype),
+        )
         g = g / len(kept) if kept else g
         term = tau * g / u[i]
         if removal == "attract":

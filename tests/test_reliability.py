@@ -57,26 +57,41 @@ def bad_shapes(shapes, tmp_path):
 
 def test_bad_data_is_skipped_counted_and_reported_under_2x2(bad_shapes, tmp_path):
     run = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", bad_shapes, run,
-                       {"data.num_workers": 2, "train.epochs": 1, "eval.at_end": False})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        bad_shapes,
+        run,
+        {"data.num_workers": 2, "train.epochs": 1, "eval.at_end": False},
+    )
     proc = launch(cfg, timeout=300)
     summary = json.loads((run / "summary.json").read_text())
     # 5 bad samples in shard 2; the truncated shard 1 adds a read error and a cut sample
     assert summary["skipped_samples"] >= 6
     log = proc.stderr
-    for reason in ("unreadable image", "zero-byte image", "empty caption", "out of range",
-                   "duplicate dataset index"):
+    for reason in (
+        "unreadable image",
+        "zero-byte image",
+        "empty caption",
+        "out of range",
+        "duplicate dataset index",
+    ):
         assert reason in log, reason
     assert "shard-000002.tar" in log and "shard-000001.tar" in log
     assert "skipped" in log and "bad samples" in log  # the per-shard epoch report
 
 
 def test_bad_data_stops_with_a_message_under_on_error_raise(bad_shapes, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", bad_shapes, tmp_path / "run",
-                       {"data.num_workers": 2, "data.on_error": "raise", "eval.at_end": False})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        bad_shapes,
+        tmp_path / "run",
+        {"data.num_workers": 2, "data.on_error": "raise", "eval.at_end": False},
+    )
     proc = launch(cfg, timeout=300, expect_ok=False)
     assert proc.returncode != 0
-    assert "shard-00000" in proc.stderr and ("bad sample" in proc.stderr or "cannot read shard" in proc.stderr)
+    assert "shard-00000" in proc.stderr and (
+        "bad sample" in proc.stderr or "cannot read shard" in proc.stderr
+    )
 
 
 def test_missing_shard_and_indivisible_batch_are_refused_at_start(shapes, tmp_path):
@@ -88,16 +103,28 @@ def test_missing_shard_and_indivisible_batch_are_refused_at_start(shapes, tmp_pa
     assert proc.returncode == 2 and "shard-000003.tar is listed" in proc.stderr
     cfg = write_config(tmp_path / "d.yaml", shapes, tmp_path / "run2", {"data.batch_size": 63})
     proc = launch(cfg, processes=2, timeout=120, expect_ok=False)
-    assert proc.returncode != 0 and "data.batch_size=63 (the global batch) does not divide by 2" in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "data.batch_size=63 (the global batch) does not divide by 2" in proc.stderr
+    )
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(shapes, tmp_path):
     """An absurd learning rate blows the weights up after the first step: the next steps are
     skipped, and after train.max_nonfinite_steps in a row the run stops with a checkpoint."""
     run = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", shapes, run,
-                       {"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.grad_clip": None,
-                        "train.max_nonfinite_steps": 3, "train.checkpoint_every": 100})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        shapes,
+        run,
+        {
+            "optim.lr": 1e30,
+            "optim.warmup_steps": 0,
+            "optim.grad_clip": None,
+            "train.max_nonfinite_steps": 3,
+            "train.checkpoint_every": 100,
+        },
+    )
     proc = launch(cfg, processes=1, timeout=200, expect_ok=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "3 optimiser steps in a row had a non-finite loss or gradient" in proc.stderr
@@ -129,25 +156,47 @@ def test_fuzz_random_bytes_and_strings_are_counted_never_crash(tmp_path, num_wor
         samples = []
         for i in range(per_shard):
             n = k * per_shard + i
-            s = {"__key__": f"{n:09d}", "json": json.dumps({"index": n, "label": rng.randrange(5)}).encode()}
+            s = {
+                "__key__": f"{n:09d}",
+                "json": json.dumps({"index": n, "label": rng.randrange(5)}).encode(),
+            }
             kind = rng.randrange(6)
             s["jpg"] = _jpeg(rng) if kind in (0, 1) else rng.randbytes(rng.randrange(0, 300))
-            s["txt"] = "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(rng.randrange(0, 40))).encode()
+            s["txt"] = "".join(
+                chr(rng.randrange(32, 0x2FFF)) for _ in range(rng.randrange(0, 40))
+            ).encode()
             if kind == 1:
                 s["json"] = rng.randbytes(rng.randrange(1, 30))  # unreadable metadata
             samples.append(s)
         path = tmp_path / f"shard-{k:06d}.tar"
         rewrite(path, samples)
         shards.append({"file": path.name, "num_samples": per_shard})
-    (tmp_path / "manifest.json").write_text(json.dumps({
-        "format": "clipfnd-shards", "version": 1, "num_samples": n_shards * per_shard,
-        "num_shards": n_shards, "shards": shards, "label_names": None, "num_labels": 0,
-        "skipped": {}, "meta": {},
-    }))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "clipfnd-shards",
+                "version": 1,
+                "num_samples": n_shards * per_shard,
+                "num_shards": n_shards,
+                "shards": shards,
+                "label_names": None,
+                "num_labels": 0,
+                "skipped": {},
+                "meta": {},
+            }
+        )
+    )
     ss = load_shard_set(tmp_path)
-    stream = ShardStream(ss, global_batch_size=1, image_transform=T.Compose([T.Resize((8, 8)), T.ToTensor()]),
-                         tokenize=blank_tokens,
-                         num_workers=num_workers, seed=0, shuffle_buffer=10, chunk_size=7)
+    stream = ShardStream(
+        ss,
+        global_batch_size=1,
+        image_transform=T.Compose([T.Resize((8, 8)), T.ToTensor()]),
+        tokenize=blank_tokens,
+        num_workers=num_workers,
+        seed=0,
+        shuffle_buffer=10,
+        chunk_size=7,
+    )
     it = stream.epoch(0)
     good = sum(1 for _ in it)
     bad = sum(it.bad.values())

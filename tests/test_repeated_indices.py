@@ -24,13 +24,24 @@ N, D, TAU, ALPHA, LR, LAM = 8, 5, 0.1, 0.1, 0.05, 0.2
 def _features():
     g = torch.Generator().manual_seed(4)
     base_img = F.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=1)
-    base_txt = F.normalize(base_img + 0.3 * torch.randn(N, D, generator=g, dtype=torch.float64), dim=1)
+    base_txt = F.normalize(
+        base_img + 0.3 * torch.randn(N, D, generator=g, dtype=torch.float64), dim=1
+    )
     return base_img[IDX], base_txt[IDX]  # a copy has exactly its original's features
 
 
 def _objective(*extra, lam: float = LAM):
-    cfg = load_config(None, ["data.train=unused", "fnd.detector=glofnd", "fnd.start_mask=0",
-                             f"fnd.alpha={ALPHA}", f"fnd.lr={LR}", *extra])
+    cfg = load_config(
+        None,
+        [
+            "data.train=unused",
+            "fnd.detector=glofnd",
+            "fnd.start_mask=0",
+            f"fnd.alpha={ALPHA}",
+            f"fnd.lr={LR}",
+            *extra,
+        ],
+    )
     tables = StateTables(N)
     obj = ClipObjective(cfg, tables, has_labels=False)
     for t in ("img", "txt"):
@@ -64,7 +75,14 @@ def naive_rows(sim, removal):
 def test_copies_are_not_negatives_in_the_clip_loss_and_glofnd(removal):
     cfg, obj = _objective(f"fnd.removal={removal}")
     img, txt = _features()
-    out = obj(img, txt, torch.tensor(1 / TAU, dtype=torch.float64), IDX, torch.full((len(IDX),), -1), epoch=0)
+    out = obj(
+        img,
+        txt,
+        torch.tensor(1 / TAU, dtype=torch.float64),
+        IDX,
+        torch.full((len(IDX),), -1),
+        epoch=0,
+    )
     assert out.duplicates == 2
     want = 0.0
     for t, (a, o) in {"img": (img, txt), "txt": (txt, img)}.items():
@@ -76,8 +94,12 @@ def test_copies_are_not_negatives_in_the_clip_loss_and_glofnd(removal):
         lam = (LAM - LR * g / (g.abs() + 1e-8)).clamp(-1, 1)
         torch.testing.assert_close(out.rows[f"glofnd.lambda_{t}"].double(), lam, atol=1e-6, rtol=0)
         # a copy's similarity equals the positive's, far above LAM: it would be flagged
-        assert all(float(sim[i, j]) > LAM for i in range(len(IDX)) for j in range(len(IDX))
-                   if j != i and int(IDX[j]) == int(IDX[i]))
+        assert all(
+            float(sim[i, j]) > LAM
+            for i in range(len(IDX))
+            for j in range(len(IDX))
+            if j != i and int(IDX[j]) == int(IDX[i])
+        )
     torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
 
 
@@ -85,14 +107,26 @@ def test_copies_are_not_negatives_in_the_global_loss():
     """Thresholds at 1.0 flag nothing: only the copy rule keeps copies out of ``g``."""
     cfg, obj = _objective("loss.name=fastclip_v3", f"loss.tau={TAU}", "loss.tau_min=0.01", lam=1.0)
     img, txt = _features()
-    out = obj(img, txt, torch.tensor(1 / TAU, dtype=torch.float64), IDX, torch.full((len(IDX),), -1), epoch=0)
+    out = obj(
+        img,
+        txt,
+        torch.tensor(1 / TAU, dtype=torch.float64),
+        IDX,
+        torch.full((len(IDX),), -1),
+        epoch=0,
+    )
     for t, (a, o) in {"img": (img, txt), "txt": (txt, img)}.items():
         sim = a @ o.T
         g = []
         for i in range(len(IDX)):
             kept = [j for j in range(len(IDX)) if j != i and int(IDX[j]) != int(IDX[i])]
-            g.append(sum(math.exp((float(sim[i, j]) - float(sim[i, i])) / TAU) for j in kept) / max(len(kept), 1))
-        torch.testing.assert_close(out.rows[f"gcl.u_{t}"], torch.tensor(g, dtype=torch.float64), rtol=1e-10, atol=0)
+            g.append(
+                sum(math.exp((float(sim[i, j]) - float(sim[i, i])) / TAU) for j in kept)
+                / max(len(kept), 1)
+            )
+        torch.testing.assert_close(
+            out.rows[f"gcl.u_{t}"], torch.tensor(g, dtype=torch.float64), rtol=1e-10, atol=0
+        )
 
 
 def test_without_repeats_nothing_changes():
@@ -101,14 +135,23 @@ def test_without_repeats_nothing_changes():
     g = torch.Generator().manual_seed(0)
     img = F.normalize(torch.randn(6, D, generator=g, dtype=torch.float64), dim=1)
     txt = F.normalize(torch.randn(6, D, generator=g, dtype=torch.float64), dim=1)
-    out = obj(img, txt, torch.tensor(1 / TAU, dtype=torch.float64), torch.arange(6), torch.full((6,), -1), epoch=0)
+    out = obj(
+        img,
+        txt,
+        torch.tensor(1 / TAU, dtype=torch.float64),
+        torch.arange(6),
+        torch.full((6,), -1),
+        epoch=0,
+    )
     assert out.duplicates == 0
 
 
 def test_write_rows_keeps_the_first_occurrence():
     tables = StateTables(6)
     tables.add("x", -1.0)
-    tables.write_rows(torch.tensor([3, 1, 3, 2, 1]), {"x": torch.tensor([10.0, 11.0, 12.0, 13.0, 14.0])})
+    tables.write_rows(
+        torch.tensor([3, 1, 3, 2, 1]), {"x": torch.tensor([10.0, 11.0, 12.0, 13.0, 14.0])}
+    )
     assert tables["x"].tolist() == [-1.0, 11.0, 13.0, 10.0, -1.0, -1.0]
     assert first_occurrences(torch.tensor([5, 4, 3])) is None
     assert first_occurrences(torch.tensor([2, 2, 0, 2, 0])).tolist() == [2, 0]  # sorted by value

@@ -32,7 +32,9 @@ def test_write_rows_single_process_sets_only_those_rows():
     tables = StateTables(10)
     tables.add("a", 1.0)
     tables.add("b", 0.0)
-    tables.write_rows(torch.tensor([2, 7]), {"a": torch.tensor([5.0, 6.0]), "b": torch.tensor([-1.0, -2.0])})
+    tables.write_rows(
+        torch.tensor([2, 7]), {"a": torch.tensor([5.0, 6.0]), "b": torch.tensor([-1.0, -2.0])}
+    )
     assert tables["a"].tolist() == [1, 1, 5, 1, 1, 1, 1, 6, 1, 1]
     assert tables["b"].tolist() == [0, 0, -1, 0, 0, 0, 0, -2, 0, 0]
 

@@ -15,7 +15,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 @pytest.fixture(scope="module")
 def two_process_run(shapes, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    cfg = write_config(root / "c.yaml", shapes, root / "run", {"eval.tasks": "[retrieval,zeroshot]"})
+    cfg = write_config(
+        root / "c.yaml", shapes, root / "run", {"eval.tasks": "[retrieval,zeroshot]"}
+    )
     proc = launch(cfg)
     return cfg, root / "run", proc
 
@@ -39,7 +41,11 @@ def test_two_process_run_trains_and_reports(two_process_run):
 def test_resume_continues_from_the_checkpoint_step_exactly(two_process_run, tmp_path):
     cfg, run, _ = two_process_run
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == [
-        "step_00000004", "step_00000008", "step_00000012", "step_00000016"]
+        "step_00000004",
+        "step_00000008",
+        "step_00000012",
+        "step_00000016",
+    ]
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     for name in ("step_00000008", "step_00000012", "step_00000016"):
@@ -67,8 +73,9 @@ def one_process_run(shapes, tmp_path_factory):
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(processes, shapes, one_process_run,
-                                                           two_process_run, tmp_path):
+def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(
+    processes, shapes, one_process_run, two_process_run, tmp_path
+):
     """SIGKILL (no clean exit) after step 6; resume=latest restarts from step 4, in the middle
     of epoch 0, and every later loss equals the uninterrupted run's."""
     _, reference = (one_process_run if processes == 1 else two_process_run)[:2]
@@ -103,7 +110,9 @@ def test_resume_with_another_config_is_refused(two_process_run, tmp_path):
     cfg, run, _ = two_process_run
     resumed = tmp_path / "other"
     shutil.copytree(run, resumed)
-    proc = launch(cfg, f"output_dir={resumed}", "resume=latest", "data.batch_size=32", expect_ok=False)
+    proc = launch(
+        cfg, f"output_dir={resumed}", "resume=latest", "data.batch_size=32", expect_ok=False
+    )
     assert proc.returncode != 0
     assert "data.batch_size: checkpoint 64, now 32" in proc.stderr
 
@@ -111,9 +120,17 @@ def test_resume_with_another_config_is_refused(two_process_run, tmp_path):
 def test_bf16_with_gradient_accumulation_trains(shapes, tmp_path):
     """Mixed precision through Accelerate and 2 micro-batches per optimiser step."""
     run = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", shapes, run,
-                       {"train.mixed_precision": "bf16", "optim.accum_steps": 2, "train.epochs": 2,
-                        "eval.at_end": False})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        shapes,
+        run,
+        {
+            "train.mixed_precision": "bf16",
+            "optim.accum_steps": 2,
+            "train.epochs": 2,
+            "eval.at_end": False,
+        },
+    )
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')  # left by a killed attempt
     launch(cfg, processes=1)

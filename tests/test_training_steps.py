@@ -23,12 +23,23 @@ from clipfnd.train.schedule import apply_tau_rule, build_scheduler, lr_factor
 
 
 def _cfg(shapes, run, *extra: str):
-    return load_config(None, [
-        f"output_dir={run}", f"data.train={shapes / 'train'}", f"data.val={shapes / 'val'}",
-        "data.num_workers=0", "data.shuffle_buffer=100", "train.log_every=1", "train.progress=false",
-        "train.tensorboard=false", "eval.at_end=false", "optim.warmup_steps=2", "optim.lr=2e-3",
-        *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"output_dir={run}",
+            f"data.train={shapes / 'train'}",
+            f"data.val={shapes / 'val'}",
+            "data.num_workers=0",
+            "data.shuffle_buffer=100",
+            "train.log_every=1",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "eval.at_end=false",
+            "optim.warmup_steps=2",
+            "optim.lr=2e-3",
+            *extra,
+        ],
+    )
 
 
 def _tables(s) -> dict[str, torch.Tensor]:
@@ -47,13 +58,20 @@ def _assert_unchanged(s, tables, params):
 
 
 # fastclip_v3 + GloFND from the first step: both the u estimators and the thresholds move
-FAULT_RUN = ("loss.name=fastclip_v3", "fnd.detector=glofnd", "fnd.alpha=0.06", "fnd.lr=0.1",
-             "fnd.start_mask=0", "optim.grad_clip=null")
+FAULT_RUN = (
+    "loss.name=fastclip_v3",
+    "fnd.detector=glofnd",
+    "fnd.alpha=0.06",
+    "fnd.lr=0.1",
+    "fnd.start_mask=0",
+    "optim.grad_clip=null",
+)
 
 
 @pytest.fixture
 def ready(shapes, tmp_path):
     """A set-up run that has taken one good step (its tables moved)."""
+
     def make(*extra: str):
         cfg = _cfg(shapes, tmp_path / "run", *FAULT_RUN, *extra)
         s = setup(cfg)
@@ -61,8 +79,11 @@ def ready(shapes, tmp_path):
         before = _tables(s)
         r = optimizer_step(cfg, s, batches, epoch=0, logged=False)
         assert r.status == "taken"
-        assert any(not torch.equal(s.tables[n], before[n]) for n in before), "a taken step commits rows"
+        assert any(not torch.equal(s.tables[n], before[n]) for n in before), (
+            "a taken step commits rows"
+        )
         return cfg, s, batches
+
     return make
 
 
@@ -76,7 +97,9 @@ def test_finite_loss_with_non_finite_gradient_changes_no_table(ready):
     assert r.status == "skipped"
     _assert_unchanged(s, tables, params)
     assert s.scheduler.last_epoch == sched
-    assert optimizer_step(cfg, s, batches, epoch=0, logged=False).status == "taken"  # and it goes on
+    assert (
+        optimizer_step(cfg, s, batches, epoch=0, logged=False).status == "taken"
+    )  # and it goes on
 
 
 def test_fp16_overflow_skipped_by_the_gradient_scaler_changes_no_table(ready):
@@ -157,7 +180,10 @@ def test_schedule_is_open_clips(warmup, total):
         got.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    want = [open_clip_lr(k, 0.5, warmup, total) if warmup < total or k < warmup else 0.5 for k in range(total)]
+    want = [
+        open_clip_lr(k, 0.5, warmup, total) if warmup < total or k < warmup else 0.5
+        for k in range(total)
+    ]
     assert got == pytest.approx(want, rel=1e-12)
     assert got[0] > 0
     assert lr_factor(5, 2, 10, "constant") == 1.0
@@ -166,7 +192,9 @@ def test_schedule_is_open_clips(warmup, total):
 def test_fastclip_temperature_schedule():
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 2e-4}], lr=0.1)
-    sched = build_scheduler(opt, kind="cosine", warmup=5, total=20, tau_group=1, tau_schedule="fastclip")
+    sched = build_scheduler(
+        opt, kind="cosine", warmup=5, total=20, tau_group=1, tau_schedule="fastclip"
+    )
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 5)  # the model warms up
     assert opt.param_groups[1]["lr"] == pytest.approx(2e-4)  # the temperature does not
     for _ in range(12):
@@ -176,16 +204,31 @@ def test_fastclip_temperature_schedule():
     assert apply_tau_rule(opt, 1, 2e-4, tau=0.05) == pytest.approx(2e-4)
     assert apply_tau_rule(opt, 1, 2e-4, tau=0.03) == pytest.approx(2e-4 / 3)
     assert apply_tau_rule(opt, 1, 2e-4, tau=0.031) == pytest.approx(2e-4)  # back above: back up
-    sched2 = build_scheduler(opt, kind="cosine", warmup=5, total=20, tau_group=1, tau_schedule="model")
+    sched2 = build_scheduler(
+        opt, kind="cosine", warmup=5, total=20, tau_group=1, tau_schedule="model"
+    )
     assert sched2.lr_lambdas[1](0) == pytest.approx(1 / 5)
 
 
 def test_fastclip_tau_schedule_in_a_run(shapes, tmp_path):
     run = tmp_path / "run"
-    train(_cfg(shapes, run, "loss.name=fastclip_v3", "loss.tau_schedule=fastclip", "loss.tau=0.025",
-               "loss.tau_min=0.01", "loss.tau_lr=1e-3", "train.max_steps=3", "overwrite=true"))
+    train(
+        _cfg(
+            shapes,
+            run,
+            "loss.name=fastclip_v3",
+            "loss.tau_schedule=fastclip",
+            "loss.tau=0.025",
+            "loss.tau_min=0.01",
+            "loss.tau_lr=1e-3",
+            "train.max_steps=3",
+            "overwrite=true",
+        )
+    )
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["tau_lr"] for r in recs] == pytest.approx([1e-3 / 3] * 3)  # tau <= 0.03 from the start
+    assert [r["tau_lr"] for r in recs] == pytest.approx(
+        [1e-3 / 3] * 3
+    )  # tau <= 0.03 from the start
     assert recs[0]["lr"] == pytest.approx(2e-3 / 2)  # while the model warms up
 
 
@@ -216,18 +259,47 @@ def test_every_optimiser_step_belongs_to_one_epoch(shapes, tmp_path, accum):
 def test_resume_at_an_epoch_end_with_accumulation_is_exact(shapes, tmp_path):
     """accum 3: epoch 0 ends after 2 steps with 2 micro-batches unused. Stopping there and
     resuming gives the losses of the uninterrupted run."""
-    common = ("optim.accum_steps=3", "train.epochs=2", "optim.schedule=constant", "fnd.detector=glofnd",
-              "fnd.alpha=0.06", "fnd.lr=0.1")
+    common = (
+        "optim.accum_steps=3",
+        "train.epochs=2",
+        "optim.schedule=constant",
+        "fnd.detector=glofnd",
+        "fnd.alpha=0.06",
+        "fnd.lr=0.1",
+    )
     train(_cfg(shapes, tmp_path / "a", *common))
     train(_cfg(shapes, tmp_path / "b", *common, "train.max_steps=2"))
     summary = train(_cfg(shapes, tmp_path / "b", *common, "resume=latest"))
     assert summary["steps"] == 4
 
     def losses(run):
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                if "loss" in r}
+        return {
+            r["step"]: r["loss"]
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        }
 
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(b) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+
+
+def test_too_many_non_finite_steps_stop_the_run_naming_a_checkpoint(shapes, tmp_path):
+    """In-process twin of test_reliability's launch test: the give-up path writes a checkpoint
+    from before the fault when none exists, and names it."""
+    from clipfnd.train.loop import NonFiniteError
+
+    run = tmp_path / "run"
+    cfg = _cfg(
+        shapes,
+        run,
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "optim.grad_clip=null",
+        "train.max_nonfinite_steps=2",
+        "train.checkpoint_every=0",
+    )
+    with pytest.raises(NonFiniteError, match=r"2 optimiser steps in a row .*/step_00000001"):
+        train(cfg)
+    assert (run / "checkpoints" / "step_00000001" / "trainer_state.json").is_file()

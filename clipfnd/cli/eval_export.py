@@ -24,11 +24,22 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     stay_offline()
     opts = EvalOptions(
-        task=a.task, data=a.data, train_data=a.train_data, split=a.split,
-        train_split=a.train_split, classnames=a.classnames, templates=a.templates,
-        batch_size=a.batch_size, num_workers=a.num_workers, image_column=a.image_column,
-        caption_column=a.caption_column, label_column=a.label_column, k=a.k,
-        temperature=a.temperature, device=a.device, progress=not a.no_progress,
+        task=a.task,
+        data=a.data,
+        train_data=a.train_data,
+        split=a.split,
+        train_split=a.train_split,
+        classnames=a.classnames,
+        templates=a.templates,
+        batch_size=a.batch_size,
+        num_workers=a.num_workers,
+        image_column=a.image_column,
+        caption_column=a.caption_column,
+        label_column=a.label_column,
+        k=a.k,
+        temperature=a.temperature,
+        device=a.device,
+        progress=not a.no_progress,
     )
     processes = setup_processes(a.device)
     try:
@@ -49,10 +60,13 @@ def cmd_export(a: argparse.Namespace) -> int:
     from ..export import export_checkpoint
 
     stay_offline()
-    result = export_checkpoint(a.checkpoint, a.format, a.out, verify=a.verify,
-                               tolerance=a.tolerance, overwrite=a.overwrite)
-    print(f"exported {result.source['checkpoint']} (step {result.source['step']}, "
-          f"{result.source['model_name']}) as {result.format} to {result.out}")
+    result = export_checkpoint(
+        a.checkpoint, a.format, a.out, verify=a.verify, tolerance=a.tolerance, overwrite=a.overwrite
+    )
+    print(
+        f"exported {result.source['checkpoint']} (step {result.source['step']}, "
+        f"{result.source['model_name']}) as {result.format} to {result.out}"
+    )
     print(f"files: {', '.join(result.files)}")
     if result.comparison is not None:
         for name, diff in result.comparison.diffs.items():
@@ -64,26 +78,43 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register the eval and export sub-commands (heavy imports wait until a command runs)."""
-    e = sub.add_parser("eval", help="evaluate a checkpoint (retrieval, zero-shot, probe, kNN)",
-                       description="Evaluate a checkpoint. See docs/evaluation.md.")
-    e.add_argument("--checkpoint", required=True,
-                   help="a run directory (its newest checkpoint) or a checkpoint directory")
-    e.add_argument("--task", required=True,
-                   choices=["retrieval", "zeroshot", "linear-probe", "knn"])
-    e.add_argument("--data", required=True,
-                   help="clipfnd shard folder, clip_benchmark WebDataset root, CSV/TSV file, "
-                        "or local Hugging Face dataset (save_to_disk folder / parquet)")
-    e.add_argument("--split", default=None,
-                   help="split of a clip_benchmark root or HF dataset (default: test)")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint (retrieval, zero-shot, probe, kNN)",
+        description="Evaluate a checkpoint. See docs/evaluation.md.",
+    )
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run directory (its newest checkpoint) or a checkpoint directory",
+    )
+    e.add_argument(
+        "--task", required=True, choices=["retrieval", "zeroshot", "linear-probe", "knn"]
+    )
+    e.add_argument(
+        "--data",
+        required=True,
+        help="clipfnd shard folder, clip_benchmark WebDataset root, CSV/TSV file, "
+        "or local Hugging Face dataset (save_to_disk folder / parquet)",
+    )
+    e.add_argument(
+        "--split", default=None, help="split of a clip_benchmark root or HF dataset (default: test)"
+    )
     e.add_argument("--train-data", default=None, help="linear-probe/knn: the data to fit on")
     e.add_argument("--train-split", default=None, help="split of --train-data (default: train)")
     e.add_argument("--out", default=None, help="also write the results to this JSON file")
-    e.add_argument("--classnames", default=None,
-                   help="zeroshot: file with one class name a line, or 'imagenet' "
-                        "(default: the dataset's own)")
-    e.add_argument("--templates", default=None,
-                   help="zeroshot: file with one template a line ({c} for the class name), or "
-                        "'openai' / 'simple' (default: the dataset's own, else a small set)")
+    e.add_argument(
+        "--classnames",
+        default=None,
+        help="zeroshot: file with one class name a line, or 'imagenet' "
+        "(default: the dataset's own)",
+    )
+    e.add_argument(
+        "--templates",
+        default=None,
+        help="zeroshot: file with one template a line ({c} for the class name), or "
+        "'openai' / 'simple' (default: the dataset's own, else a small set)",
+    )
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--num-workers", type=int, default=2, help="loader processes per process")
     e.add_argument("--image-column", default=None, help="csv/hf: column with the image")
@@ -95,15 +126,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="convert a checkpoint for open_clip, transformers or timm",
-                       description="Export a checkpoint's model. See docs/evaluation.md.")
-    x.add_argument("--checkpoint", required=True,
-                   help="a run directory (its newest checkpoint) or a checkpoint directory")
+    x = sub.add_parser(
+        "export",
+        help="convert a checkpoint for open_clip, transformers or timm",
+        description="Export a checkpoint's model. See docs/evaluation.md.",
+    )
+    x.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run directory (its newest checkpoint) or a checkpoint directory",
+    )
     x.add_argument("--format", required=True, choices=["open_clip", "hf", "timm"])
     x.add_argument("--out", required=True, help="output folder (created; must be empty)")
-    x.add_argument("--verify", action="store_true",
-                   help="load the export with the target library and compare embeddings")
-    x.add_argument("--tolerance", type=float, default=1e-4,
-                   help="--verify: largest allowed absolute embedding difference")
+    x.add_argument(
+        "--verify",
+        action="store_true",
+        help="load the export with the target library and compare embeddings",
+    )
+    x.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="--verify: largest allowed absolute embedding difference",
+    )
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     x.set_defaults(func=cmd_export)

@@ -1,12 +1,12 @@
 """The ``clipfnd`` command (also ``python -m clipfnd``).
 
-    clipfnd data synthetic --out DIR --num-samples N [--num-val M] [--seed S] [--shard-size K]
-    clipfnd data digits --out DIR
-    clipfnd data build --from csv|imagefolder|hf --input PATH --out DIR
-    clipfnd train CONFIG.yaml [key=value ...]
-    accelerate launch [flags] -m clipfnd train CONFIG.yaml [key=value ...]
-    clipfnd eval --checkpoint RUN_OR_CHECKPOINT --task retrieval --data PATH
-    clipfnd export --checkpoint RUN_OR_CHECKPOINT --format open_clip|hf|timm --out DIR
+clipfnd data synthetic --out DIR --num-samples N [--num-val M] [--seed S] [--shard-size K]
+clipfnd data digits --out DIR
+clipfnd data build --from csv|imagefolder|hf --input PATH --out DIR
+clipfnd train CONFIG.yaml [key=value ...]
+accelerate launch [flags] -m clipfnd train CONFIG.yaml [key=value ...]
+clipfnd eval --checkpoint RUN_OR_CHECKPOINT --task retrieval --data PATH
+clipfnd export --checkpoint RUN_OR_CHECKPOINT --format open_clip|hf|timm --out DIR
 """
 
 from __future__ import annotations
@@ -40,19 +40,35 @@ def cmd_data_synthetic(a: argparse.Namespace) -> int:
     from data_pipelines import synthetic
     from data_pipelines.shards import write_split
 
-    spec = synthetic.SyntheticSpec(num_concepts=a.num_concepts, seed=a.seed, image_size=a.image_size)
+    spec = synthetic.SyntheticSpec(
+        num_concepts=a.num_concepts, seed=a.seed, image_size=a.image_size
+    )
     names = synthetic.label_names(spec)
-    meta = {"source": "synthetic", "num_concepts": spec.num_concepts, "seed": spec.seed,
-            "image_size": spec.image_size}
+    meta = {
+        "source": "synthetic",
+        "num_concepts": spec.num_concepts,
+        "seed": spec.seed,
+        "image_size": spec.image_size,
+    }
     out = Path(a.out)
     summary = {}
     for split, n in (("train", a.num_samples), ("val", a.num_val)):
         if n <= 0:
             continue
-        ss = write_split(out / split, synthetic.generate(spec, n, split), shard_size=a.shard_size,
-                         total=n, label_names=names, meta={**meta, "split": split},
-                         desc=f"synthetic {split}")
-        summary[split] = {"dir": str(out / split), "samples": ss.num_samples, "shards": ss.num_shards}
+        ss = write_split(
+            out / split,
+            synthetic.generate(spec, n, split),
+            shard_size=a.shard_size,
+            total=n,
+            label_names=names,
+            meta={**meta, "split": split},
+            desc=f"synthetic {split}",
+        )
+        summary[split] = {
+            "dir": str(out / split),
+            "samples": ss.num_samples,
+            "shards": ss.num_shards,
+        }
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -64,11 +80,19 @@ def cmd_data_digits(a: argparse.Namespace) -> int:
     out = Path(a.out)
     summary = {}
     for split in ("train", "val"):
-        ss = write_split(out / split, digits.generate(split, seed=a.seed, image_size=a.image_size),
-                         shard_size=a.shard_size, label_names=digits.label_names(),
-                         meta={"source": "sklearn digits", "split": split, "seed": a.seed},
-                         desc=f"digits {split}")
-        summary[split] = {"dir": str(out / split), "samples": ss.num_samples, "shards": ss.num_shards}
+        ss = write_split(
+            out / split,
+            digits.generate(split, seed=a.seed, image_size=a.image_size),
+            shard_size=a.shard_size,
+            label_names=digits.label_names(),
+            meta={"source": "sklearn digits", "split": split, "seed": a.seed},
+            desc=f"digits {split}",
+        )
+        summary[split] = {
+            "dir": str(out / split),
+            "samples": ss.num_samples,
+            "shards": ss.num_shards,
+        }
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -77,12 +101,27 @@ def cmd_data_build(a: argparse.Namespace) -> int:
     from data_pipelines.build import build_shards
 
     ss = build_shards(
-        a.source, a.input, a.out, shard_size=a.shard_size, image_column=a.image_column,
-        caption_column=a.caption_column, label_column=a.label_column, separator=a.separator,
+        a.source,
+        a.input,
+        a.out,
+        shard_size=a.shard_size,
+        image_column=a.image_column,
+        caption_column=a.caption_column,
+        label_column=a.label_column,
+        separator=a.separator,
         hf_split=a.hf_split,
     )
-    print(json.dumps({"dir": a.out, "samples": ss.num_samples, "shards": ss.num_shards,
-                      "labels": ss.num_labels}, indent=2))
+    print(
+        json.dumps(
+            {
+                "dir": a.out,
+                "samples": ss.num_samples,
+                "shards": ss.num_shards,
+                "labels": ss.num_labels,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -111,14 +150,18 @@ def print_summary(summary: dict) -> None:
         f"steps / epochs    : {summary['steps']} / {summary['epochs']}",
         f"processes         : {summary['processes']} (global batch {summary['global_batch_size']})",
         f"samples/s         : {summary['samples_per_sec']:.1f}",
-        f"final loss        : {summary['loss']:.4f}" if summary.get("loss") is not None else "final loss        : n/a",
+        f"final loss        : {summary['loss']:.4f}"
+        if summary.get("loss") is not None
+        else "final loss        : n/a",
     ]
     if summary.get("skipped_samples"):
         lines.append(f"skipped samples   : {summary['skipped_samples']}")
     if summary.get("nonfinite_steps_skipped"):
         lines.append(f"non-finite steps  : {summary['nonfinite_steps_skipped']} skipped")
     if summary.get("duplicate_samples"):
-        lines.append(f"repeated samples  : {summary['duplicate_samples']} (drawn twice into one batch)")
+        lines.append(
+            f"repeated samples  : {summary['duplicate_samples']} (drawn twice into one batch)"
+        )
     lines += eval_lines(ev)
     print("\n".join(lines), flush=True)
 
@@ -126,21 +169,29 @@ def print_summary(summary: dict) -> None:
 def eval_lines(ev: dict) -> list[str]:
     """Summary lines for whatever ``eval.tasks`` produced (retrieval, zero-shot, both, none)."""
     lines = []
-    for title, keys in (("image->text R@1/5", ("i2t_R@1", "i2t_R@5")),
-                        ("text->image R@1/5", ("t2i_R@1", "t2i_R@5")),
-                        ("zero-shot top-1/5", ("zeroshot/top1", "zeroshot/top5"))):
+    for title, keys in (
+        ("image->text R@1/5", ("i2t_R@1", "i2t_R@5")),
+        ("text->image R@1/5", ("t2i_R@1", "t2i_R@5")),
+        ("zero-shot top-1/5", ("zeroshot/top1", "zeroshot/top5")),
+    ):
         if keys[0] in ev:
             lines.append(f"{title} : " + " / ".join(f"{ev[k]:.3f}" for k in keys if k in ev))
     if "label_i2t_R@1" in ev and "label_t2i_R@1" in ev:
-        lines.append(f"same-concept R@1  : i2t {ev['label_i2t_R@1']:.3f}, t2i {ev['label_t2i_R@1']:.3f}")
+        lines.append(
+            f"same-concept R@1  : i2t {ev['label_i2t_R@1']:.3f}, t2i {ev['label_t2i_R@1']:.3f}"
+        )
     if "zeroshot/mean_per_class_recall" in ev:
-        lines.append(f"zero-shot mean per-class recall : {ev['zeroshot/mean_per_class_recall']:.3f}")
+        lines.append(
+            f"zero-shot mean per-class recall : {ev['zeroshot/mean_per_class_recall']:.3f}"
+        )
     return lines
 
 
 # --- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipfnd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="clipfnd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="write WebDataset shards")
@@ -162,15 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     dig.add_argument("--image-size", type=int, default=32)
     dig.set_defaults(func=cmd_data_digits)
 
-    b = dsub.add_parser("build", help="shards from your own data (CSV/TSV, image folder, HF dataset)")
+    b = dsub.add_parser(
+        "build", help="shards from your own data (CSV/TSV, image folder, HF dataset)"
+    )
     b.add_argument("--from", dest="source", required=True, choices=["csv", "imagefolder", "hf"])
-    b.add_argument("--input", required=True, help="CSV/TSV file, image folder, or HF dataset folder/parquet")
+    b.add_argument(
+        "--input", required=True, help="CSV/TSV file, image folder, or HF dataset folder/parquet"
+    )
     b.add_argument("--out", required=True)
     b.add_argument("--shard-size", type=int, default=1000)
     b.add_argument("--image-column", default="image", help="csv/hf: column with the image (path)")
     b.add_argument("--caption-column", default="caption", help="csv/hf: column with the caption")
     b.add_argument("--label-column", default=None, help="optional integer or string label column")
-    b.add_argument("--separator", default=None, help="csv: field separator (default: from the extension)")
+    b.add_argument(
+        "--separator", default=None, help="csv: field separator (default: from the extension)"
+    )
     b.add_argument("--hf-split", default="train", help="hf: split to read from a DatasetDict")
     b.set_defaults(func=cmd_data_build)
 

@@ -20,19 +20,40 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from .common import UnsupportedExport
 
 # fields whose value must stay at open_clip's default for a plain tower
-_CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn",
-                 "scale_fc")
+_CUSTOM_BLOCK = (
+    "qk_norm",
+    "scaled_cosine_attn",
+    "scale_heads",
+    "scale_attn_inner",
+    "scale_attn",
+    "scale_fc",
+)
 _VISION_DEFAULTS: dict[str, Any] = {
-    "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
-    "pos_embed_type": "learnable", "final_ln_after_pool": False, "pool_type": "tok",
-    "act_kwargs": None, "norm_kwargs": None, "timm_model_name": None,
+    "ls_init_value": None,
+    "attentional_pool": False,
+    "no_ln_pre": False,
+    "pos_embed_type": "learnable",
+    "final_ln_after_pool": False,
+    "pool_type": "tok",
+    "act_kwargs": None,
+    "norm_kwargs": None,
+    "timm_model_name": None,
     **{k: False for k in _CUSTOM_BLOCK},
 }
 _TEXT_DEFAULTS: dict[str, Any] = {
-    "hf_model_name": None, "hf_tokenizer_name": None, "tokenizer_mode": None,
-    "ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
-    "final_ln_after_pool": False, "pool_type": "argmax", "proj_bias": False,
-    "proj_type": "linear", "act_kwargs": None, "norm_kwargs": None, "vocab_size": 49408,
+    "hf_model_name": None,
+    "hf_tokenizer_name": None,
+    "tokenizer_mode": None,
+    "ls_init_value": None,
+    "embed_cls": False,
+    "no_causal_mask": False,
+    "final_ln_after_pool": False,
+    "pool_type": "argmax",
+    "proj_bias": False,
+    "proj_type": "linear",
+    "act_kwargs": None,
+    "norm_kwargs": None,
+    "vocab_size": 49408,
     **{k: False for k in _CUSTOM_BLOCK},
 }
 
@@ -93,8 +114,9 @@ def _refuse(model_name: str, target: str, reasons: list[str]) -> None:
         )
 
 
-def vision_spec(model: torch.nn.Module, model_cfg: dict[str, Any], model_name: str,
-                target: str) -> VisionSpec:
+def vision_spec(
+    model: torch.nn.Module, model_cfg: dict[str, Any], model_name: str, target: str
+) -> VisionSpec:
     """The image tower's dimensions, or :class:`UnsupportedExport` naming what does not fit."""
     raw = dict(model_cfg.get("vision_cfg") or {})
     reasons = []
@@ -115,23 +137,39 @@ def vision_spec(model: torch.nn.Module, model_cfg: dict[str, Any], model_name: s
     if getattr(model.visual, "proj", None) is None:
         reasons.append("no image projection")
     _refuse(model_name, target, reasons)
-    return VisionSpec(int(size), int(cfg.patch_size), int(cfg.width), int(cfg.layers),
-                      int(cfg.width // cfg.head_width), float(cfg.mlp_ratio),
-                      bool(model_cfg.get("quick_gelu", False)))
+    return VisionSpec(
+        int(size),
+        int(cfg.patch_size),
+        int(cfg.width),
+        int(cfg.layers),
+        int(cfg.width // cfg.head_width),
+        float(cfg.mlp_ratio),
+        bool(model_cfg.get("quick_gelu", False)),
+    )
 
 
-def text_spec(model: torch.nn.Module, model_cfg: dict[str, Any], model_name: str,
-              target: str) -> TextSpec:
+def text_spec(
+    model: torch.nn.Module, model_cfg: dict[str, Any], model_name: str, target: str
+) -> TextSpec:
     """The text tower's dimensions, or :class:`UnsupportedExport` naming what does not fit."""
     reasons = []
     if type(model) is not open_clip.CLIP:
-        reasons.append(f"a {type(model).__name__} model (not open_clip.CLIP with its built-in "
-                       "text transformer)")
+        reasons.append(
+            f"a {type(model).__name__} model (not open_clip.CLIP with its built-in "
+            "text transformer)"
+        )
     for key in ("custom_text", "multimodal_cfg", "init_logit_bias"):
         if model_cfg.get(key):
             reasons.append(f"{key}={model_cfg[key]!r}")
     cfg = _known(CLIPTextCfg, dict(model_cfg.get("text_cfg") or {}))
     reasons += _off_default(cfg, _TEXT_DEFAULTS, "text_cfg")
     _refuse(model_name, target, reasons)
-    return TextSpec(int(cfg.context_length), int(cfg.vocab_size), int(cfg.width), int(cfg.layers),
-                    int(cfg.heads), float(cfg.mlp_ratio), bool(model_cfg.get("quick_gelu", False)))
+    return TextSpec(
+        int(cfg.context_length),
+        int(cfg.vocab_size),
+        int(cfg.width),
+        int(cfg.layers),
+        int(cfg.heads),
+        float(cfg.mlp_ratio),
+        bool(model_cfg.get("quick_gelu", False)),
+    )

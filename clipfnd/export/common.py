@@ -59,8 +59,11 @@ class Comparison:
         return self.max_abs_diff <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_abs_diff": dict(self.diffs), "tolerance": self.tolerance,
-                "passed": self.passed}
+        return {
+            "max_abs_diff": dict(self.diffs),
+            "tolerance": self.tolerance,
+            "passed": self.passed,
+        }
 
     def check(self, fmt: str) -> None:
         if not self.passed:
@@ -80,8 +83,10 @@ def verification_batch(image_size: int, seed: int = 0) -> tuple[list[Image.Image
     rng = np.random.default_rng(seed)
     s = image_size
     ramp = np.linspace(0, 255, s, dtype=np.float32)
-    gradient = np.stack([np.tile(ramp, (s, 1)), np.tile(ramp[:, None], (1, s)),
-                         np.full((s, s), 128.0, np.float32)], axis=-1)
+    gradient = np.stack(
+        [np.tile(ramp, (s, 1)), np.tile(ramp[:, None], (1, s)), np.full((s, s), 128.0, np.float32)],
+        axis=-1,
+    )
     checker = ((np.indices((s, s)).sum(0) // max(1, s // 8)) % 2 * 255).astype(np.float32)
     arrays = [
         rng.integers(0, 256, (s, s, 3)).astype(np.float32),
@@ -100,8 +105,9 @@ def verification_batch(image_size: int, seed: int = 0) -> tuple[list[Image.Image
 
 
 @torch.no_grad()
-def our_embeddings(loaded: LoadedCheckpoint, images: list[Image.Image],
-                   texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def our_embeddings(
+    loaded: LoadedCheckpoint, images: list[Image.Image], texts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised image and text embeddings of the checkpoint's model, with its own transforms."""
     b = loaded.bundle
     pixels = torch.stack([b.preprocess_val(im) for im in images])
@@ -117,11 +123,15 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
         raise UserError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise UserError(f"--out {out} exists and is not empty (pass --overwrite to replace "
-                             "an earlier export)")
+            raise UserError(
+                f"--out {out} exists and is not empty (pass --overwrite to replace "
+                "an earlier export)"
+            )
         if not (out / EXPORT_RECORD).is_file():
-            raise UserError(f"--out {out} is not empty and holds no {EXPORT_RECORD}: refusing "
-                             "to delete a folder that clipfnd did not write")
+            raise UserError(
+                f"--out {out} is not empty and holds no {EXPORT_RECORD}: refusing "
+                "to delete a folder that clipfnd did not write"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -137,8 +147,14 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def write_record(out: Path, fmt: str, loaded: LoadedCheckpoint, files: list[str],
-                 comparison: Comparison | None, extra: dict[str, Any] | None = None) -> Path:
+def write_record(
+    out: Path,
+    fmt: str,
+    loaded: LoadedCheckpoint,
+    files: list[str],
+    comparison: Comparison | None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write ``clipfnd_export.json``: source checkpoint, step, run config, files, check."""
     record = {
         "format": fmt,

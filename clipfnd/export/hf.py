@@ -47,8 +47,9 @@ def _layers(sd: dict[str, torch.Tensor], src: str, dst: str, n: int) -> dict[str
     return out
 
 
-def convert_state_dict(sd: dict[str, torch.Tensor], vision: VisionSpec,
-                       text: TextSpec) -> dict[str, torch.Tensor]:
+def convert_state_dict(
+    sd: dict[str, torch.Tensor], vision: VisionSpec, text: TextSpec
+) -> dict[str, torch.Tensor]:
     """open_clip CLIP state dict -> transformers CLIPModel state dict."""
     out = _layers(sd, "visual.transformer.", "vision_model.", vision.layers)
     out.update(_layers(sd, "transformer.", "text_model.", text.layers))
@@ -76,17 +77,29 @@ def clip_config(vision: VisionSpec, text: TextSpec, embed_dim: int, logit_scale:
     act = "quick_gelu" if vision.quick_gelu else "gelu"
     return CLIPConfig(
         text_config=dict(
-            vocab_size=text.vocab_size, hidden_size=text.width,
-            intermediate_size=text.intermediate_size, num_hidden_layers=text.layers,
-            num_attention_heads=text.heads, max_position_embeddings=text.context_length,
-            hidden_act=act, layer_norm_eps=1e-5, projection_dim=embed_dim,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            vocab_size=text.vocab_size,
+            hidden_size=text.width,
+            intermediate_size=text.intermediate_size,
+            num_hidden_layers=text.layers,
+            num_attention_heads=text.heads,
+            max_position_embeddings=text.context_length,
+            hidden_act=act,
+            layer_norm_eps=1e-5,
+            projection_dim=embed_dim,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
         ),
         vision_config=dict(
-            hidden_size=vision.width, intermediate_size=vision.intermediate_size,
-            num_hidden_layers=vision.layers, num_attention_heads=vision.heads,
-            image_size=vision.image_size, patch_size=vision.patch_size, hidden_act=act,
-            layer_norm_eps=1e-5, projection_dim=embed_dim,
+            hidden_size=vision.width,
+            intermediate_size=vision.intermediate_size,
+            num_hidden_layers=vision.layers,
+            num_attention_heads=vision.heads,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            hidden_act=act,
+            layer_norm_eps=1e-5,
+            projection_dim=embed_dim,
         ),
         projection_dim=embed_dim,
         logit_scale_init_value=logit_scale,
@@ -132,15 +145,24 @@ def export(loaded: LoadedCheckpoint, out: Path) -> list[str]:
     hf_model.save_pretrained(out, safe_serialization=True)
 
     vocab, merges = bpe_vocabulary()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=text.context_length,
-                              bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
+    tokenizer = CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=text.context_length,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+    )
     size = vision.image_size
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
         image_mean=[float(v) for v in model.visual.image_mean],
         image_std=[float(v) for v in model.visual.image_std],
         resample=3,  # bicubic, as open_clip
-        do_center_crop=True, do_convert_rgb=True,
+        do_center_crop=True,
+        do_convert_rgb=True,
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     write_tokenizer_files(out, vocab, merges)
@@ -156,11 +178,13 @@ def verify(loaded: LoadedCheckpoint, out: Path, tolerance: float) -> Comparison:
     hf_model = CLIPModel.from_pretrained(out).eval()
     processor = CLIPProcessor.from_pretrained(out)
     images, texts = verification_batch(hf_model.config.vision_config.image_size)
-    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True,
-                       truncation=True)
+    inputs = processor(
+        text=texts, images=images, return_tensors="pt", padding=True, truncation=True
+    )
     image = hf_model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-    text = hf_model.get_text_features(input_ids=inputs["input_ids"],
-                                      attention_mask=inputs["attention_mask"]).pooler_output
+    text = hf_model.get_text_features(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+    ).pooler_output
     ours_image, ours_text = our_embeddings(loaded, images, texts)
     cmp = Comparison(tolerance=tolerance)
     cmp.add("image", ours_image, torch.nn.functional.normalize(image, dim=-1))

@@ -79,8 +79,9 @@ def verify(loaded: LoadedCheckpoint, out: Path, tolerance: float) -> Comparison:
     model, _, preprocess = open_clip.create_model_and_transforms(
         loaded.model_name, pretrained=str(out / PYTORCH_NAME)
     )
-    image, text = _embed(model, preprocess, open_clip.get_tokenizer(loaded.model_name), images,
-                         texts)
+    image, text = _embed(
+        model, preprocess, open_clip.get_tokenizer(loaded.model_name), images, texts
+    )
     cmp.add("image (state dict)", ours_image, image)
     cmp.add("text (state dict)", ours_text, text)
     return cmp

@@ -73,8 +73,13 @@ def export(loaded: LoadedCheckpoint, out: Path) -> list[str]:
         "crop_pct": 1.0,  # resize the short side to image_size, then centre-crop, as open_clip
         "crop_mode": "center",
     }
-    save_for_hf(model, str(out), model_args=model_args(vision), safe_serialization=True,
-                data_config=data_config)
+    save_for_hf(
+        model,
+        str(out),
+        model_args=model_args(vision),
+        safe_serialization=True,
+        data_config=data_config,
+    )
     # the base architecture's pretrained tag and licence describe other weights: drop them
     config_path = out / "config.json"
     cfg = json.loads(config_path.read_text())

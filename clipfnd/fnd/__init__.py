@@ -11,5 +11,15 @@ from .quality import detection_counts, detection_metrics, same_label
 
 DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NoDetector, GloFND, Oracle)}
 
-__all__ = ["DETECTORS", "Detection", "DetectionInput", "Detector", "GloFND", "NoDetector", "Oracle",
-           "detection_counts", "detection_metrics", "same_label"]
+__all__ = [
+    "DETECTORS",
+    "Detection",
+    "DetectionInput",
+    "Detector",
+    "GloFND",
+    "NoDetector",
+    "Oracle",
+    "detection_counts",
+    "detection_metrics",
+    "same_label",
+]

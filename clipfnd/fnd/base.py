@@ -59,7 +59,9 @@ class Detector(ABC):
         self.start_mask = start_mask
 
     @classmethod
-    def from_config(cls, fnd: FNDConfig, tables: StateTables, anchor_types: tuple[str, ...]) -> Detector:
+    def from_config(
+        cls, fnd: FNDConfig, tables: StateTables, anchor_types: tuple[str, ...]
+    ) -> Detector:
         return cls(anchor_types, start_update=fnd.start_update, start_mask=fnd.start_mask)
 
     def masking(self, epoch: int) -> bool:

@@ -70,7 +70,9 @@ class GloFND(Detector):
     ):
         super().__init__(anchor_types, start_update=start_update, start_mask=start_mask)
         if bias_correction not in ("sample", "epoch"):
-            raise ValueError(f"bias_correction must be 'sample' or 'epoch', got {bias_correction!r}")
+            raise ValueError(
+                f"bias_correction must be 'sample' or 'epoch', got {bias_correction!r}"
+            )
         self.bias_correction = bias_correction
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -87,11 +89,21 @@ class GloFND(Detector):
             tables.add(f"glofnd.count_{t}", 0.0)
 
     @classmethod
-    def from_config(cls, fnd: FNDConfig, tables: StateTables, anchor_types: tuple[str, ...]) -> GloFND:
+    def from_config(
+        cls, fnd: FNDConfig, tables: StateTables, anchor_types: tuple[str, ...]
+    ) -> GloFND:
         return cls(
-            tables, anchor_types, alpha=fnd.alpha, lr=fnd.lr, optimizer=fnd.optimizer, beta1=fnd.beta1,
-            beta2=fnd.beta2, init_threshold=fnd.init_threshold, bias_correction=fnd.bias_correction,
-            start_update=fnd.start_update, start_mask=fnd.start_mask,
+            tables,
+            anchor_types,
+            alpha=fnd.alpha,
+            lr=fnd.lr,
+            optimizer=fnd.optimizer,
+            beta1=fnd.beta1,
+            beta2=fnd.beta2,
+            init_threshold=fnd.init_threshold,
+            bias_correction=fnd.bias_correction,
+            start_update=fnd.start_update,
+            start_mask=fnd.start_mask,
         )
 
     def updating(self, epoch: int) -> bool:
@@ -111,7 +123,11 @@ class GloFND(Detector):
             if masking:
                 found.flags[t] = flags
             if updating:
-                found.rows.update(self.update_from_flags(t, inp.index, [flags], inp.num_negatives, epoch=inp.epoch))
+                found.rows.update(
+                    self.update_from_flags(
+                        t, inp.index, [flags], inp.num_negatives, epoch=inp.epoch
+                    )
+                )
         return found
 
     def threshold_metrics(self) -> dict[str, float]:
@@ -124,7 +140,9 @@ class GloFND(Detector):
         return self.tables.rows(f"glofnd.lambda_{anchor_type}", index)
 
     @torch.no_grad()
-    def flags(self, sim: torch.Tensor, lam: torch.Tensor, exclude: list[torch.Tensor]) -> torch.Tensor:
+    def flags(
+        self, sim: torch.Tensor, lam: torch.Tensor, exclude: list[torch.Tensor]
+    ) -> torch.Tensor:
         """``[b, M]`` bool: similarities above the anchor's threshold, among its negatives.
 
         ``exclude`` lists, per row, the columns that are not negatives (``[b]`` each): the
@@ -137,7 +155,9 @@ class GloFND(Detector):
         return f
 
     @torch.no_grad()
-    def gradient(self, flags: list[torch.Tensor], num_negatives: int | torch.Tensor) -> torch.Tensor:
+    def gradient(
+        self, flags: list[torch.Tensor], num_negatives: int | torch.Tensor
+    ) -> torch.Tensor:
         """``g = alpha - share of the K rows' negatives above the threshold``, per anchor.
         ``num_negatives``: ``|N_i|``, one number or one per anchor (``[b]``)."""
         above = sum(f.sum(1) for f in flags).to(torch.float64)
@@ -197,7 +217,9 @@ class GloFND(Detector):
         }
 
     @torch.no_grad()
-    def threshold_quantiles(self, anchor_type: str, qs=(0.1, 0.5, 0.9), max_rows: int = 65536) -> dict[str, float]:
+    def threshold_quantiles(
+        self, anchor_type: str, qs=(0.1, 0.5, 0.9), max_rows: int = 65536
+    ) -> dict[str, float]:
         """Quantiles of the thresholds of samples updated at least once (a fixed subsample)."""
         lam = self.tables[f"glofnd.lambda_{anchor_type}"]
         seen = self.tables[f"glofnd.count_{anchor_type}"] > 0
@@ -208,4 +230,6 @@ class GloFND(Detector):
             step = vals.numel() // max_rows
             vals = vals[::step][:max_rows]
         q = torch.quantile(vals.float(), torch.tensor(qs, device=vals.device))
-        return {f"lambda_{anchor_type}_q{int(p * 100):02d}": float(v) for p, v in zip(qs, q.tolist())}
+        return {
+            f"lambda_{anchor_type}_q{int(p * 100):02d}": float(v) for p, v in zip(qs, q.tolist())
+        }

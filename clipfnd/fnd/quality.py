@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def same_label(label_anchor: torch.Tensor, label_other: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def same_label(
+    label_anchor: torch.Tensor, label_other: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
     """``[b, M]`` bool: negatives with the anchor's label (the positive column ``pos`` excluded;
     labels < 0 mean unknown and never match)."""
     eq = (label_anchor[:, None] == label_other[None, :]) & (label_other[None, :] >= 0)
@@ -19,22 +21,28 @@ def same_label(label_anchor: torch.Tensor, label_other: torch.Tensor, pos: torch
     return eq
 
 
-def detection_counts(flags: torch.Tensor, truth: torch.Tensor, num_negatives: int | torch.Tensor) -> torch.Tensor:
+def detection_counts(
+    flags: torch.Tensor, truth: torch.Tensor, num_negatives: int | torch.Tensor
+) -> torch.Tensor:
     """Counts to sum over anchors and ranks: [true positives, flagged, true, negatives, anchors
     with every negative flagged]. Float64 ``[5]``. ``num_negatives``: ``|N_i|``, one number or
     one per anchor."""
     per_row = flags.sum(1)
     n = torch.as_tensor(num_negatives, device=flags.device).expand(flags.shape[0])
-    return torch.stack([
-        (flags & truth).sum(),
-        per_row.sum(),
-        truth.sum(),
-        n.sum(),
-        (per_row == n).sum(),
-    ]).to(torch.float64)
+    return torch.stack(
+        [
+            (flags & truth).sum(),
+            per_row.sum(),
+            truth.sum(),
+            n.sum(),
+            (per_row == n).sum(),
+        ]
+    ).to(torch.float64)
 
 
-def detection_metrics(counts: torch.Tensor, prefix: str, with_truth: bool = True) -> dict[str, float]:
+def detection_metrics(
+    counts: torch.Tensor, prefix: str, with_truth: bool = True
+) -> dict[str, float]:
     """Share flagged, anchors with nothing kept, and (with labels) precision and recall."""
     tp, flagged, true, neg, all_flagged = counts.tolist()
     out = {

@@ -48,8 +48,11 @@ def contrastive_rows(
     rows = torch.arange(b, device=logits.device)
     no_col = torch.zeros(b, dtype=torch.bool, device=logits.device)
     with torch.no_grad():
-        excluded = torch.zeros(b, m, dtype=torch.bool, device=logits.device) if not_negative is None \
+        excluded = (
+            torch.zeros(b, m, dtype=torch.bool, device=logits.device)
+            if not_negative is None
             else not_negative.index_put((rows, pos), no_col)
+        )
         fn_mask = excluded.clone() if fn_mask is None else fn_mask.index_put((rows, pos), no_col)
         fn_mask &= ~excluded
         n_flagged = fn_mask.sum(1)
@@ -72,7 +75,9 @@ def contrastive_rows(
     with torch.no_grad():
         n_kept = n_neg - n_flagged
         if rescale:
-            log_c = torch.log(n_neg.clamp(min=1).to(logits.dtype)) - torch.log(n_kept.clamp(min=1).to(logits.dtype))
+            log_c = torch.log(n_neg.clamp(min=1).to(logits.dtype)) - torch.log(
+                n_kept.clamp(min=1).to(logits.dtype)
+            )
         else:
             log_c = torch.zeros(b, dtype=logits.dtype, device=logits.device)
         shift = log_c[:, None].expand(b, m).masked_fill(fn_mask | excluded, float("-inf"))

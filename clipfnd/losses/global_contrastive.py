@@ -109,7 +109,9 @@ def temperature_terms(u: torch.Tensor, tau: torch.Tensor, rho: float) -> torch.T
     return rho * tau + tau * torch.log(u).mean()
 
 
-def moving_average(u: torch.Tensor, visits: torch.Tensor, g: torch.Tensor, gamma: float) -> torch.Tensor:
+def moving_average(
+    u: torch.Tensor, visits: torch.Tensor, g: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """``u_n <- (1 - gamma) u_n + gamma g_i.detach()``, with ``gamma = 1`` on a sample's first
     visit (``visits == 0``). ``[b]`` each; returns the new ``u`` (not yet written)."""
     gam = torch.where(visits > 0, torch.full_like(u, gamma), torch.ones_like(u))

@@ -94,7 +94,11 @@ class Method(ABC):
     # --- the loss -------------------------------------------------------------------------
     @abstractmethod
     def loss(
-        self, rows: dict[str, AnchorRows], index: torch.Tensor, logit_scale: torch.Tensor, epoch: int
+        self,
+        rows: dict[str, AnchorRows],
+        index: torch.Tensor,
+        logit_scale: torch.Tensor,
+        epoch: int,
     ) -> MethodOutput:
         """The loss of this rank's anchors (its mean over ranks is the global batch's loss).
 

@@ -15,12 +15,20 @@ class Clip(Method):
     name = "clip"
 
     def loss(
-        self, rows: dict[str, AnchorRows], index: torch.Tensor, logit_scale: torch.Tensor, epoch: int
+        self,
+        rows: dict[str, AnchorRows],
+        index: torch.Tensor,
+        logit_scale: torch.Tensor,
+        epoch: int,
     ) -> MethodOutput:
         per_type = []
         for r in rows.values():
             logits = logit_scale * r.anchors @ r.others.T
-            per_type.append(contrastive_rows(logits, r.pos, r.fn_mask, self.removal, self.rescale, r.not_negative))
+            per_type.append(
+                contrastive_rows(
+                    logits, r.pos, r.fn_mask, self.removal, self.rescale, r.not_negative
+                )
+            )
         if len(per_type) == 2:  # the bidirectional CLIP loss, as clip_loss computes it
             loss = 0.5 * (per_type[0].mean() + per_type[1].mean())
         else:

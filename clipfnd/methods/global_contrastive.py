@@ -54,7 +54,11 @@ class SogCLR(Method):
         return None
 
     def loss(
-        self, rows: dict[str, AnchorRows], index: torch.Tensor, logit_scale: torch.Tensor, epoch: int
+        self,
+        rows: dict[str, AnchorRows],
+        index: torch.Tensor,
+        logit_scale: torch.Tensor,
+        epoch: int,
     ) -> MethodOutput:
         tau = self.temperature(logit_scale)
         c = self.cfg.loss
@@ -65,11 +69,17 @@ class SogCLR(Method):
         for t, r in rows.items():
             dev = r.pos.device
             sim = r.anchors @ r.others.T  # with gradient
-            kept = kept_negatives(r.pos, tuple(sim.shape), r.fn_mask, self.removal, dev, not_negative=r.not_negative)
+            kept = kept_negatives(
+                r.pos, tuple(sim.shape), r.fn_mask, self.removal, dev, not_negative=r.not_negative
+            )
             g = negative_ratio(sim, r.pos, tau, kept)
             visits = self.tables.rows(f"gcl.visits_{t}", index, dev)
             u = moving_average(self.tables.rows(f"gcl.u_{t}", index, dev), visits, g, gamma)
-            att = attraction(sim, r.pos, r.fn_mask) if (r.fn_mask is not None and self.removal == "attract") else None
+            att = (
+                attraction(sim, r.pos, r.fn_mask)
+                if (r.fn_mask is not None and self.removal == "attract")
+                else None
+            )
             loss = loss + weight * global_contrastive_loss(g, u.clamp(min=1e-30), tau, att)
             extra = self.temperature_terms(u.clamp(min=1e-30), tau)
             if extra is not None:

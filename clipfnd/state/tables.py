@@ -52,7 +52,9 @@ class StateTables:
     def add(self, name: str, init: float = 0.0) -> torch.Tensor:
         if name in self._tables:
             raise KeyError(f"table {name!r} already exists")
-        self._tables[name] = torch.full((self.num_rows,), float(init), dtype=torch.float32, device=self.device)
+        self._tables[name] = torch.full(
+            (self.num_rows,), float(init), dtype=torch.float32, device=self.device
+        )
         self._init[name] = float(init)
         return self._tables[name]
 
@@ -77,7 +79,9 @@ class StateTables:
                 "from another dataset would do this)"
             )
 
-    def rows(self, name: str, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    def rows(
+        self, name: str, index: torch.Tensor, device: torch.device | None = None
+    ) -> torch.Tensor:
         """Values of ``name`` at dataset indices ``index``, on ``device`` (default: index's)."""
         idx = index.to(self.device)
         out = self._tables[name][idx]

@@ -44,13 +44,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".part")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 
-def publish(run_dir: str | os.PathLike, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+def publish(
+    run_dir: str | os.PathLike, step: int, trainer_state: dict[str, Any], keep: int
+) -> Path:
     """(Main process.) Mark ``step_N.tmp`` complete, rename it to ``step_N``, prune old ones."""
     tmp = tmp_path(run_dir, step)
     write_json(tmp / TRAINER_STATE, trainer_state)
@@ -67,9 +70,18 @@ def publish(run_dir: str | os.PathLike, step: int, trainer_state: dict[str, Any]
 
 # Keys a resumed run must share with the checkpoint: they decide what the weights, the
 # per-sample tables and the data position mean.
-RESUME_KEYS = ("model.name", "data.train", "data.batch_size", "data.num_workers",
-               "data.chunk_size", "data.shuffle_buffer", "data.resampled", "seed", "loss.name",
-               "fnd.detector")
+RESUME_KEYS = (
+    "model.name",
+    "data.train",
+    "data.batch_size",
+    "data.num_workers",
+    "data.chunk_size",
+    "data.shuffle_buffer",
+    "data.resampled",
+    "seed",
+    "loss.name",
+    "fnd.detector",
+)
 
 
 def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
@@ -78,7 +90,10 @@ def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
     for key in RESUME_KEYS:
         a, b = saved, now
         for part in key.split("."):
-            a, b = a.get(part) if isinstance(a, dict) else None, b.get(part) if isinstance(b, dict) else None
+            a, b = (
+                a.get(part) if isinstance(a, dict) else None,
+                b.get(part) if isinstance(b, dict) else None,
+            )
         if a != b:
             out.append(f"{key}: checkpoint {a!r}, now {b!r}")
     return out
@@ -100,7 +115,9 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
     else:
         candidates = [Path(cfg.resume)]
         if not is_valid(candidates[0]):
-            raise CheckpointError(f"resume={cfg.resume!r}: {candidates[0]} is not a complete checkpoint")
+            raise CheckpointError(
+                f"resume={cfg.resume!r}: {candidates[0]} is not a complete checkpoint"
+            )
     for i, path in enumerate(candidates):
         state = read_trainer_state(path)
         diffs = config_differences(state.get("config", {}), cfg)
@@ -111,12 +128,19 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
             )
         try:
             s.accelerator.load_state(str(path))
-            loader = json.loads((path / f"loader_rank{s.accelerator.process_index}.json").read_text())
+            loader = json.loads(
+                (path / f"loader_rank{s.accelerator.process_index}.json").read_text()
+            )
         except Exception as e:
             if i + 1 == len(candidates):
                 raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
-            log.warning("checkpoint %s cannot be loaded (%s: %s); falling back to %s",
-                        path, type(e).__name__, e, candidates[i + 1])
+            log.warning(
+                "checkpoint %s cannot be loaded (%s: %s); falling back to %s",
+                path,
+                type(e).__name__,
+                e,
+                candidates[i + 1],
+            )
             continue
         break
     loader_state = LoaderState.from_dict(loader)
@@ -143,9 +167,15 @@ def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState
     final = final_path(s.run_dir, step)
     if acc.is_main_process:
         publish(
-            s.run_dir, step,
-            {"step": step, "epoch": epoch, "world_size": acc.num_processes,
-             "model_name": cfg.model.name, "config": to_dict(cfg)},
+            s.run_dir,
+            step,
+            {
+                "step": step,
+                "epoch": epoch,
+                "world_size": acc.num_processes,
+                "model_name": cfg.model.name,
+                "config": to_dict(cfg),
+            },
             cfg.train.keep_checkpoints,
         )
     acc.wait_for_everyone()

@@ -34,6 +34,7 @@ from data_pipelines import load_shard_set
 from data_pipelines.loader import EpochIterator, LoaderState, ShardStream
 
 from .. import distributed
+from ..checkpoints import checkpoint_dir, find_latest, list_checkpoints
 from ..config import Config, ConfigError, to_yaml
 from ..methods import Method
 from ..models import check_model_name, create_clip
@@ -44,8 +45,15 @@ from .objective import ClipObjective
 from .schedule import build_scheduler, optimizer_steps_in_epoch
 from .step import FaultCounter, NonFiniteError, StepResult, optimizer_step
 
-__all__ = ["NonFiniteError", "Setup", "StepResult", "optimizer_step", "optimizer_steps_in_epoch",
-           "setup", "train"]
+__all__ = [
+    "NonFiniteError",
+    "Setup",
+    "StepResult",
+    "optimizer_step",
+    "optimizer_steps_in_epoch",
+    "setup",
+    "train",
+]
 
 log = logging.getLogger("clipfnd.train")
 
@@ -88,7 +96,7 @@ class Setup:
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None:
-    existing = ckpt.list_checkpoints(run_dir) if run_dir.is_dir() else []
+    existing = list_checkpoints(run_dir) if run_dir.is_dir() else []
     if not existing or cfg.resume is not None:
         return
     if not cfg.overwrite:
@@ -98,7 +106,7 @@ def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None
             "over there, or choose another output_dir"
         )
     if accelerator.is_main_process:
-        shutil.rmtree(ckpt.checkpoint_dir(run_dir))
+        shutil.rmtree(checkpoint_dir(run_dir))
     accelerator.wait_for_everyone()
 
 
@@ -132,7 +140,9 @@ def setup(cfg: Config) -> Setup:
     set_seed(cfg.seed)
 
     shard_set = load_shard_set(cfg.data.train)
-    bundle = create_clip(cfg.model.name, pretrained=cfg.model.pretrained, init_logit_scale=cfg.model.init_logit_scale)
+    bundle = create_clip(
+        cfg.model.name, pretrained=cfg.model.pretrained, init_logit_scale=cfg.model.init_logit_scale
+    )
     model = bundle.model
     table_device = "cpu" if cfg.fnd.state_on_cpu else accelerator.device
     tables = StateTables(shard_set.num_samples, table_device)
@@ -156,7 +166,9 @@ def setup(cfg: Config) -> Setup:
         samples_per_epoch=cfg.data.samples_per_epoch,
     )
     groups = param_groups(model, cfg, method)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+    )
     k = cfg.optim.accum_steps
     steps_all = sum(optimizer_steps_in_epoch(stream, e, k) for e in range(cfg.train.epochs))
     total_steps = min(steps_all, cfg.train.max_steps or steps_all)
@@ -166,8 +178,14 @@ def setup(cfg: Config) -> Setup:
             f"with data.batch_size={cfg.data.batch_size} and optim.accum_steps={k}"
         )
     tau_group = len(groups) - 1 if method.own_temperature_group else None
-    scheduler = build_scheduler(optimizer, kind=cfg.optim.schedule, warmup=cfg.optim.warmup_steps,
-                                total=total_steps, tau_group=tau_group, tau_schedule=method.temperature_schedule)
+    scheduler = build_scheduler(
+        optimizer,
+        kind=cfg.optim.schedule,
+        warmup=cfg.optim.warmup_steps,
+        total=total_steps,
+        tau_group=tau_group,
+        tau_schedule=method.temperature_schedule,
+    )
 
     # Everything the user could have got wrong has been checked: now the run folder.
     run_dir = Path(cfg.output_dir)
@@ -185,16 +203,35 @@ def setup(cfg: Config) -> Setup:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         dropped = stream.dropped_in_epoch(0)
         if dropped:
-            log.info("epoch 0 leaves out %d of %d samples (the last partial global batch and "
-                     "uneven shards across processes)", dropped, shard_set.num_samples)
+            log.info(
+                "epoch 0 leaves out %d of %d samples (the last partial global batch and "
+                "uneven shards across processes)",
+                dropped,
+                shard_set.num_samples,
+            )
         unused = stream.steps_per_epoch(0) % k
         if unused:
-            log.info("optim.accum_steps=%d: the last %d micro-batch(es) of epoch 0 fill no "
-                     "optimiser step and are not used", k, unused)
+            log.info(
+                "optim.accum_steps=%d: the last %d micro-batch(es) of epoch 0 fill no "
+                "optimiser step and are not used",
+                k,
+                unused,
+            )
     if cfg.train.tensorboard:
         accelerator.init_trackers("tensorboard")
-    return Setup(accelerator, run_dir, model, bundle, stream, tables, objective, optimizer, scheduler,
-                 total_steps, tau_group)
+    return Setup(
+        accelerator,
+        run_dir,
+        model,
+        bundle,
+        stream,
+        tables,
+        objective,
+        optimizer,
+        scheduler,
+        total_steps,
+        tau_group,
+    )
 
 
 def evaluate(cfg: Config, s: Setup, step: int, epoch: int) -> dict[str, float]:
@@ -203,13 +240,20 @@ def evaluate(cfg: Config, s: Setup, step: int, epoch: int) -> dict[str, float]:
     ``zeroshot/`` prefix; retrieval keys are bare (``i2t_R@1``, ...)."""
     acc = s.accelerator
     model = acc.unwrap_model(s.model)
-    live = EvalModel(dataclasses.replace(s.bundle, model=model),
-                     {"run_dir": str(s.run_dir), "step": step, "epoch": epoch, "model_name": cfg.model.name})
+    live = EvalModel(
+        dataclasses.replace(s.bundle, model=model),
+        {"run_dir": str(s.run_dir), "step": step, "epoch": epoch, "model_name": cfg.model.name},
+    )
     processes = Processes(acc.process_index, acc.num_processes, acc.device)
     results: dict[str, float] = {}
     for task in cfg.eval.tasks:
-        opts = EvalOptions(task=task, data=cfg.data.val, batch_size=cfg.eval.batch_size,
-                           num_workers=cfg.eval.num_workers, progress=cfg.train.progress)
+        opts = EvalOptions(
+            task=task,
+            data=cfg.data.val,
+            batch_size=cfg.eval.batch_size,
+            num_workers=cfg.eval.num_workers,
+            progress=cfg.train.progress,
+        )
         out = run_eval(live, opts, processes)
         prefix = "" if task == "retrieval" else f"{task}/"
         results.update({f"{prefix}{k}": v for k, v in out.get("metrics", {}).items()})
@@ -237,8 +281,13 @@ def train(cfg: Config) -> dict[str, Any]:
     step, start_epoch, loader_state = ckpt.resume(cfg, s)
     run = Progress(step=step, start_step=step)
     metrics = MetricsWriter(s.run_dir, s.accelerator, fresh=step == 0)
-    bar = tqdm(total=s.total_steps, initial=step, desc="train", unit="step",
-               disable=not (cfg.train.progress and s.accelerator.is_main_process))
+    bar = tqdm(
+        total=s.total_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not (cfg.train.progress and s.accelerator.is_main_process),
+    )
     epoch, it = start_epoch, None
     last_epoch = cfg.train.epochs if run.step < s.total_steps else start_epoch
     for epoch in range(start_epoch, last_epoch):
@@ -251,8 +300,15 @@ def train(cfg: Config) -> dict[str, Any]:
     return finish(cfg, s, run, epoch, it, metrics)
 
 
-def train_epoch(cfg: Config, s: Setup, run: Progress, it: EpochIterator, epoch: int,
-                metrics: MetricsWriter, bar: tqdm) -> None:
+def train_epoch(
+    cfg: Config,
+    s: Setup,
+    run: Progress,
+    it: EpochIterator,
+    epoch: int,
+    metrics: MetricsWriter,
+    bar: tqdm,
+) -> None:
     """Optimiser steps over whole windows of ``optim.accum_steps`` micro-batches of the epoch."""
     k = cfg.optim.accum_steps
     usable = optimizer_steps_in_epoch(s.stream, epoch, k) * k  # micro-batches this epoch uses
@@ -277,21 +333,44 @@ def train_epoch(cfg: Config, s: Setup, run: Progress, it: EpochIterator, epoch: 
         after_step(cfg, s, run, it, epoch, r, metrics, bar)
 
 
-def after_step(cfg: Config, s: Setup, run: Progress, it: EpochIterator, epoch: int, r: StepResult,
-               metrics: MetricsWriter, bar: tqdm) -> None:
+def after_step(
+    cfg: Config,
+    s: Setup,
+    run: Progress,
+    it: EpochIterator,
+    epoch: int,
+    r: StepResult,
+    metrics: MetricsWriter,
+    bar: tqdm,
+) -> None:
     """The log line, the checkpoint and the evaluation that fall due at ``run.step``."""
     step = run.step
     if step % cfg.train.log_every == 0 or step == s.total_steps:
-        record = log_record(cfg, s, step, epoch, run.window, r, run.faults,
-                            run.bad_samples + sum(it.bad.values()), run.duplicates)
+        record = log_record(
+            cfg,
+            s,
+            step,
+            epoch,
+            run.window,
+            r,
+            run.faults,
+            run.bad_samples + sum(it.bad.values()),
+            run.duplicates,
+        )
         metrics.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         run.last_record, run.window = record, LogWindow()
-    if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < s.total_steps:
+    if (
+        cfg.train.checkpoint_every
+        and step % cfg.train.checkpoint_every == 0
+        and step < s.total_steps
+    ):
         ckpt.save(cfg, s, step, epoch, it.state())
     if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and cfg.data.val:
         run.last_eval = (step, evaluate(cfg, s, step, epoch))
-        metrics.write({"step": step, "epoch": epoch, **{f"val/{k}": v for k, v in run.last_eval[1].items()}})
+        metrics.write(
+            {"step": step, "epoch": epoch, **{f"val/{k}": v for k, v in run.last_eval[1].items()}}
+        )
 
 
 def report_bad_samples(s: Setup, run: Progress, it: EpochIterator, epoch: int) -> None:
@@ -299,23 +378,41 @@ def report_bad_samples(s: Setup, run: Progress, it: EpochIterator, epoch: int) -
     run.bad_samples += sum(it.bad.values())
     if it.bad:
         per_shard = {f"{Path(sh).name}: {why}": n for (sh, why), n in sorted(it.bad.items())}
-        log.warning("epoch %d: process %d skipped %d bad samples: %s",
-                    epoch, s.accelerator.process_index, sum(it.bad.values()), per_shard)
+        log.warning(
+            "epoch %d: process %d skipped %d bad samples: %s",
+            epoch,
+            s.accelerator.process_index,
+            sum(it.bad.values()),
+            per_shard,
+        )
 
 
-def finish(cfg: Config, s: Setup, run: Progress, epoch: int, it: EpochIterator | None,
-           metrics: MetricsWriter) -> dict[str, Any]:
+def finish(
+    cfg: Config,
+    s: Setup,
+    run: Progress,
+    epoch: int,
+    it: EpochIterator | None,
+    metrics: MetricsWriter,
+) -> dict[str, Any]:
     """The final checkpoint and evaluation, and ``RUN/summary.json``."""
     acc = s.accelerator
     train_time = time.perf_counter() - run.started
     final_state = it.state() if it is not None else LoaderState(epoch=epoch)
-    final = ckpt.save(cfg, s, run.step, epoch, final_state) if run.step > run.start_step \
-        else ckpt.find_latest(s.run_dir)
+    final = (
+        ckpt.save(cfg, s, run.step, epoch, final_state)
+        if run.step > run.start_step
+        else find_latest(s.run_dir)
+    )
     results: dict[str, float] = {}
     if cfg.eval.at_end and cfg.data.val:
-        results = run.last_eval[1] if run.last_eval[0] == run.step else evaluate(cfg, s, run.step, epoch)
+        results = (
+            run.last_eval[1] if run.last_eval[0] == run.step else evaluate(cfg, s, run.step, epoch)
+        )
         if run.last_eval[0] != run.step:
-            metrics.write({"step": run.step, "epoch": epoch, **{f"val/{k}": v for k, v in results.items()}})
+            metrics.write(
+                {"step": run.step, "epoch": epoch, **{f"val/{k}": v for k, v in results.items()}}
+            )
     B = cfg.data.batch_size
     summary = {
         "run_dir": str(s.run_dir),
@@ -324,7 +421,10 @@ def finish(cfg: Config, s: Setup, run: Progress, epoch: int, it: EpochIterator |
         "epochs": epoch + 1,
         "processes": acc.num_processes,
         "global_batch_size": B,
-        "samples_per_sec": (run.step - run.start_step) * B * cfg.optim.accum_steps / max(train_time, 1e-9),
+        "samples_per_sec": (run.step - run.start_step)
+        * B
+        * cfg.optim.accum_steps
+        / max(train_time, 1e-9),
         "loss": run.last_record.get("loss"),
         "skipped_samples": int(distributed.all_reduce_sum(torch.tensor(run.bad_samples)).item()),
         "nonfinite_steps_skipped": run.faults.total,

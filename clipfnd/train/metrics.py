@@ -52,20 +52,38 @@ class LogWindow:
         self.losses.extend(r.losses)
         for o in r.outputs:
             if o.detection is not None:
-                self.detection = o.detection if self.detection is None else self.detection + o.detection
+                self.detection = (
+                    o.detection if self.detection is None else self.detection + o.detection
+                )
 
 
-def log_record(cfg: Config, s: Setup, step: int, epoch: int, window: LogWindow, last: StepResult,
-               faults: FaultCounter, bad: int, duplicates: int) -> dict[str, Any]:
+def log_record(
+    cfg: Config,
+    s: Setup,
+    step: int,
+    epoch: int,
+    window: LogWindow,
+    last: StepResult,
+    faults: FaultCounter,
+    bad: int,
+    duplicates: int,
+) -> dict[str, Any]:
     """The metrics line of a logged step (collectives inside: every rank calls it)."""
     acc = s.accelerator
-    loss_mean = distributed.all_reduce_sum(torch.stack(window.losses).mean()).item() / acc.num_processes
+    loss_mean = (
+        distributed.all_reduce_sum(torch.stack(window.losses).mean()).item() / acc.num_processes
+    )
     elapsed = time.perf_counter() - window.start
     record = {
-        "step": step, "epoch": epoch, "loss": loss_mean,
+        "step": step,
+        "epoch": epoch,
+        "loss": loss_mean,
         "lr": last.lrs[0],  # the learning rate this step ran with
         "logit_scale": acc.unwrap_model(s.model).logit_scale.exp().item(),
-        "samples_per_sec": window.steps * cfg.data.batch_size * cfg.optim.accum_steps / max(elapsed, 1e-9),
+        "samples_per_sec": window.steps
+        * cfg.data.batch_size
+        * cfg.optim.accum_steps
+        / max(elapsed, 1e-9),
         **last.outputs[-1].metrics,
     }
     if s.tau_group is not None:

@@ -131,11 +131,19 @@ class ClipObjective:
         detection = None
         if measure:
             detection = sum(
-                detection_counts(found.flags[t], truth[t] if truth else torch.zeros_like(found.flags[t]), num_neg)
+                detection_counts(
+                    found.flags[t], truth[t] if truth else torch.zeros_like(found.flags[t]), num_neg
+                )
                 for t in ANCHORS
             )
-        return StepOutput(loss=out.loss, metrics=out.metrics, detection=detection, index=index.to(dev),
-                          rows={**found.rows, **out.rows}, duplicates=duplicates)
+        return StepOutput(
+            loss=out.loss,
+            metrics=out.metrics,
+            detection=detection,
+            index=index.to(dev),
+            rows={**found.rows, **out.rows},
+            duplicates=duplicates,
+        )
 
     def commit(self, outs: StepOutput | list[StepOutput]) -> None:
         """Write the new rows of one or more micro-batches (one optimiser step) into every

@@ -69,7 +69,9 @@ def build_scheduler(
     return LambdaLR(optimizer, lambdas)
 
 
-def apply_tau_rule(optimizer: torch.optim.Optimizer, tau_group: int, base_lr: float, tau: float) -> float:
+def apply_tau_rule(
+    optimizer: torch.optim.Optimizer, tau_group: int, base_lr: float, tau: float
+) -> float:
     """FastCLIP's rule for the temperature's learning rate; sets and returns it."""
     lr = base_lr * (TAU_LR_RATIO if tau <= TAU_THRESHOLD else 1.0)
     optimizer.param_groups[tau_group]["lr"] = lr

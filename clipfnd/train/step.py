@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import distributed
+from ..checkpoints import find_latest
 from ..config import Config
 from . import checkpoint as ckpt
 from .objective import StepOutput
@@ -60,16 +61,24 @@ def optimizer_step(cfg: Config, s: Setup, batches, epoch: int, logged: bool) -> 
     for micro in range(k):
         batch = next(batches, None)
         if not distributed.all_true(batch is not None, acc.device):
-            s.optimizer.zero_grad(set_to_none=True)  # some rank ran out: every rank drops the window
+            s.optimizer.zero_grad(
+                set_to_none=True
+            )  # some rank ran out: every rank drops the window
             return StepResult("no_data")
         if poisoned:
             continue  # the step is lost; its micro-batches are still read, so the data position holds
         sync = contextlib.nullcontext() if micro == k - 1 else acc.no_sync(model)
         with sync:
             out = model(image=batch["image"].to(acc.device), text=batch["text"].to(acc.device))
-            res = s.objective(out["image_features"], out["text_features"], out["logit_scale"],
-                              batch["index"].to(acc.device), batch["label"].to(acc.device), epoch,
-                              measure=logged)
+            res = s.objective(
+                out["image_features"],
+                out["text_features"],
+                out["logit_scale"],
+                batch["index"].to(acc.device),
+                batch["label"].to(acc.device),
+                epoch,
+                measure=logged,
+            )
             # every rank takes the same branch: no rank waits alone in a backward collective
             if distributed.all_true(bool(torch.isfinite(res.loss.detach())), acc.device):
                 acc.backward(res.loss / k)
@@ -113,15 +122,21 @@ class FaultCounter:
     def skip(self, step: int, epoch: int) -> None:
         self.total += 1
         self.in_a_row += 1
-        log.warning("non-finite loss or gradient after step %d (epoch %d): step skipped "
-                    "(%d in a row, %d in all)", step, epoch, self.in_a_row, self.total)
+        log.warning(
+            "non-finite loss or gradient after step %d (epoch %d): step skipped "
+            "(%d in a row, %d in all)",
+            step,
+            epoch,
+            self.in_a_row,
+            self.total,
+        )
 
     def ok(self) -> None:
         self.in_a_row = 0
 
     def give_up(self, cfg: Config, s: Setup, step: int, epoch: int, it) -> str:
         """Make sure a checkpoint from before the fault exists; return the message."""
-        latest = ckpt.find_latest(s.run_dir)
+        latest = find_latest(s.run_dir)
         if latest is None:  # the weights are still those of the last good step
             latest = ckpt.save(cfg, s, step, epoch, it.state())
         return (
