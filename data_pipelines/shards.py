@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +104,9 @@ class ShardWriter:
     Output is deterministic: the same samples in the same order give the same bytes
     (fixed tar mtime, owner and mode). Each shard is written to a temporary name and
     renamed when complete, so a crash never leaves a half-written shard under a real name.
+    The tar writing is webdataset's ``TarWriter``; the rotation is ours because
+    ``webdataset.ShardWriter`` opens each shard under its final name and does not count what
+    each shard holds, which the manifest records.
     """
 
     def __init__(
@@ -263,21 +265,11 @@ def load_shard_set(spec: str | os.PathLike) -> ShardSet:
 
 
 def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """Group the members of one tar into samples by key (no decoding)."""
-    with tarfile.open(path, "r:") as tf:
-        current: dict[str, Any] | None = None
-        for member in tf:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            data = tf.extractfile(member).read()
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": path}
-            current[ext] = data
-        if current is not None:
-            yield current
+    """The samples of one tar, its members grouped by key (no decoding), by webdataset's own
+    tar iterators: ``{"__key__", "__url__", ext: bytes, ...}`` with lower-case extensions."""
+    with open(path, "rb") as stream:
+        members = wds.tariterators.tar_file_iterator(stream)
+        yield from wds.tariterators.group_by_keys({**m, "__url__": path} for m in members)
 
 
 def write_split(

@@ -4,7 +4,9 @@ Launched plainly, evaluation is one process. Under ``accelerate launch`` (or ``t
 Accelerate's ``PartialState`` joins the process group; each process then encodes its slice of
 the data, and ``clipfnd.distributed.gather_uneven`` / ``gather_objects`` put every process's
 rows together (unequal counts allowed) so that callers can sort them by sample key and drop
-duplicates.
+duplicates. Accelerate's ``gather_for_metrics`` is not used: it drops only the padding of
+DataLoaders Accelerate prepared itself, and evaluation splits its data by shard (uneven counts
+per process) and removes duplicates by item key.
 """
 
 from __future__ import annotations

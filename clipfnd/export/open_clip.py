@@ -11,6 +11,11 @@ Files:
 
 Load it with ``open_clip.create_model_and_transforms('local-dir:DIR')`` and
 ``open_clip.get_tokenizer('local-dir:DIR')``.
+
+Written here rather than by open_clip's ``save_for_hf``: that function also saves the
+tokenizer with ``save_pretrained``, which only a Hugging Face tokenizer has (the project's models
+use open_clip's BPE tokenizer, which ``local-dir:`` loads by itself), and its config writer
+leaves the image size out of ``preprocess_cfg``, which this folder states for any reader.
 """
 
 from __future__ import annotations
