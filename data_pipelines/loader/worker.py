@@ -1,0 +1,179 @@
+"""What each loader worker runs: stream its shards (webdataset's tar reader), shuffle in a
+buffer, decode, and hand ``Chunk``s of ``chunk_size`` raw positions to the main process."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..shards import IMAGE_EXTENSIONS, DataError
+from .state import BadSample, Chunk, LoaderState, mix_seed
+
+if TYPE_CHECKING:
+    from .stream import ShardStream
+
+
+class _ErrorLog:
+    """A webdataset exception handler that records read errors instead of raising."""
+
+    def __init__(self, on_error: str):
+        self.on_error = on_error
+        self.errors: list[BadSample] = []
+
+    def __call__(self, exn: Exception) -> bool:
+        if self.on_error == "raise":
+            raise DataError(f"cannot read shard data: {exn}") from exn
+        self.errors.append(
+            BadSample(_shard_of(exn), "", f"read error ({type(exn).__name__}: {exn})")
+        )
+        return True
+
+
+def _shard_of(exn: Exception) -> str:
+    for arg in getattr(exn, "args", ()):
+        if isinstance(arg, str) and arg.endswith(".tar"):
+            return arg
+    text = str(exn)
+    for token in text.replace("'", " ").replace('"', " ").split():
+        if token.endswith(".tar"):
+            return token
+    return "?"
+
+
+class RankStream(IterableDataset):
+    """The worker side: streams one rank's shards and yields decoded chunks."""
+
+    def __init__(self, owner: ShardStream, epoch: int, rank: int, state: LoaderState):
+        super().__init__()
+        self.o = owner
+        self.epoch = epoch
+        self.rank = rank
+        self.state = state
+
+    # --- raw samples (no decoding) ------------------------------------------------------
+    def _raw(self, worker: int, n_workers: int, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
+        o = self.o
+        if o.resampled:
+            shards = o.shard_set.shards
+            rng = random.Random(mix_seed(o.seed, self.epoch, self.rank, worker, 1))
+
+            def urls() -> Iterator[dict[str, str]]:
+                while True:
+                    yield {"url": shards[rng.randrange(len(shards))].path}
+
+            src = urls()
+        else:
+            mine = o.shards_for(self.epoch, self.rank)[worker::n_workers]
+            src = iter([{"url": s.path} for s in mine])
+        samples = wds.tariterators.tarfile_samples(src, handler=errors)
+        if o.shuffle_buffer > 1:
+            rng = random.Random(mix_seed(o.seed, self.epoch, self.rank, worker, 2))
+            samples = wds.shuffle(bufsize=o.shuffle_buffer, initial=o.shuffle_buffer, rng=rng)(
+                iter(samples)
+            )
+        yield from samples
+
+    # --- decoding ---------------------------------------------------------------------
+    def _decode(self, sample: dict[str, Any], worker: int, pos: int):
+        """Return (image, caption, index, label) or a BadSample."""
+        o = self.o
+        url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            return BadSample(url, key, "no image in sample")
+        raw_caption = sample.get("txt")
+        caption = raw_caption.decode("utf-8", errors="replace").strip() if raw_caption else ""
+        if not caption:
+            return BadSample(url, key, "empty caption")
+        meta: dict[str, Any] = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                meta = None
+            if not isinstance(meta, dict):
+                return BadSample(url, key, "unreadable .json")
+        index = meta.get("index")
+        if index is None:
+            try:
+                index = int(key)
+            except ValueError:
+                return BadSample(url, key, "no dataset index (.json 'index' or integer key)")
+        if not isinstance(index, int) or not 0 <= index < o.num_samples:
+            return BadSample(url, key, f"dataset index {index} out of range [0, {o.num_samples})")
+        label = meta.get("label", -1)
+        label = label if isinstance(label, int) else -1
+        if not sample[ext]:
+            return BadSample(url, key, "zero-byte image")
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as im:
+                image = im.convert("RGB")
+        except Exception as e:
+            return BadSample(url, key, f"unreadable image ({type(e).__name__})")
+        saved = torch.get_rng_state()
+        try:
+            torch.manual_seed(mix_seed(o.seed, self.epoch, self.rank, worker, pos, 3))
+            image = o.image_transform(image)
+        finally:
+            torch.set_rng_state(saved)
+        return image, caption, index, label
+
+    def _make_chunk(
+        self, items: list, bad: list[BadSample], worker: int, start: int, end: int
+    ) -> Chunk:
+        good = [it for it in items if it is not None]
+        chunk = Chunk(
+            worker, start, end, list(bad), torch.tensor([p for p, *_ in good], dtype=torch.long)
+        )
+        if good:
+            chunk.image = torch.stack([g[1] for g in good])
+            chunk.text = self.o.tokenize([g[2] for g in good])
+            chunk.index = torch.tensor([g[3] for g in good], dtype=torch.long)
+            chunk.label = torch.tensor([g[4] for g in good], dtype=torch.long)
+        return chunk
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = get_worker_info()
+        slot, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (slot + self.state.next_worker) % n_workers
+        skip = self.state.consumed[worker] if self.state.consumed else 0
+        c = self.o.chunk_size
+        errors = _ErrorLog(self.o.on_error)
+        items: list = []
+        bad: list[BadSample] = []
+        start = None
+        pos = -1
+        for pos, sample in enumerate(self._raw(worker, n_workers, errors)):
+            if pos < skip:
+                continue  # fast-forward: raw bytes only, nothing decoded
+            if start is None:
+                start = pos
+            out = self._decode(sample, worker, pos)
+            if isinstance(out, BadSample):
+                if self.o.on_error == "raise":
+                    raise DataError(f"bad sample {out.key!r} in {out.shard}: {out.reason}")
+                out.pos = pos
+                bad.append(out)
+            else:
+                items.append((pos, *out))
+            for e in errors.errors:
+                e.pos = pos
+            bad.extend(errors.errors)
+            errors.errors.clear()
+            if (pos + 1) % c == 0:
+                yield self._make_chunk(items, bad, worker, start, pos + 1)
+                items, bad, start = [], [], None
+        for e in errors.errors:
+            e.pos = pos
+        bad.extend(errors.errors)
+        if start is not None or bad:
+            end = pos + 1 if start is not None else max(skip, 0)
+            yield self._make_chunk(items, bad, worker, start if start is not None else end, end)
