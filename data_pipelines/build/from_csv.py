@@ -1,0 +1,80 @@
+"""``clipfnd data build --from csv``: a CSV/TSV table of image paths with captions (and labels)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..labels import label_map
+from ..shards import DataError, RawSample, SkippedInput
+from .common import Item, missing_column, read_image_file
+
+
+def _delimiter(path: Path, separator: str | None) -> str:
+    if separator is None:
+        return "\t" if path.suffix.lower() == ".tsv" else ","
+    if separator in ("\\t", "tab"):
+        return "\t"
+    if len(separator) != 1:
+        raise DataError(f"separator must be one character (or '\\t'), got {separator!r}")
+    return separator
+
+
+def read_csv(
+    path: Path,
+    image_column: str,
+    caption_column: str,
+    label_column: str | None,
+    separator: str | None,
+) -> tuple[Iterator[Item], int, list[str] | None]:
+    if not path.is_file():
+        raise DataError(f"csv input {path} is not a file")
+    delimiter = _delimiter(path, separator)
+    rows: list[tuple[int, str, str, str | None]] = []  # line, image path, caption, label
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        header = reader.fieldnames or []
+        wanted = [("image", image_column), ("caption", caption_column)]
+        if label_column is not None:
+            wanted.append(("label", label_column))
+        for kind, column in wanted:
+            if column not in header:
+                raise missing_column(column, kind, f"{path} (separator {delimiter!r})", header)
+        for row in reader:
+            label = None
+            if label_column is not None:
+                label = (row.get(label_column) or "").strip()
+                if not label:
+                    raise DataError(f"{path}:{reader.line_num}: empty label in {label_column!r}")
+            image = (row.get(image_column) or "").strip()
+            rows.append((reader.line_num, image, row.get(caption_column) or "", label))
+
+    if label_column is not None:
+        labels = label_map((r[3] for r in rows), f"{path} column {label_column!r}")
+        to_int, label_names = labels.to_int, labels.names
+    else:
+        to_int, label_names = {}, None
+    base = path.parent
+
+    def items() -> Iterator[Item]:
+        for line, image, caption, label in rows:
+            if not image:
+                yield SkippedInput("no image path", f"{path.name}:{line}")
+                continue
+            image_path = base / image  # an absolute `image` replaces `base`
+            source = f"{path.name}:{line} ({image_path})"
+            data = read_image_file(image_path, source)
+            if isinstance(data, SkippedInput):
+                yield data
+                continue
+            yield RawSample(
+                image=data,
+                image_ext=image_path.suffix,
+                caption=caption,
+                label=None if label is None else to_int[label],
+                source=source,
+                extra={"image_id": image},
+            )
+
+    return items(), len(rows), label_names

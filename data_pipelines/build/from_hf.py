@@ -1,0 +1,167 @@
+"""``clipfnd data build --from hf``: a local Hugging Face dataset (``save_to_disk`` folder or
+parquet), read offline; images kept as their original bytes where a shard can hold them."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..labels import label_map
+from ..offline import stay_offline
+from ..shards import DataError, RawSample, SkippedInput
+from .common import Item, missing_column, read_image_file
+
+# PIL format name -> shard extension for the formats a shard may hold as they are
+_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
+# image modes PIL can write as PNG; others (CMYK, YCbCr, F, ...) are converted to RGB first
+_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+
+
+def _import_datasets() -> Any:
+    """Import ``datasets`` set to work offline: only local data is read here."""
+    stay_offline()
+    import datasets
+
+    return datasets
+
+
+def _load_hf(path: Path, hf_split: str) -> tuple[Any, Path]:
+    """Load a local HF dataset; return it and the folder relative image paths start from."""
+    datasets = _import_datasets()
+
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if hf_split not in ds:
+                raise DataError(
+                    f"{path} has no split {hf_split!r}; its splits are: {', '.join(ds)}"
+                )
+            ds = ds[hf_split]
+        return ds, path
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"), key=lambda p: p.relative_to(path).as_posix())
+        if not files:
+            raise DataError(
+                f"{path} is neither a save_to_disk folder (no dataset_dict.json or state.json) "
+                "nor a folder of .parquet files"
+            )
+        base = path
+    elif path.suffix.lower() == ".parquet":
+        files, base = [path], path.parent
+    else:
+        raise DataError(f"hf input {path} must be a save_to_disk folder or .parquet file(s)")
+    ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    return ds, base
+
+
+def _image_bytes(data: bytes) -> tuple[bytes, str]:
+    """Keep JPEG/PNG/WebP/BMP bytes as they are; re-encode other formats as PNG."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            ext = _KEEP_FORMATS.get(im.format or "")
+            if ext is not None:
+                return data, ext
+            return _png_bytes(im), "png"
+    except Exception:  # unreadable: the writer checks it again, skips and counts it
+        return data, "png"
+
+
+def _png_bytes(im: Image.Image) -> bytes:
+    if im.mode not in _PNG_MODES:
+        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _hf_image(value: Any, base: Path, column: str, source: str) -> tuple[bytes, str] | SkippedInput:
+    if isinstance(value, Image.Image):
+        return _png_bytes(value), "png"
+    if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
+        if value.get("bytes"):
+            return _image_bytes(value["bytes"])
+        if value.get("path"):
+            value = value["path"]
+        else:
+            return SkippedInput("no image", source)
+    if isinstance(value, (bytes, bytearray)):
+        return _image_bytes(bytes(value))
+    if isinstance(value, str):
+        data = read_image_file(base / value, f"{source} ({base / value})")
+        return data if isinstance(data, SkippedInput) else _image_bytes(data)
+    if value is None:
+        return SkippedInput("no image", source)
+    raise DataError(
+        f"{source}: column {column!r} holds a {type(value).__name__}; expected an Image() "
+        "feature, image bytes or a path"
+    )
+
+
+def read_hf(
+    path: Path,
+    image_column: str,
+    caption_column: str,
+    label_column: str | None,
+    hf_split: str,
+) -> tuple[Iterator[Item], int | None, list[str] | None]:
+    datasets = _import_datasets()
+    ds, base = _load_hf(path, hf_split)
+    wanted = [("image", image_column), ("caption", caption_column)]
+    if label_column is not None:
+        wanted.append(("label", label_column))
+    for kind, column in wanted:
+        if column not in ds.column_names:
+            raise missing_column(column, kind, f"HF dataset {path}", ds.column_names)
+    ds = ds.select_columns([c for _, c in wanted])
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # keep original bytes
+
+    to_int: dict[Any, int] = {}
+    label_names: list[str] | None = None
+    if label_column is not None:
+        distinct = ds.unique(label_column)
+        if None in distinct:
+            row = next(i for i, v in enumerate(ds[label_column]) if v is None)
+            raise DataError(f"HF dataset {path}: row {row} has no label in {label_column!r}")
+        feature = ds.features[label_column]
+        if isinstance(feature, datasets.ClassLabel):
+            to_int, label_names = {v: int(v) for v in distinct}, list(feature.names)
+        else:
+            labels = label_map(distinct, f"HF dataset {path} column {label_column!r}")
+            to_int, label_names = labels.to_int, labels.names
+
+    one_caption = isinstance(ds.features[caption_column], datasets.Value)
+
+    def items() -> Iterator[Item]:
+        for i, row in enumerate(ds):
+            source = f"{path.name} row {i}"
+            value = row[image_column]
+            image = _hf_image(value, base, image_column, source)
+            if isinstance(image, SkippedInput):
+                yield image
+                continue
+            captions = row[caption_column]
+            if captions is None or isinstance(captions, str):
+                captions = [captions or ""]
+            elif not isinstance(captions, list):
+                raise DataError(
+                    f"{source}: column {caption_column!r} holds a {type(captions).__name__}; "
+                    "expected a string or a list of strings"
+                )
+            image_id = value if isinstance(value, str) else f"row {i}"
+            label = None if label_column is None else to_int[row[label_column]]
+            for caption in captions:
+                yield RawSample(
+                    image=image[0],
+                    image_ext=image[1],
+                    caption=caption if isinstance(caption, str) else "",
+                    label=label,
+                    source=source,
+                    extra={"image_id": image_id},
+                )
+
+    return items(), len(ds) if one_caption else None, label_names
