@@ -8,6 +8,7 @@ from .global_contrastive import (
     kept_negatives,
     moving_average,
     negative_ratio,
+    temperature_penalty,
     temperature_terms,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "kept_negatives",
     "moving_average",
     "negative_ratio",
+    "temperature_penalty",
     "temperature_terms",
 ]

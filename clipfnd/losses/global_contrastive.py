@@ -104,6 +104,11 @@ def global_contrastive_loss(
     return loss
 
 
+def temperature_penalty(tau: torch.Tensor, rho: float) -> torch.Tensor:
+    """FastCLIP-v3's ``rho * tau``, added once to a step's loss (not once per anchor type)."""
+    return rho * tau
+
+
 def temperature_terms(u: torch.Tensor, tau: torch.Tensor, rho: float) -> torch.Tensor:
     """FastCLIP-v3's extra terms for one anchor type: ``rho * tau + tau * mean log u``."""
     return rho * tau + tau * torch.log(u).mean()

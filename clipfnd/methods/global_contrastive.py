@@ -17,6 +17,7 @@ from ..losses import (
     kept_negatives,
     moving_average,
     negative_ratio,
+    temperature_penalty,
     temperature_terms,
 )
 from .base import AnchorRows, Method, MethodOutput
@@ -125,4 +126,4 @@ class FastCLIPv3(SogCLR):
         return temperature_terms(u, tau, rho=0.0)  # rho * tau is added once, below
 
     def temperature_penalty(self, tau: torch.Tensor) -> torch.Tensor | None:
-        return self.cfg.loss.rho * tau
+        return temperature_penalty(tau, self.cfg.loss.rho)
