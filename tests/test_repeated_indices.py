@@ -49,6 +49,18 @@ def _objective(*extra, lam: float = LAM):
     return cfg, obj
 
 
+def _step(obj, img, txt):
+    """The objective on the batch ``IDX`` (no labels), at the test's temperature."""
+    return obj(
+        img,
+        txt,
+        torch.tensor(1 / TAU, dtype=torch.float64),
+        IDX,
+        torch.full((len(IDX),), -1),
+        epoch=0,
+    )
+
+
 def naive_rows(sim, removal):
     """Per-anchor loss, flags and |N_i| with copies left out of N_i (loops over the formula)."""
     b = sim.shape[0]
@@ -75,14 +87,7 @@ def naive_rows(sim, removal):
 def test_copies_are_not_negatives_in_the_clip_loss_and_glofnd(removal):
     cfg, obj = _objective(f"fnd.removal={removal}")
     img, txt = _features()
-    out = obj(
-        img,
-        txt,
-        torch.tensor(1 / TAU, dtype=torch.float64),
-        IDX,
-        torch.full((len(IDX),), -1),
-        epoch=0,
-    )
+    out = _step(obj, img, txt)
     assert out.duplicates == 2
     want = 0.0
     for t, (a, o) in {"img": (img, txt), "txt": (txt, img)}.items():
@@ -107,14 +112,7 @@ def test_copies_are_not_negatives_in_the_global_loss():
     """Thresholds at 1.0 flag nothing: only the copy rule keeps copies out of ``g``."""
     cfg, obj = _objective("loss.name=fastclip_v3", f"loss.tau={TAU}", "loss.tau_min=0.01", lam=1.0)
     img, txt = _features()
-    out = obj(
-        img,
-        txt,
-        torch.tensor(1 / TAU, dtype=torch.float64),
-        IDX,
-        torch.full((len(IDX),), -1),
-        epoch=0,
-    )
+    out = _step(obj, img, txt)
     for t, (a, o) in {"img": (img, txt), "txt": (txt, img)}.items():
         sim = a @ o.T
         g = []
