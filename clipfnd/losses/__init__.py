@@ -1,4 +1,7 @@
-"""Loss functions: pure math over features and masks; no communication inside."""
+"""Loss functions: pure math over features and masks; no communication inside.
+
+``clip`` (mini-batch InfoNCE rows), ``global_contrastive`` (SogCLR / FastCLIP), ``unimodal``
+(NT-Xent, DCL, HCL, SSCL over two views of each image)."""
 
 from .clip import clip_loss, contrastive_rows
 from .global_contrastive import (

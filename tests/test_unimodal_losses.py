@@ -1,0 +1,151 @@
+"""Vision-only losses (``clipfnd.losses.unimodal``) against slow float64 loops of their
+docs/methods.md formulas, forward and backward: NT-Xent (plain, eliminate, attract), DCL,
+HCL and SSCL (synthesis off, and on with fixed draws), and the special cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipfnd.losses.unimodal import Mixing, debiased_rows, draw_mixing, ntxent_rows, view_columns
+
+
+def views(B: int, d: int, seed: int) -> torch.Tensor:
+    """``[2B, d]`` normalised views: view 2 of image i is a noisy copy of view 1."""
+    g = torch.Generator().manual_seed(seed)
+    z1 = F.normalize(torch.randn(B, d, generator=g, dtype=torch.float64), dim=1)
+    z2 = F.normalize(z1 + 0.5 * torch.randn(B, d, generator=g, dtype=torch.float64), dim=1)
+    return torch.cat([z1, z2])
+
+
+def negatives(i: int, B: int) -> list[int]:
+    """N_i: both views of every other image (not i itself, not its other view)."""
+    return [j for j in range(2 * B) if j % B != i % B]
+
+
+def naive_ntxent(z, B, tau, fn, removal):
+    losses = []
+    for i in range(2 * B):
+        p = (i + B) % (2 * B)
+        negs = negatives(i, B)
+        e = {j: torch.exp(z[i] @ z[j] / tau) for j in range(2 * B)}
+        flagged = [j for j in negs if fn is not None and bool(fn[i, j])]
+        if removal == "attract":
+            denom = e[p] + sum(e[j] for j in negs)
+            losses.append(torch.stack([-torch.log(e[q] / denom) for q in [p, *flagged]]).mean())
+            continue
+        kept = [j for j in negs if j not in flagged]
+        neg_sum = sum((e[j] for j in kept), torch.zeros((), dtype=z.dtype))
+        if kept:
+            neg_sum = neg_sum * len(negs) / len(kept)
+        losses.append(-torch.log(e[p] / (e[p] + neg_sum)))
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("B,d,tau", [(3, 4, 0.5), (6, 8, 0.1), (10, 5, 0.2)])
+@pytest.mark.parametrize("mode", ["plain", "eliminate", "attract"])
+def test_ntxent_matches_naive(B, d, tau, mode):
+    z0 = views(B, d, B)
+    fn = None
+    if mode != "plain":  # flag a random third of each anchor's negatives
+        g = torch.Generator().manual_seed(5)
+        fn = torch.rand(2 * B, 2 * B, generator=g) < 0.33
+        for i in range(2 * B):
+            fn[i, i] = fn[i, (i + B) % (2 * B)] = False
+    removal = "attract" if mode == "attract" else "eliminate"
+    z = z0.clone().requires_grad_()
+    pos, self_col = view_columns(B, B, 0)
+    got = ntxent_rows(z, z, pos, self_col, tau, fn, removal)
+    got.mean().backward()
+    z2 = z0.clone().requires_grad_()
+    want = naive_ntxent(z2, B, tau, fn, removal)
+    want.mean().backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-8, atol=1e-12)
+
+
+def naive_debiased(z, B, tau, tau_plus, beta, mixing: Mixing | None):
+    """The formula loop by loop: pool = N_i (+ synthetic), weights, debiasing, clamp."""
+    losses = []
+    for i in range(2 * B):
+        p = (i + B) % (2 * B)
+        negs = negatives(i, B)
+        pool = [z[i] @ z[j] for j in negs]
+        if mixing is not None:
+            k = int(max(mixing.a.max(), mixing.b.max())) + 1
+            hard = sorted(negs, key=lambda j: -float((z[i] @ z[j]).detach()))[:k]
+            for a, b, m in zip(mixing.a[i].tolist(), mixing.b[i].tolist(), mixing.m[i].tolist()):
+                syn = m * z[hard[a]] + (1 - m) * z[hard[b]]
+                pool.append(z[i] @ (syn / syn.norm()))
+        n = len(pool)
+        imp = [torch.exp(beta * s / tau) for s in pool]
+        mean_imp = sum(imp) / n
+        weighted = sum(w / mean_imp * torch.exp(s / tau) for w, s in zip(imp, pool))
+        e_pos = torch.exp(z[i] @ z[p] / tau)
+        ng = (weighted - tau_plus * n * e_pos) / (1 - tau_plus)
+        ng = torch.maximum(ng, torch.tensor(n * math.exp(-1 / tau), dtype=z.dtype))
+        losses.append(-torch.log(e_pos / (e_pos + ng)))
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("B,tau", [(4, 0.5), (8, 0.2)])
+@pytest.mark.parametrize(
+    "name,tau_plus,beta,synth",
+    [
+        ("dcl", 0.1, 0.0, False),
+        ("hcl", 0.1, 1.0, False),
+        ("sscl", 0.1, 1.0, True),
+        ("sscl_no_debias", 0.0, 0.5, True),
+    ],
+)
+def test_debiased_losses_match_naive(B, tau, name, tau_plus, beta, synth):
+    z0 = views(B, 6, 40 + B)
+    mixing = draw_mixing(2 * B, 4, 5, torch.Generator().manual_seed(9)) if synth else None
+    z = z0.clone().requires_grad_()
+    pos, self_col = view_columns(B, B, 0)
+    got = debiased_rows(z, z, pos, self_col, tau, tau_plus, beta, mixing)
+    got.mean().backward()
+    z2 = z0.clone().requires_grad_()
+    want = naive_debiased(z2, B, tau, tau_plus, beta, mixing)
+    want.mean().backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_special_cases_reduce_as_stated():
+    B, tau = 6, 0.3
+    z = views(B, 5, 77)
+    pos, self_col = view_columns(B, B, 0)
+    nt = ntxent_rows(z, z, pos, self_col, tau)
+    torch.testing.assert_close(
+        debiased_rows(z, z, pos, self_col, tau, 0.0, 0.0), nt, rtol=1e-12, atol=1e-12
+    )
+    dcl = debiased_rows(z, z, pos, self_col, tau, 0.1, 0.0)
+    hcl = debiased_rows(z, z, pos, self_col, tau, 0.1, 1.0)
+    assert not torch.allclose(dcl, nt) and not torch.allclose(hcl, dcl)  # the knobs do something
+
+
+def test_draw_mixing_pairs_are_distinct_and_reproducible():
+    a = draw_mixing(7, 5, 11, torch.Generator().manual_seed(3))
+    b = draw_mixing(7, 5, 11, torch.Generator().manual_seed(3))
+    assert torch.equal(a.a, b.a) and torch.equal(a.m, b.m)
+    assert bool((a.a != a.b).all()) and int(a.a.max()) < 5 and int(a.b.max()) < 5
+    assert bool(((a.m >= 0) & (a.m < 1)).all())
+
+
+def test_view_columns_of_a_rank():
+    pos, self_col = view_columns(2, 6, 2)  # rank 1 of 3, 2 images each, 6 images in all
+    assert self_col.tolist() == [2, 3, 8, 9] and pos.tolist() == [8, 9, 2, 3]
+
+
+def test_empty_pool_is_finite():
+    B = 3
+    z = views(B, 4, 1).requires_grad_()
+    pos, self_col = view_columns(B, B, 0)
+    everything = torch.ones(2 * B, 2 * B, dtype=torch.bool)
+    out = debiased_rows(z, z, pos, self_col, 0.5, 0.1, 1.0, not_negative=everything)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(z.grad).all()
