@@ -97,9 +97,8 @@ def test_finite_loss_with_non_finite_gradient_changes_no_table(ready):
     assert r.status == "skipped"
     _assert_unchanged(s, tables, params)
     assert s.scheduler.last_epoch == sched
-    assert (
-        optimizer_step(cfg, s, batches, epoch=0, logged=False).status == "taken"
-    )  # and it goes on
+    # and the run goes on
+    assert optimizer_step(cfg, s, batches, epoch=0, logged=False).status == "taken"
 
 
 def test_fp16_overflow_skipped_by_the_gradient_scaler_changes_no_table(ready):
@@ -226,9 +225,8 @@ def test_fastclip_tau_schedule_in_a_run(shapes, tmp_path):
         )
     )
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["tau_lr"] for r in recs] == pytest.approx(
-        [1e-3 / 3] * 3
-    )  # tau <= 0.03 from the start
+    # tau <= 0.03 from the start
+    assert [r["tau_lr"] for r in recs] == pytest.approx([1e-3 / 3] * 3)
     assert recs[0]["lr"] == pytest.approx(2e-3 / 2)  # while the model warms up
 
 

@@ -171,9 +171,8 @@ def debiased_rows(
     e = torch.exp(z) * pool_valid
     imp = torch.exp(beta * z) * pool_valid
     mean_imp = imp.sum(1) / count.clamp(min=1)
-    weighted = (imp * e).sum(1) / mean_imp.clamp(
-        min=torch.finfo(sim.dtype).tiny
-    )  # 0 if M_i is empty
+    # an empty pool gives 0 here, not 0/0
+    weighted = (imp * e).sum(1) / mean_imp.clamp(min=torch.finfo(sim.dtype).tiny)
     e_pos = torch.exp(s_pos / tau)
     ng = (weighted - tau_plus * count * e_pos) / (1 - tau_plus)
     ng = torch.maximum(ng, count * math.exp(-1.0 / tau))

@@ -61,9 +61,8 @@ def optimizer_step(cfg: Config, s: Setup, batches, epoch: int, logged: bool) -> 
     for micro in range(k):
         batch = next(batches, None)
         if not distributed.all_true(batch is not None, acc.device):
-            s.optimizer.zero_grad(
-                set_to_none=True
-            )  # some rank ran out: every rank drops the window
+            # some rank ran out of data: every rank drops the window
+            s.optimizer.zero_grad(set_to_none=True)
             return StepResult("no_data")
         if poisoned:
             continue  # the step is lost; its micro-batches are still read, so the data position holds
