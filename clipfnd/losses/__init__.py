@@ -3,7 +3,7 @@
 ``clip`` (mini-batch InfoNCE rows), ``global_contrastive`` (SogCLR / FastCLIP), ``unimodal``
 (NT-Xent, DCL, HCL, SSCL over two views of each image)."""
 
-from .clip import clip_loss, contrastive_rows
+from .clip import clip_loss, contrastive_rows, info_nce_rows
 from .global_contrastive import (
     attraction,
     gamma_schedule,
@@ -19,6 +19,7 @@ __all__ = [
     "attraction",
     "clip_loss",
     "contrastive_rows",
+    "info_nce_rows",
     "gamma_schedule",
     "global_contrastive_loss",
     "kept_negatives",

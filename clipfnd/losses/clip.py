@@ -85,6 +85,22 @@ def contrastive_rows(
     return F.cross_entropy(logits + shift, pos, reduction="none")
 
 
+def info_nce_rows(
+    anchors: torch.Tensor,
+    others: torch.Tensor,
+    pos: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    fn_mask: torch.Tensor | None = None,
+    removal: str = "eliminate",
+    rescale: bool = True,
+    not_negative: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``contrastive_rows`` of the logits ``logit_scale * anchors @ others.T``: the per-anchor
+    losses of one anchor type (``[b, d]`` anchors against ``[M, d]`` candidates). ``[b]``."""
+    logits = logit_scale * anchors @ others.T
+    return contrastive_rows(logits, pos, fn_mask, removal, rescale, not_negative)
+
+
 def clip_loss(
     image: torch.Tensor,
     text: torch.Tensor,
@@ -111,8 +127,10 @@ def clip_loss(
     """
     b = image.shape[0]
     pos = torch.arange(b, device=image.device) + offset
-    logits_i2t = logit_scale * image @ text_all.T
-    logits_t2i = logit_scale * text @ image_all.T
-    loss_i = contrastive_rows(logits_i2t, pos, fn_i2t, removal, rescale, not_negative)
-    loss_t = contrastive_rows(logits_t2i, pos, fn_t2i, removal, rescale, not_negative)
+    loss_i = info_nce_rows(
+        image, text_all, pos, logit_scale, fn_i2t, removal, rescale, not_negative
+    )
+    loss_t = info_nce_rows(
+        text, image_all, pos, logit_scale, fn_t2i, removal, rescale, not_negative
+    )
     return 0.5 * (loss_i.mean() + loss_t.mean())

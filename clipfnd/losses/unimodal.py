@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .clip import contrastive_rows
+from .clip import info_nce_rows
 
 
 def view_columns(b: int, B: int, offset: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +87,8 @@ def ntxent_rows(
     Shape: anchors ``[n, d]``, others ``[M, d]`` (normalised); pos, self_col ``[n]``; fn_mask,
     not_negative ``[n, M]`` bool.
     """
-    logits = anchors @ others.T / tau
     excluded = _not_negative(others.shape[0], self_col, not_negative)
-    return contrastive_rows(logits, pos, fn_mask, removal, rescale, excluded)
+    return info_nce_rows(anchors, others, pos, 1.0 / tau, fn_mask, removal, rescale, excluded)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import contrastive_rows
+from ..losses import info_nce_rows
 from .base import AnchorRows, Method, MethodOutput
 
 
@@ -21,16 +21,18 @@ class Clip(Method):
         logit_scale: torch.Tensor,
         epoch: int,
     ) -> MethodOutput:
-        per_type = []
-        for r in rows.values():
-            logits = logit_scale * r.anchors @ r.others.T
-            per_type.append(
-                contrastive_rows(
-                    logits, r.pos, r.fn_mask, self.removal, self.rescale, r.not_negative
-                )
-            )
-        if len(per_type) == 2:  # the bidirectional CLIP loss, as clip_loss computes it
-            loss = 0.5 * (per_type[0].mean() + per_type[1].mean())
-        else:
-            loss = torch.stack([p.mean() for p in per_type]).mean()
+        per_type = [
+            info_nce_rows(
+                r.anchors,
+                r.others,
+                r.pos,
+                logit_scale,
+                r.fn_mask,
+                self.removal,
+                self.rescale,
+                r.not_negative,
+            ).mean()
+            for r in rows.values()
+        ]
+        loss = torch.stack(per_type).mean()  # 1/2 (image -> text + text -> image)
         return MethodOutput(loss)

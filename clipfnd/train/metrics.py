@@ -39,7 +39,7 @@ class MetricsWriter:
 
 
 class LogWindow:
-    """Losses, detection counts and duplicates since the last log line."""
+    """Losses, detection counts and steps since the last log line."""
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []

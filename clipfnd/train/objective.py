@@ -94,6 +94,7 @@ class ClipObjective:
         b = img.shape[0]
         dev = img.device
         self.tables.check_indices(index)
+        index = index.to(dev)
         img_all = distributed.gather_with_grad(img)
         txt_all = distributed.gather_with_grad(txt)
         label_all = distributed.gather(label)
@@ -107,7 +108,7 @@ class ClipObjective:
         copies: torch.Tensor | None = None
         num_neg: int | torch.Tensor = img_all.shape[0] - 1
         if duplicates:
-            copies = index.to(dev)[:, None] == index_all.to(dev)[None, :]
+            copies = index[:, None] == index_all.to(dev)[None, :]
             copies[torch.arange(b, device=dev), pos] = False
             num_neg = num_neg - copies.sum(1)
 
@@ -124,10 +125,10 @@ class ClipObjective:
         if det.needs_similarities and (masking or updating):
             with torch.no_grad():
                 sims = {t: anchors[t] @ others[t].T for t in ANCHORS}
-        found = det.detect(DetectionInput(sims, pos, index.to(dev), truth, copies, num_neg, epoch))
+        found = det.detect(DetectionInput(sims, pos, index, truth, copies, num_neg, epoch))
 
         rows = {t: AnchorRows(anchors[t], others[t], pos, found.flags[t], copies) for t in ANCHORS}
-        out = self.method.loss(rows, index.to(dev), logit_scale, epoch)
+        out = self.method.loss(rows, index, logit_scale, epoch)
         detection = None
         if measure:
             detection = sum(
@@ -140,7 +141,7 @@ class ClipObjective:
             loss=out.loss,
             metrics=out.metrics,
             detection=detection,
-            index=index.to(dev),
+            index=index,
             rows={**found.rows, **out.rows},
             duplicates=duplicates,
         )
