@@ -49,27 +49,29 @@ def _objective(*extra, lam: float = LAM):
     return cfg, obj
 
 
-def _step(obj, img, txt):
-    """The objective on the batch ``IDX`` (no labels), at the test's temperature."""
-    return obj(
-        img,
-        txt,
-        torch.tensor(1 / TAU, dtype=torch.float64),
-        IDX,
-        torch.full((len(IDX),), -1),
-        epoch=0,
-    )
+def _step(obj, img, txt, log_scale=None):
+    """The objective on the batch ``IDX`` (no labels), at the test's temperature (or at
+    ``exp(log_scale)``, a learned one)."""
+    scale = torch.tensor(1 / TAU, dtype=torch.float64) if log_scale is None else log_scale.exp()
+    return obj(img, txt, scale, IDX, torch.full((len(IDX),), -1), epoch=0)
 
 
-def naive_rows(sim, removal):
+def _leaves():
+    """Fresh leaf copies of the features and of ``log(1/TAU)``, for gradients."""
+    img, txt = _features()
+    log_scale = torch.tensor(math.log(1 / TAU), dtype=torch.float64)
+    return [x.clone().requires_grad_() for x in (img, txt, log_scale)]
+
+
+def naive_rows(sim, removal, scale=1 / TAU):
     """Per-anchor loss, flags and |N_i| with copies left out of N_i (loops over the formula)."""
     b = sim.shape[0]
     losses, n_flag, n_neg = [], [], []
     for i in range(b):
         negs = [j for j in range(b) if j != i and int(IDX[j]) != int(IDX[i])]
-        flagged = [j for j in negs if float(sim[i, j]) > LAM]
+        flagged = [j for j in negs if float(sim[i, j].detach()) > LAM]
         kept = [j for j in negs if j not in flagged]
-        e = {j: torch.exp(sim[i, j] / TAU) for j in range(b)}
+        e = {j: torch.exp(scale * sim[i, j]) for j in range(b)}
         if removal == "eliminate":
             neg_sum = sum((e[j] for j in kept), torch.zeros((), dtype=sim.dtype))
             if kept:
@@ -86,13 +88,15 @@ def naive_rows(sim, removal):
 @pytest.mark.parametrize("removal", ["eliminate", "attract"])
 def test_copies_are_not_negatives_in_the_clip_loss_and_glofnd(removal):
     cfg, obj = _objective(f"fnd.removal={removal}")
-    img, txt = _features()
-    out = _step(obj, img, txt)
+    img, txt, log_scale = _leaves()
+    out = _step(obj, img, txt, log_scale)
     assert out.duplicates == 2
+    out.loss.backward()
+    img2, txt2, log_scale2 = _leaves()
     want = 0.0
-    for t, (a, o) in {"img": (img, txt), "txt": (txt, img)}.items():
+    for t, (a, o) in {"img": (img2, txt2), "txt": (txt2, img2)}.items():
         sim = a @ o.T
-        per_anchor, n_flag, n_neg = naive_rows(sim, removal)
+        per_anchor, n_flag, n_neg = naive_rows(sim, removal, log_scale2.exp())
         want = want + 0.5 * per_anchor.mean()
         # GloFND's first Adam step: mhat = g, vhat = g^2, so lambda moves by lr * sign(g)
         g = torch.tensor([ALPHA - f / n for f, n in zip(n_flag, n_neg)], dtype=torch.float64)
@@ -100,31 +104,42 @@ def test_copies_are_not_negatives_in_the_clip_loss_and_glofnd(removal):
         torch.testing.assert_close(out.rows[f"glofnd.lambda_{t}"].double(), lam, atol=1e-6, rtol=0)
         # a copy's similarity equals the positive's, far above LAM: it would be flagged
         assert all(
-            float(sim[i, j]) > LAM
+            float(sim[i, j].detach()) > LAM
             for i in range(len(IDX))
             for j in range(len(IDX))
             if j != i and int(IDX[j]) == int(IDX[i])
         )
     torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
+    want.backward()  # features and the learned temperature
+    for got_grad, want_grad in ((img, img2), (txt, txt2), (log_scale, log_scale2)):
+        torch.testing.assert_close(got_grad.grad, want_grad.grad, rtol=1e-8, atol=1e-12)
 
 
 def test_copies_are_not_negatives_in_the_global_loss():
-    """Thresholds at 1.0 flag nothing: only the copy rule keeps copies out of ``g``."""
+    """Thresholds at 1.0 flag nothing: only the copy rule keeps copies out of ``g``. On a
+    first visit ``u = g``; the FastCLIP-v3 surrogate (prefactor detached, ``rho * tau``) is
+    checked forward and backward, the learned temperature's gradient included."""
     cfg, obj = _objective("loss.name=fastclip_v3", f"loss.tau={TAU}", "loss.tau_min=0.01", lam=1.0)
-    img, txt = _features()
-    out = _step(obj, img, txt)
-    for t, (a, o) in {"img": (img, txt), "txt": (txt, img)}.items():
+    img, txt, log_scale = _leaves()
+    out = _step(obj, img, txt, log_scale)
+    out.loss.backward()
+    img2, txt2, log_scale2 = _leaves()
+    tau = torch.exp(-log_scale2)
+    want = cfg.loss.rho * tau
+    for t, (a, o) in {"img": (img2, txt2), "txt": (txt2, img2)}.items():
         sim = a @ o.T
         g = []
         for i in range(len(IDX)):
             kept = [j for j in range(len(IDX)) if j != i and int(IDX[j]) != int(IDX[i])]
-            g.append(
-                sum(math.exp((float(sim[i, j]) - float(sim[i, i])) / TAU) for j in kept)
-                / max(len(kept), 1)
-            )
-        torch.testing.assert_close(
-            out.rows[f"gcl.u_{t}"], torch.tensor(g, dtype=torch.float64), rtol=1e-10, atol=0
-        )
+            g.append(sum(torch.exp((sim[i, j] - sim[i, i]) / tau) for j in kept) / len(kept))
+        g = torch.stack(g)
+        u = g.detach()
+        torch.testing.assert_close(out.rows[f"gcl.u_{t}"], u, rtol=1e-10, atol=0)
+        want = want + 0.5 * (tau.detach() * (g / u).mean() + tau * torch.log(u).mean())
+    torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
+    want.backward()
+    for got_grad, want_grad in ((img, img2), (txt, txt2), (log_scale, log_scale2)):
+        torch.testing.assert_close(got_grad.grad, want_grad.grad, rtol=1e-8, atol=1e-12)
 
 
 def test_without_repeats_nothing_changes():
