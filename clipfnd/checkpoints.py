@@ -189,7 +189,12 @@ def load_checkpoint(spec: str | os.PathLike) -> LoadedCheckpoint:
         raise CheckpointError(
             f"{ckpt / TRAINER_STATE} names no model (no model_name, no config.model.name)"
         )
-    bundle = create_clip(model_name)
+    if config.get("mode", "clip") == "simclr":
+        from .models.vision import vision_from_config
+
+        bundle = vision_from_config(config)
+    else:
+        bundle = create_clip(model_name)
     weights = safetensors.torch.load_file(str(ckpt / WEIGHTS_NAME))
     check_fits(weights, bundle.model, model_name, ckpt / WEIGHTS_NAME)
     bundle.model.load_state_dict(weights, strict=True)

@@ -25,9 +25,15 @@ class ConfigError(UserError):
 
 @dataclass
 class ModelConfig:
-    name: str = "clipfnd-tiny-vit"  # any open_clip model name, or one of clipfnd's own
+    # clip: any open_clip model name, or one of clipfnd's own (default clipfnd-tiny-vit).
+    # simclr: the image encoder, tiny (default) | resnet18 | resnet34 | resnet50 (torchvision,
+    # random init) | an open_clip model's image tower
+    name: str | None = None
     pretrained: str | None = None  # a local weights file (.pt/.safetensors); never downloaded
     init_logit_scale: float | None = None  # default: open_clip's log(1/0.07)
+    proj_hidden: int = 2048  # simclr: hidden width of the projection MLP
+    proj_dim: int = 128  # simclr: output width of the projection MLP (what the loss compares)
+    small_images: bool = False  # simclr, ResNets: 3x3 stride-1 stem, no max-pool (32 px inputs)
 
 
 @dataclass
@@ -41,11 +47,18 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement (endless stream)
     samples_per_epoch: int | None = None  # epoch length with resampled (default: dataset size)
     on_error: str = "skip"  # skip | raise: what a bad sample does
+    # simclr: the two augmented views (SimCLR's crop, flip, colour jitter, grayscale, blur)
+    image_size: int = 32  # side of each view in pixels
+    augment_strength: float = 0.5  # colour jitter strength s (SimCLR: 1.0 ImageNet, 0.5 CIFAR)
+    crop_min_scale: float = 0.08  # smallest crop area, as a share of the image
+    blur: bool = True  # Gaussian blur, p = 0.5 (kernel ~ a tenth of the side)
 
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | sgd | lars (SimCLR's; from timm)
     lr: float = 5e-4
+    momentum: float = 0.9  # sgd, lars
     weight_decay: float = 0.1  # not applied to norms, biases, embeddings' scale, logit_scale
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
@@ -59,7 +72,9 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "clip"  # clip | sogclr | fastclip_v3
+    # clip mode: clip (default) | sogclr | fastclip_v3; simclr mode: simclr (default, NT-Xent) |
+    # sogclr | dcl | hcl | sscl
+    name: str | None = None
     tau: float = 0.07  # sogclr: the constant temperature; fastclip_v3: the initial one
     gamma_min: float = 0.2  # u estimator's moving-average weight after decay
     gamma_decay_epochs: int = 10  # cosine decay of gamma from 1.0 to gamma_min
@@ -69,11 +84,16 @@ class LossConfig:
     # fastclip: as FastCLIP's code, constant from step 1, a third of it while tau <= 0.03
     tau_schedule: str = "model"
     tau_min: float = 0.01  # fastclip_v3: lower bound of the learned temperature
+    # simclr mode, dcl | hcl | sscl (docs/methods.md, "SSCL"): debiasing prior, hardness
+    tau_plus: float = 0.1  # class prior of the debiasing (0: none)
+    beta: float = 1.0  # hardness weighting exp(beta s / t) (hcl, sscl; dcl uses 0)
+    top_k: int = 64  # sscl: hardest negatives each anchor mixes synthetic ones from
+    num_synthetic: int = 128  # sscl: synthetic negatives per anchor
 
 
 @dataclass
 class FNDConfig:
-    detector: str = "none"  # none | glofnd | oracle
+    detector: str = "none"  # none | glofnd | oracle | ifnd (simclr mode)
     alpha: float = 1e-3  # GloFND: share of the dataset above each anchor's threshold
     lr: float = 0.05  # GloFND threshold learning rate
     optimizer: str = "adam"  # adam | sgd, for the thresholds
@@ -88,6 +108,14 @@ class FNDConfig:
     removal: str = "eliminate"  # eliminate | attract
     rescale: bool = True  # eliminate: rescale the kept negative sum to the full count
     state_on_cpu: bool = False  # keep per-sample tables in host memory (huge datasets)
+    # IFND (simclr mode): clusters the whole training set every cluster_every epochs from
+    # start_update; flags from start_mask; accepted share rises from accept_start to 1.0
+    num_clusters: list[int] = field(default_factory=lambda: [10, 25, 50])  # the hierarchy
+    cluster_every: int = 1
+    accept_start: float = 0.0
+    match: str = "any"  # any | all: the granularities at which a pair must share a cluster
+    kmeans_iters: int = 50
+    kmeans_backend: str = "auto"  # auto (faiss when installed) | torch | faiss
 
 
 @dataclass
@@ -105,15 +133,19 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: ["retrieval"])  # retrieval | zeroshot
+    # clip: retrieval | zeroshot (default retrieval); simclr: knn | linear-probe (default knn),
+    # fitted on data.train's un-augmented images
+    tasks: list[str] | None = None
     at_end: bool = True  # eval.tasks on data.val after training
     every_steps: int = 0  # also every N optimiser steps (0: never)
+    every_epochs: int = 0  # also after every N epochs (0: never)
     batch_size: int = 256
     num_workers: int = 0
 
 
 @dataclass
 class Config:
+    mode: str = "clip"  # clip (image-text) | simclr (vision-only, two views per image)
     output_dir: str = "runs/default"
     seed: int = 0
     resume: str | None = None  # latest | a checkpoint folder | null
@@ -127,9 +159,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-EVAL_TASKS = ("retrieval", "zeroshot")  # the tasks that can run during training
+MODES = ("clip", "simclr")
+DEFAULT_MODEL = {"clip": "clipfnd-tiny-vit", "simclr": "tiny"}
+DEFAULT_LOSS = {"clip": "clip", "simclr": "simclr"}
+EVAL_TASKS = {"clip": ("retrieval", "zeroshot"), "simclr": ("knn", "linear-probe")}
 CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": MODES,
     "data.on_error": ("skip", "raise"),
+    "optim.name": ("adamw", "sgd", "lars"),
     "optim.schedule": ("cosine", "constant"),
     "loss.name": tuple(METHODS),  # the registries: adding a method or detector needs no line here
     "loss.tau_schedule": ("model", "fastclip"),
@@ -137,6 +174,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fnd.detector": tuple(DETECTORS),
     "fnd.optimizer": ("adam", "sgd"),
     "fnd.removal": ("eliminate", "attract"),
+    "fnd.match": ("any", "all"),
+    "fnd.kmeans_backend": ("auto", "torch", "faiss"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
 
@@ -197,6 +236,12 @@ def validate(cfg: Config) -> None:
             node = getattr(node, part)
         return node
 
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
+    if cfg.model.name is None:  # the mode's defaults, written into the config the run saves
+        cfg.model.name = DEFAULT_MODEL[cfg.mode]
+    if cfg.loss.name is None:
+        cfg.loss.name = DEFAULT_LOSS[cfg.mode]
     for key, choices in CHOICES.items():
         if get(key) not in choices:
             raise ConfigError(f"{key}={get(key)!r} is not one of {', '.join(choices)}")
@@ -221,15 +266,31 @@ def validate(cfg: Config) -> None:
         "fnd.start_update",
         "fnd.start_mask",
         "optim.weight_decay",
+        "eval.every_epochs",
+        "data.augment_strength",
     ]:
         if get(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(key)}")
-    bad_tasks = [t for t in cfg.eval.tasks if t not in EVAL_TASKS]
+    tasks = EVAL_TASKS[cfg.mode]
+    if cfg.eval.tasks is None:
+        cfg.eval.tasks = [tasks[0]]
+    bad_tasks = [t for t in cfg.eval.tasks if t not in tasks]
     if bad_tasks or not cfg.eval.tasks:
+        other = "linear-probe and knn" if cfg.mode == "clip" else "retrieval and zeroshot"
         raise ConfigError(
-            f"eval.tasks={cfg.eval.tasks}: each must be one of {', '.join(EVAL_TASKS)} "
-            "(linear-probe and knn run with `clipfnd eval`)"
+            f"eval.tasks={cfg.eval.tasks}: in mode {cfg.mode} each must be one of "
+            f"{', '.join(tasks)} ({other} run with `clipfnd eval`)"
         )
+    for key, registry in (("loss.name", METHODS), ("fnd.detector", DETECTORS)):
+        modes = registry[get(key)].modes
+        if cfg.mode not in modes:
+            fits = [n for n, c in registry.items() if cfg.mode in c.modes]
+            raise ConfigError(
+                f"{key}={get(key)!r} is for mode {' or '.join(modes)}, and this run has "
+                f"mode={cfg.mode!r}; in mode {cfg.mode} choose one of {', '.join(fits)}"
+            )
+    if cfg.mode == "simclr":
+        _validate_simclr(cfg)
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
@@ -255,6 +316,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_steps must be >= 1 or null, got {cfg.train.max_steps}")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume={cfg.resume!r}: use 'latest' or an existing checkpoint folder")
+
+
+def eval_tasks(cfg: Config) -> list[str]:
+    """``eval.tasks``, or the mode's default task when unset."""
+    return list(cfg.eval.tasks) if cfg.eval.tasks else [EVAL_TASKS[cfg.mode][0]]
+
+
+def _validate_simclr(cfg: Config) -> None:
+    if cfg.data.image_size < 8:
+        raise ConfigError(f"data.image_size must be >= 8, got {cfg.data.image_size}")
+    if not 0 < cfg.data.crop_min_scale <= 1:
+        raise ConfigError(f"data.crop_min_scale must be in (0, 1], got {cfg.data.crop_min_scale}")
+    if not 0 <= cfg.loss.tau_plus < 1:
+        raise ConfigError(f"loss.tau_plus must be in [0, 1), got {cfg.loss.tau_plus}")
+    if cfg.loss.beta < 0:
+        raise ConfigError(f"loss.beta must be >= 0, got {cfg.loss.beta}")
+    if cfg.loss.name in ("dcl", "hcl", "sscl") and cfg.fnd.removal != "eliminate":
+        raise ConfigError(
+            f"loss.name={cfg.loss.name} removes flagged false negatives from its negative pool "
+            "only (fnd.removal=eliminate); attract is defined for simclr and sogclr"
+        )
+    if cfg.loss.name == "sscl" and cfg.loss.top_k < 2:
+        raise ConfigError(f"loss.top_k must be >= 2 (pairs are mixed), got {cfg.loss.top_k}")
+    if not cfg.fnd.num_clusters or any(k < 2 for k in cfg.fnd.num_clusters):
+        raise ConfigError(
+            f"fnd.num_clusters={cfg.fnd.num_clusters}: give one or more cluster counts >= 2"
+        )
+    if not 0 <= cfg.fnd.accept_start <= 1:
+        raise ConfigError(f"fnd.accept_start must be in [0, 1], got {cfg.fnd.accept_start}")
 
 
 def to_yaml(cfg: Config) -> str:

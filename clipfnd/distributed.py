@@ -106,6 +106,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s ``x`` on every rank; every rank passes a tensor of the same shape and
+    dtype (its values are overwritten off ``src``)."""
+    if not is_distributed():
+        return x
+    dist.broadcast(x, src=src)
+    return x
+
+
 def label_offset(local_batch: int) -> int:
     """Index of this rank's first sample in the gathered global batch."""
     return rank() * local_batch

@@ -110,7 +110,12 @@ class ShardWriter:
     """
 
     def __init__(
-        self, out_dir: str | os.PathLike, shard_size: int = 1000, *, verify_images: bool = True
+        self,
+        out_dir: str | os.PathLike,
+        shard_size: int = 1000,
+        *,
+        verify_images: bool = True,
+        images_only: bool = False,
     ):
         if shard_size < 1:
             raise DataError(f"--shard-size must be >= 1, got {shard_size}")
@@ -124,6 +129,7 @@ class ShardWriter:
             )
         self.shard_size = shard_size
         self.verify_images = verify_images
+        self.images_only = images_only  # vision-only data: no caption needed, none written
         self.shards: list[ShardInfo] = []
         self.skipped: dict[str, int] = {}
         self.skipped_examples: list[str] = []
@@ -162,7 +168,7 @@ class ShardWriter:
     def write(self, sample: RawSample) -> int | None:
         """Write one sample; return its dataset index, or None if it was skipped."""
         caption = sample.caption.strip() if sample.caption else ""
-        if not caption:
+        if not caption and not self.images_only:
             self.skip("empty caption", sample.source)
             return None
         ext = sample.image_ext.lower().lstrip(".")
@@ -183,14 +189,14 @@ class ShardWriter:
         if sample.label is not None:
             meta["label"] = int(sample.label)
         meta.update(sample.extra)
-        self._tar.write(
-            {
-                "__key__": f"{n:09d}",
-                ext: sample.image,
-                "txt": caption.encode("utf-8"),
-                "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
-            }
-        )
+        record = {
+            "__key__": f"{n:09d}",
+            ext: sample.image,
+            "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+        }
+        if caption:
+            record["txt"] = caption.encode("utf-8")
+        self._tar.write(record)
         self._next_index += 1
         self._in_shard += 1
         if self._in_shard >= self.shard_size:
@@ -282,14 +288,17 @@ def write_split(
     meta: dict[str, Any] | None = None,
     desc: str = "writing shards",
     progress: bool = True,
+    images_only: bool = False,
 ) -> ShardSet:
     """Write ``samples`` into shards under ``out_dir`` with a progress bar; return the ShardSet.
 
     A ``SkippedInput`` in the stream is counted in the manifest like any skipped sample.
+    ``images_only``: captions are optional (vision-only data); samples without one have no
+    ``.txt`` member.
     """
     from tqdm.auto import tqdm
 
-    writer = ShardWriter(out_dir, shard_size)
+    writer = ShardWriter(out_dir, shard_size, images_only=images_only)
     for s in tqdm(samples, total=total, desc=desc, unit="sample", disable=not progress):
         if isinstance(s, SkippedInput):
             writer.skip(s.reason, s.source)

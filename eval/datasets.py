@@ -45,6 +45,7 @@ class Item:
     captions: list[str] = field(default_factory=list)
     label: int = -1
     image_id: str = ""
+    index: int = -1  # the dense dataset index, where the layout has one (clipfnd shards)
 
 
 def decode_image(data: bytes) -> Image.Image:

@@ -40,6 +40,7 @@ class Features:
     text: torch.Tensor | None  # [M, d]
     text_item: torch.Tensor | None  # [M]
     skipped: int  # items whose image could not be read
+    index: torch.Tensor | None = None  # [N] dense dataset indices (-1: the layout has none)
 
     @property
     def num_items(self) -> int:
@@ -76,6 +77,7 @@ class _Reader(IterableDataset):
                 "image": image,
                 "label": item.label,
                 "image_id": item.image_id,
+                "index": item.index,
             }
             if self.tokenize is not None:
                 out["text"] = self.tokenize(item.captions) if item.captions else None
@@ -91,6 +93,7 @@ def _collate(items: list[dict]) -> dict:
     out["image"] = torch.stack([g["image"] for g in good])
     out["key"] = torch.tensor([g["key"] for g in good], dtype=torch.long)
     out["label"] = torch.tensor([g["label"] for g in good], dtype=torch.long)
+    out["index"] = torch.tensor([g["index"] for g in good], dtype=torch.long)
     out["image_id"] = [g["image_id"] for g in good]
     if "num_captions" in good[0]:
         texts = [g["text"] for g in good if g["text"] is not None]
@@ -125,7 +128,9 @@ def encode_dataset(
         collate_fn=_collate,
         multiprocessing_context=worker_context() if num_workers else None,
     )
-    parts: dict[str, list] = {k: [] for k in ("image", "key", "label", "text", "owner", "pos")}
+    parts: dict[str, list] = {
+        k: [] for k in ("image", "key", "label", "index", "text", "owner", "pos")
+    }
     image_ids: list[tuple[int, str]] = []
     skipped = 0
     total = None
@@ -140,6 +145,7 @@ def encode_dataset(
         parts["image"].append(model.encode_image(batch["image"].to(device), normalize=True).float())
         parts["key"].append(batch["key"].to(device))
         parts["label"].append(batch["label"].to(device))
+        parts["index"].append(batch["index"].to(device))
         image_ids.extend(zip(batch["key"].tolist(), batch["image_id"], strict=True))
         if batch.get("text") is not None:
             text = model.encode_text(batch["text"].to(device), normalize=True)
@@ -169,17 +175,18 @@ def _gather_sorted(
     image = gather_uneven(_cat(parts["image"], no_rows)).cpu()
     key = gather_uneven(_cat(parts["key"], no_ids)).cpu()
     label = gather_uneven(_cat(parts["label"], no_ids)).cpu()
+    index = gather_uneven(_cat(parts["index"], no_ids)).cpu()
     skipped = int(gather_uneven(torch.tensor([skipped], device=device)).sum().item())
     ids = dict(gather_objects(image_ids))
     if key.numel() == 0:
         raise DataError(f"no readable image in the dataset (skipped {skipped})")
     order = torch.argsort(key, stable=True)
-    key, image, label = key[order], image[order], label[order]
+    key, image, label, index = key[order], image[order], label[order], index[order]
     keep = torch.ones_like(key, dtype=torch.bool)
     keep[1:] = key[1:] != key[:-1]  # an item read twice counts once
     if not bool(keep.all()):
         log.warning("dropped %d duplicate rows while gathering", int((~keep).sum()))
-    key, image, label = key[keep], image[keep], label[keep]
+    key, image, label, index = key[keep], image[keep], label[keep], index[keep]
     text = text_item = None
     if with_text:
         text = gather_uneven(_cat(parts["text"], no_rows)).cpu()
@@ -193,4 +200,6 @@ def _gather_sorted(
         first[1:] = (owner[1:] != owner[:-1]) | (pos[1:] != pos[:-1])
         text, owner = text[first], owner[first]
         text_item = torch.searchsorted(key, owner)
-    return Features(image, key, label, [ids[k] for k in key.tolist()], text, text_item, skipped)
+    return Features(
+        image, key, label, [ids[k] for k in key.tolist()], text, text_item, skipped, index
+    )

@@ -141,6 +141,11 @@ def run_eval(
         model if isinstance(model, EvalModel) else EvalModel.from_checkpoint(load_checkpoint(model))
     )
 
+    if evaluated.bundle.tokenizer is None and opts.task in ("retrieval", "zeroshot"):
+        raise UserError(
+            f"--task {opts.task} needs a text tower, and {evaluated.info.get('checkpoint') or 'the model'} "
+            "is a vision-only (mode: simclr) model: use --task knn or --task linear-probe"
+        )
     processes = processes or setup_processes(opts.device)
     bundle = evaluated.bundle
     model = bundle.model.to(processes.device).eval()

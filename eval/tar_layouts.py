@@ -56,6 +56,7 @@ class ClipfndShards(EvalDataset):
                 captions=[caption] if caption else [],
                 label=label if isinstance(label, int) else -1,
                 image_id=str(meta.get("image_id", index)),
+                index=index if isinstance(index, int) else -1,
             )
 
 

@@ -136,7 +136,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="a run directory (its newest checkpoint) or a checkpoint directory",
     )
-    x.add_argument("--format", required=True, choices=["open_clip", "hf", "timm"])
+    x.add_argument(
+        "--format",
+        required=True,
+        choices=["open_clip", "hf", "timm", "torchvision"],
+        help="open_clip, hf (transformers) or timm (image tower) for a CLIP checkpoint; "
+        "timm or torchvision (the backbone's state dict) for a vision-only checkpoint",
+    )
     x.add_argument("--out", required=True, help="output folder (created; must be empty)")
     x.add_argument(
         "--verify",

@@ -110,6 +110,7 @@ def cmd_data_build(a: argparse.Namespace) -> int:
         label_column=a.label_column,
         separator=a.separator,
         hf_split=a.hf_split,
+        images_only=a.images_only,
     )
     print(
         json.dumps(
@@ -173,6 +174,8 @@ def eval_lines(ev: dict) -> list[str]:
         ("image->text R@1/5", ("i2t_R@1", "i2t_R@5")),
         ("text->image R@1/5", ("t2i_R@1", "t2i_R@5")),
         ("zero-shot top-1/5", ("zeroshot/top1", "zeroshot/top5")),
+        ("kNN top-1        ", ("knn/top1",)),
+        ("linear probe top-1", ("linear-probe/top1",)),
     ):
         if keys[0] in ev:
             lines.append(f"{title} : " + " / ".join(f"{ev[k]:.3f}" for k in keys if k in ev))
@@ -229,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--separator", default=None, help="csv: field separator (default: from the extension)"
     )
     b.add_argument("--hf-split", default="train", help="hf: split to read from a DatasetDict")
+    b.add_argument(
+        "--images-only",
+        action="store_true",
+        help="vision-only data (mode: simclr): no captions needed or read; with imagefolder, "
+        "add --label-column folder to label images by their class subfolder",
+    )
     b.set_defaults(func=cmd_data_build)
 
     t = sub.add_parser("train", help="train from a YAML config with key=value overrides")

@@ -1,10 +1,14 @@
-"""Exporting a training checkpoint to open_clip, transformers or timm.
+"""Exporting a training checkpoint to open_clip, transformers, timm or torchvision.
 
 ``export_checkpoint`` reads the checkpoint's model (never its training-only state), writes
 one format into an output folder with ``clipfnd_export.json`` (source checkpoint, step, run
 config), and, with ``verify=True``, loads the result through the target library and checks
 that its embeddings match ours on a fixed batch. Each format lives in its own module:
 ``open_clip``, ``hf`` (transformers) and ``timm``.
+
+A vision-only checkpoint (run config ``mode: simclr``) has only a backbone: ``vision`` exports
+it as ``torchvision`` (a state dict plus how to rebuild it) or ``timm`` (ResNet and ViT
+backbones), and refuses ``open_clip`` and ``hf``. ``torchvision`` refuses CLIP checkpoints.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from ..checkpoints import LoadedCheckpoint, load_checkpoint
 from ..errors import UserError
 from .common import DEFAULT_TOLERANCE, Comparison, prepare_out_dir, write_record
 
-FORMATS = ("open_clip", "hf", "timm")
+FORMATS = ("open_clip", "hf", "timm", "torchvision")
 
 
 @dataclass
@@ -31,9 +35,18 @@ class ExportResult:
     source: dict[str, Any]
 
 
-def _format_module(fmt: str):
+def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _format_module(fmt: str, loaded: LoadedCheckpoint):
+    """The format's ``check``/``export``/``verify``, chosen by the checkpoint's mode."""
+    _check_format(fmt)
+    from . import vision
+
+    if fmt == "torchvision" or vision.is_vision(loaded):
+        return vision.format_module(fmt, loaded)
     return importlib.import_module(f".{fmt}", __name__)
 
 
@@ -46,14 +59,15 @@ def export_checkpoint(
     tolerance: float = DEFAULT_TOLERANCE,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Write ``checkpoint`` in format ``fmt`` (open_clip | hf | timm) into ``out``.
+    """Write ``checkpoint`` in format ``fmt`` (open_clip | hf | timm | torchvision) into ``out``.
 
     Raises ``UnsupportedExport`` (a ValueError) before writing anything when the format cannot
     represent the model, and ``VerificationError`` when ``verify`` finds a difference above
     ``tolerance`` (the files stay, with the failed check recorded in clipfnd_export.json).
     """
-    module = _format_module(fmt)
+    _check_format(fmt)
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    module = _format_module(fmt, loaded)
     module.check(loaded)  # refuses an unrepresentable model before anything is written
     out_dir = prepare_out_dir(out, overwrite)
     files = module.export(loaded, out_dir)

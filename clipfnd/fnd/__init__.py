@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from .base import Detection, DetectionInput, Detector, NoDetector
 from .glofnd import GloFND
+from .ifnd import IFND
 from .oracle import Oracle
 from .quality import detection_counts, detection_metrics, same_label
 
-DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NoDetector, GloFND, Oracle)}
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NoDetector, GloFND, Oracle, IFND)}
 
 __all__ = [
     "DETECTORS",
@@ -17,6 +18,7 @@ __all__ = [
     "DetectionInput",
     "Detector",
     "GloFND",
+    "IFND",
     "NoDetector",
     "Oracle",
     "detection_counts",

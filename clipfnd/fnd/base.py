@@ -9,10 +9,13 @@ Adding a detector: a class with ``from_config`` and one line in ``DETECTORS``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+EmbedFn = Callable[[], "tuple[torch.Tensor, torch.Tensor]"]
 
 if TYPE_CHECKING:
     from ..config import FNDConfig
@@ -23,11 +26,14 @@ if TYPE_CHECKING:
 class DetectionInput:
     """What a detector sees of one step, for this rank's anchors.
 
-    Shape: sims ``{anchor type: [b, M]}`` detached similarities (only for detectors that
-    ask for them, on epochs they are active); pos ``[b]`` positive columns; index ``[b]``
-    dataset indices; truth ``{anchor type: [b, M]}`` same-label negatives (when labels are
-    known and needed, else None); not_negative ``[b, M]`` copies of the anchor's own sample
-    (or None); num_negatives ``|N_i|``, one number or ``[b]``.
+    Shape (``n = K b`` rows: ``K = rows_per_sample`` similarity rows per sample, 1 bimodal,
+    2 unimodal, stacked view after view): sims ``{anchor type: [n, M]}`` detached
+    similarities (only for detectors that ask for them, on epochs they are active); pos
+    ``[n]`` positive columns; index ``[b]`` dataset indices; truth ``{anchor type: [n, M]}``
+    same-label negatives (when labels are known and needed, else None); not_negative
+    ``[n, M]`` columns that are no negative (copies of the anchor's own sample; unimodal, the
+    anchor's own column) or None; num_negatives ``|N_i|``, one number or ``[b]``;
+    columns_index ``[M]`` the dataset index of every column (or None).
     """
 
     sims: dict[str, torch.Tensor]
@@ -37,6 +43,8 @@ class DetectionInput:
     not_negative: torch.Tensor | None
     num_negatives: int | torch.Tensor
     epoch: int
+    rows_per_sample: int = 1
+    columns_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Detector(ABC):
     and its flags are used from epoch ``start_mask`` on."""
 
     name: ClassVar[str]
+    modes: ClassVar[tuple[str, ...]] = ("clip", "simclr")  # the training modes it can serve
     needs_similarities: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
 
@@ -60,8 +69,10 @@ class Detector(ABC):
 
     @classmethod
     def from_config(
-        cls, fnd: FNDConfig, tables: StateTables, anchor_types: tuple[str, ...]
+        cls, fnd: FNDConfig, tables: StateTables, anchor_types: tuple[str, ...], **run
     ) -> Detector:
+        """The detector the ``fnd`` config section describes. ``run`` holds what the run
+        knows beyond it (``seed``, ``last_epoch``, ``progress``), for detectors that need it."""
         return cls(anchor_types, start_update=fnd.start_update, start_mask=fnd.start_mask)
 
     def masking(self, epoch: int) -> bool:
@@ -72,6 +83,16 @@ class Detector(ABC):
 
     @abstractmethod
     def detect(self, inp: DetectionInput) -> Detection: ...
+
+    def start_epoch(self, epoch: int, embed: EmbedFn, fresh: bool) -> dict[str, float]:
+        """Called on every process at the start of each epoch, before its first step.
+
+        ``embed()`` returns ``(index [N'], features [N', d])`` of the whole training set
+        (un-augmented, all processes together; the same on every process). ``fresh`` is False
+        when a run resumes inside the epoch (the tables already hold what this call wrote).
+        Returns scalars for the metrics line. Default: nothing to do.
+        """
+        return {}
 
     def threshold_metrics(self) -> dict[str, float]:
         """Scalars about the detector's state for the metrics line (none by default)."""

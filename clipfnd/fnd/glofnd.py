@@ -90,7 +90,7 @@ class GloFND(Detector):
 
     @classmethod
     def from_config(
-        cls, fnd: FNDConfig, tables: StateTables, anchor_types: tuple[str, ...]
+        cls, fnd: FNDConfig, tables: StateTables, anchor_types: tuple[str, ...], **run
     ) -> GloFND:
         return cls(
             tables,
@@ -116,8 +116,10 @@ class GloFND(Detector):
         found = Detection({t: None for t in self.anchor_types})
         if not (masking or updating):
             return found
+        k, b = inp.rows_per_sample, inp.index.numel()
         for t in self.anchor_types:
-            flags = self.flags(inp.sims[t], self.thresholds(t, inp.index), [inp.pos])
+            lam = self.thresholds(t, inp.index).to(inp.sims[t].device).repeat(k)  # K rows each
+            flags = self.flags(inp.sims[t], lam, [inp.pos])
             if inp.not_negative is not None:
                 flags &= ~inp.not_negative
             if masking:
@@ -125,7 +127,7 @@ class GloFND(Detector):
             if updating:
                 found.rows.update(
                     self.update_from_flags(
-                        t, inp.index, [flags], inp.num_negatives, epoch=inp.epoch
+                        t, inp.index, list(flags.split(b)), inp.num_negatives, epoch=inp.epoch
                     )
                 )
         return found

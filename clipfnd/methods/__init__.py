@@ -10,7 +10,22 @@ from __future__ import annotations
 from .base import AnchorRows, Method, MethodOutput
 from .clip import Clip
 from .global_contrastive import FastCLIPv3, SogCLR
+from .unimodal import DCL, HCL, SSCL, SimCLR
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Clip, SogCLR, FastCLIPv3)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (Clip, SogCLR, FastCLIPv3, SimCLR, DCL, HCL, SSCL)
+}
 
-__all__ = ["METHODS", "AnchorRows", "Clip", "FastCLIPv3", "Method", "MethodOutput", "SogCLR"]
+__all__ = [
+    "DCL",
+    "HCL",
+    "METHODS",
+    "SSCL",
+    "AnchorRows",
+    "Clip",
+    "FastCLIPv3",
+    "Method",
+    "MethodOutput",
+    "SimCLR",
+    "SogCLR",
+]

@@ -29,10 +29,16 @@ if TYPE_CHECKING:
 class AnchorRows:
     """One anchor type's similarity rows.
 
-    Shape: anchors ``[b, d]`` (this rank's, with gradient); others ``[M, d]`` (the gathered
-    candidates, with gradient); pos ``[b]`` the positive's column; fn_mask ``[b, M]`` bool,
-    flagged false negatives (or None); not_negative ``[b, M]`` bool, columns that are neither
-    positive nor negative (or None).
+    Shape: anchors ``[n, d]`` (this rank's, with gradient); others ``[M, d]`` (the gathered
+    candidates, with gradient); pos ``[n]`` the positive's column; fn_mask ``[n, M]`` bool,
+    flagged false negatives (or None); not_negative ``[n, M]`` bool, columns that are neither
+    positive nor negative (or None; unimodal: always marks the anchor's own column).
+
+    Bimodal, ``n = b``. Unimodal (two views), ``n = 2b``: rows are view 1 of the rank's ``b``
+    images, then view 2 (``K = n / b`` rows per image); ``self_col`` ``[n]`` is each row's own
+    column among the ``M = 2B`` gathered views and ``columns_index`` ``[M]`` the dataset index
+    of every column (what a method needs to draw per-anchor randomness the same way on any
+    number of processes).
     """
 
     anchors: torch.Tensor
@@ -40,6 +46,8 @@ class AnchorRows:
     pos: torch.Tensor
     fn_mask: torch.Tensor | None = None
     not_negative: torch.Tensor | None = None
+    self_col: torch.Tensor | None = None
+    columns_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -60,6 +68,7 @@ class Method(ABC):
     """
 
     name: ClassVar[str]
+    modes: ClassVar[tuple[str, ...]] = ("clip",)  # the training modes it can serve
     own_temperature_group: ClassVar[bool] = False  # logit_scale in a parameter group of its own
 
     def __init__(self, cfg: Config, tables: StateTables, anchor_types: tuple[str, ...]):
@@ -104,5 +113,21 @@ class Method(ABC):
 
         Args:
             rows: one ``AnchorRows`` per anchor type; index: ``[b]`` this rank's dataset
-            indices; logit_scale: ``1/tau`` as the model outputs it; epoch: for schedules.
+            indices (one per image: unimodal rows hold ``K = 2`` per image); logit_scale:
+            ``1/tau`` as the model outputs it; epoch: for schedules.
         """
+
+
+class ConstantTemperature:
+    """A mixin for methods with the constant temperature ``loss.tau``: ``logit_scale`` is set
+    to ``ln(1/tau)`` and frozen (no gradient, no optimiser state, never clamped away)."""
+
+    cfg: Config
+
+    def init_temperature(self, model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1.0 / self.cfg.loss.tau))
+        model.logit_scale.requires_grad_(False)
+
+    def max_logit_scale(self) -> float:
+        return max(math.log(1.0 / self.cfg.loss.tau), math.log(1.0 / self.cfg.loss.tau_min))

@@ -29,9 +29,15 @@ if TYPE_CHECKING:
 
 class SogCLR(Method):
     """Global contrastive loss at the constant temperature ``loss.tau`` (``logit_scale`` is set
-    to ``ln(1/tau)`` and frozen). Tables: ``gcl.u_t`` and ``gcl.visits_t`` per anchor type."""
+    to ``ln(1/tau)`` and frozen). Tables: ``gcl.u_t`` and ``gcl.visits_t`` per anchor type.
+
+    Unimodal (``K = 2`` rows per image, anchor type ``view``): one ``u_n`` per image. Each view
+    ``k`` updates it from its own ratio, ``u^k = (1 - gamma) u_n + gamma g^k`` (used in that
+    view's loss), and the table keeps their mean, ``u_n <- mean_k u^k``, as SogCLR's code does.
+    """
 
     name = "sogclr"
+    modes = ("clip", "simclr")
 
     def __init__(self, cfg: Config, tables: StateTables, anchor_types: tuple[str, ...]):
         super().__init__(cfg, tables, anchor_types)
@@ -74,8 +80,10 @@ class SogCLR(Method):
                 r.pos, tuple(sim.shape), r.fn_mask, self.removal, dev, not_negative=r.not_negative
             )
             g = negative_ratio(sim, r.pos, tau, kept)
+            k = r.anchors.shape[0] // index.numel()  # rows per sample: 1 bimodal, 2 unimodal
             visits = self.tables.rows(f"gcl.visits_{t}", index, dev)
-            u = moving_average(self.tables.rows(f"gcl.u_{t}", index, dev), visits, g, gamma)
+            u_old = self.tables.rows(f"gcl.u_{t}", index, dev)
+            u = moving_average(u_old.repeat(k), visits.repeat(k), g, gamma)
             att = (
                 attraction(sim, r.pos, r.fn_mask)
                 if (r.fn_mask is not None and self.removal == "attract")
@@ -85,7 +93,7 @@ class SogCLR(Method):
             extra = self.temperature_terms(u.clamp(min=1e-30), tau)
             if extra is not None:
                 loss = loss + weight * extra
-            new_rows[f"gcl.u_{t}"] = u
+            new_rows[f"gcl.u_{t}"] = u.view(k, -1).mean(0)
             new_rows[f"gcl.visits_{t}"] = visits + 1
         penalty = self.temperature_penalty(tau)
         if penalty is not None:
@@ -104,6 +112,7 @@ class FastCLIPv3(SogCLR):
     The loss adds ``tau * mean log u`` per anchor type and ``rho * tau`` once."""
 
     name = "fastclip_v3"
+    modes = ("clip",)
     own_temperature_group = True
 
     def init_temperature(self, model: torch.nn.Module) -> None:

@@ -28,6 +28,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from clipfnd_eval.features import encode_dataset
+from clipfnd_eval.layouts import open_dataset
 from clipfnd_eval.processes import Processes
 from clipfnd_eval.run import EvalModel, EvalOptions, run_eval
 from data_pipelines import load_shard_set
@@ -35,13 +37,14 @@ from data_pipelines.loader import EpochIterator, LoaderState, ShardStream
 
 from .. import distributed
 from ..checkpoints import checkpoint_dir, find_latest, list_checkpoints
-from ..config import Config, ConfigError, to_yaml
+from ..config import Config, ConfigError, eval_tasks, to_dict, to_yaml
 from ..methods import Method
 from ..models import check_model_name, create_clip
+from ..models.vision import Projections, vision_from_config
 from ..state import StateTables
 from . import checkpoint as ckpt
 from .metrics import LogWindow, MetricsWriter, log_record
-from .objective import ClipObjective
+from .objective import OBJECTIVES, Objective
 from .schedule import build_scheduler, optimizer_steps_in_epoch
 from .step import FaultCounter, NonFiniteError, StepResult, optimizer_step
 
@@ -80,6 +83,23 @@ def param_groups(model: torch.nn.Module, cfg: Config, method: Method) -> list[di
     return groups
 
 
+def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
+    """``optim.name``: AdamW (CLIP's), SGD with momentum, or LARS (SimCLR's, from timm: torch
+    has none). Weight decay is per group (``param_groups``); LARS adapts the step of every
+    parameter with weight decay, as SimCLR excludes norms and biases from both."""
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=False)
+    from timm.optim import Lars
+
+    for g in groups:
+        g["trust_clip"] = False
+        g["always_adapt"] = False  # no adaptation where weight_decay == 0 (norms, biases)
+    return Lars(groups, lr=o.lr, momentum=o.momentum)
+
+
 @dataclass
 class Setup:
     accelerator: Accelerator
@@ -88,7 +108,7 @@ class Setup:
     bundle: Any
     stream: ShardStream
     tables: StateTables
-    objective: ClipObjective
+    objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: Any
     total_steps: int
@@ -117,7 +137,13 @@ def setup(cfg: Config) -> Setup:
     use_cpu = not torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and use_cpu:
         raise ConfigError("train.mixed_precision=fp16 needs CUDA; use bf16 or no on the CPU")
-    check_model_name(cfg.model.name)
+    if cfg.mode == "clip":
+        check_model_name(cfg.model.name)
+    elif cfg.model.pretrained is not None:
+        raise ConfigError(
+            "model.pretrained loads CLIP weights (mode clip); vision-only runs start from random "
+            "initialisation"
+        )
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=cfg.train.mixed_precision,
@@ -140,13 +166,18 @@ def setup(cfg: Config) -> Setup:
     set_seed(cfg.seed)
 
     shard_set = load_shard_set(cfg.data.train)
-    bundle = create_clip(
-        cfg.model.name, pretrained=cfg.model.pretrained, init_logit_scale=cfg.model.init_logit_scale
-    )
+    if cfg.mode == "clip":
+        bundle = create_clip(
+            cfg.model.name,
+            pretrained=cfg.model.pretrained,
+            init_logit_scale=cfg.model.init_logit_scale,
+        )
+    else:
+        bundle = vision_from_config(to_dict(cfg))
     model = bundle.model
     table_device = "cpu" if cfg.fnd.state_on_cpu else accelerator.device
     tables = StateTables(shard_set.num_samples, table_device)
-    objective = ClipObjective(cfg, tables, has_labels=shard_set.num_labels > 0)
+    objective = OBJECTIVES[cfg.mode](cfg, tables, has_labels=shard_set.num_labels > 0)
     method = objective.method
     method.init_temperature(model)
 
@@ -166,9 +197,7 @@ def setup(cfg: Config) -> Setup:
         samples_per_epoch=cfg.data.samples_per_epoch,
     )
     groups = param_groups(model, cfg, method)
-    optimizer = torch.optim.AdamW(
-        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
-    )
+    optimizer = build_optimizer(groups, cfg)
     k = cfg.optim.accum_steps
     steps_all = sum(optimizer_steps_in_epoch(stream, e, k) for e in range(cfg.train.epochs))
     total_steps = min(steps_all, cfg.train.max_steps or steps_all)
@@ -236,8 +265,9 @@ def setup(cfg: Config) -> Setup:
 
 def evaluate(cfg: Config, s: Setup, step: int, epoch: int) -> dict[str, float]:
     """``eval.tasks`` on ``data.val`` with the model as it is now, on every process (each
-    encodes a slice; the metrics are those of the whole split). Zero-shot keys get a
-    ``zeroshot/`` prefix; retrieval keys are bare (``i2t_R@1``, ...)."""
+    encodes a slice; the metrics are those of the whole split). Keys: retrieval's are bare
+    (``i2t_R@1``, ...), the others get a ``TASK/`` prefix (``zeroshot/top1``, ``knn/top1``,
+    ``linear-probe/top1``). kNN and the linear probe fit on ``data.train``'s images."""
     acc = s.accelerator
     model = acc.unwrap_model(s.model)
     live = EvalModel(
@@ -246,10 +276,11 @@ def evaluate(cfg: Config, s: Setup, step: int, epoch: int) -> dict[str, float]:
     )
     processes = Processes(acc.process_index, acc.num_processes, acc.device)
     results: dict[str, float] = {}
-    for task in cfg.eval.tasks:
+    for task in eval_tasks(cfg):
         opts = EvalOptions(
             task=task,
             data=cfg.data.val,
+            train_data=cfg.data.train if task in ("knn", "linear-probe") else None,
             batch_size=cfg.eval.batch_size,
             num_workers=cfg.eval.num_workers,
             progress=cfg.train.progress,
@@ -259,6 +290,28 @@ def evaluate(cfg: Config, s: Setup, step: int, epoch: int) -> dict[str, float]:
         results.update({f"{prefix}{k}": v for k, v in out.get("metrics", {}).items()})
     model.train()
     return distributed.broadcast_object(results)
+
+
+def embed_training_set(cfg: Config, s: Setup) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dataset index [N'], normalised projections [N', d])`` of every readable training
+    image, un-augmented; every process encodes a slice and all get the whole (what IFND
+    clusters). On the accelerator's device."""
+    acc = s.accelerator
+    model = acc.unwrap_model(s.model)
+    ds = open_dataset(cfg.data.train)
+    feats = encode_dataset(
+        Projections(model),
+        ds,
+        s.bundle.preprocess_val,
+        None,
+        processes=Processes(acc.process_index, acc.num_processes, acc.device),
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.eval.num_workers,
+        progress=cfg.train.progress,
+        desc=f"IFND: embedding {ds.num_items} training images",
+    )
+    model.train()
+    return feats.index.to(acc.device), feats.image.to(acc.device)
 
 
 @dataclass
@@ -291,13 +344,37 @@ def train(cfg: Config) -> dict[str, Any]:
     epoch, it = start_epoch, None
     last_epoch = cfg.train.epochs if run.step < s.total_steps else start_epoch
     for epoch in range(start_epoch, last_epoch):
-        it = s.stream.epoch(epoch, loader_state if epoch == start_epoch else None)
+        state = loader_state if epoch == start_epoch else None
+        started = start_epoch_hooks(cfg, s, epoch, fresh=state is None or state.batches == 0)
+        if started:
+            metrics.write({"step": run.step, "epoch": epoch, **started})
+        it = s.stream.epoch(epoch, state)
         train_epoch(cfg, s, run, it, epoch, metrics, bar)
         report_bad_samples(s, run, it, epoch)
+        every = cfg.eval.every_epochs
+        if every and (epoch + 1) % every == 0 and cfg.data.val and run.last_eval[0] != run.step:
+            run.last_eval = (run.step, evaluate(cfg, s, run.step, epoch))
+            metrics.write(
+                {
+                    "step": run.step,
+                    "epoch": epoch,
+                    **{f"val/{k}": v for k, v in run.last_eval[1].items()},
+                }
+            )
         if run.step >= s.total_steps:
             break
     bar.close()
     return finish(cfg, s, run, epoch, it, metrics)
+
+
+def start_epoch_hooks(cfg: Config, s: Setup, epoch: int, fresh: bool) -> dict[str, float]:
+    """The detector's epoch start (IFND clusters the training set here); what it reports
+    (e.g. the accepted share) becomes a metrics line of its own."""
+    t0 = time.perf_counter()
+    out = s.objective.detector.start_epoch(epoch, lambda: embed_training_set(cfg, s), fresh)
+    if out:
+        out["fnd/epoch_start_seconds"] = time.perf_counter() - t0
+    return out
 
 
 def train_epoch(

@@ -1,4 +1,5 @@
-"""One training step's loss for image-text (CLIP) training: features -> masks -> loss -> rows.
+"""One training step's loss: features -> masks -> loss -> rows, for image-text (CLIP) training
+(``ClipObjective``) and vision-only training over two views (``SimCLRObjective``).
 
 The only place where the pieces meet. It never branches on a method's or a detector's name:
 - features are gathered (``clipfnd.distributed``);
@@ -32,6 +33,7 @@ import torch
 from .. import distributed
 from ..config import Config, ConfigError
 from ..fnd import DETECTORS, DetectionInput, detection_counts, detection_metrics, same_label
+from ..losses.unimodal import view_columns
 from ..methods import METHODS, AnchorRows
 from ..state import StateTables
 
@@ -48,14 +50,16 @@ class StepOutput:
     duplicates: int = 0  # samples of the global batch whose dataset index came earlier in it
 
 
-class ClipObjective:
-    """Loss of one batch for CLIP training, with optional false-negative detection.
+class Objective:
+    """What both modes share: the method, the detector, and writing a step's rows.
 
     Args:
         cfg: the run config (``loss`` picks the method, ``fnd`` the detector).
         tables: per-sample tables of the training set (the method's and the detector's).
         has_labels: the data carries labels (enables the oracle and detection quality).
     """
+
+    anchor_types: tuple[str, ...] = ANCHORS
 
     def __init__(self, cfg: Config, tables: StateTables, has_labels: bool):
         self.tables = tables
@@ -66,8 +70,60 @@ class ClipObjective:
                 f"fnd.detector={cfg.fnd.detector} needs labels, and the training data has none "
                 "(its manifest lists no label_names)"
             )
-        self.detector = detector_cls.from_config(cfg.fnd, tables, ANCHORS)
-        self.method = METHODS[cfg.loss.name](cfg, tables, ANCHORS)
+        self.detector = detector_cls.from_config(
+            cfg.fnd,
+            tables,
+            self.anchor_types,
+            seed=cfg.seed,
+            last_epoch=cfg.train.epochs - 1,
+            progress=cfg.train.progress,
+        )
+        self.method = METHODS[cfg.loss.name](cfg, tables, self.anchor_types)
+
+    def batch_loss(
+        self, model: torch.nn.Module, batch: dict, device: torch.device, epoch: int, measure: bool
+    ) -> StepOutput:
+        """Forward ``batch`` through ``model`` and return this rank's loss and rows."""
+        raise NotImplementedError
+
+    def commit(self, outs: StepOutput | list[StepOutput]) -> None:
+        """Write the new rows of one or more micro-batches (one optimiser step) into every
+        replica, in one write (a collective: all ranks call it with as many outputs)."""
+        outs = [outs] if isinstance(outs, StepOutput) else [o for o in outs if o.index is not None]
+        if not outs:
+            return
+        names = set(outs[0].rows)
+        if any(set(o.rows) != names for o in outs):
+            raise ValueError("the micro-batches of one optimiser step changed different tables")
+        index = torch.cat([o.index for o in outs])
+        self.tables.write_rows(index, {n: torch.cat([o.rows[n] for o in outs]) for n in names})
+
+    def summarise(self, detection: torch.Tensor | None) -> dict[str, float]:
+        """Detection quality from counts summed over ranks (and steps)."""
+        if detection is None:
+            return {}
+        return detection_metrics(detection, "fnd/", with_truth=self.has_labels)
+
+    def threshold_metrics(self) -> dict[str, float]:
+        return {f"fnd/{k}": v for k, v in self.detector.threshold_metrics().items()}
+
+
+class ClipObjective(Objective):
+    """Loss of one batch for CLIP training, with optional false-negative detection."""
+
+    def batch_loss(
+        self, model: torch.nn.Module, batch: dict, device: torch.device, epoch: int, measure: bool
+    ) -> StepOutput:
+        out = model(image=batch["image"].to(device), text=batch["text"].to(device))
+        return self(
+            out["image_features"],
+            out["text_features"],
+            out["logit_scale"],
+            batch["index"].to(device),
+            batch["label"].to(device),
+            epoch,
+            measure=measure,
+        )
 
     def __call__(
         self,
@@ -146,23 +202,103 @@ class ClipObjective:
             duplicates=duplicates,
         )
 
-    def commit(self, outs: StepOutput | list[StepOutput]) -> None:
-        """Write the new rows of one or more micro-batches (one optimiser step) into every
-        replica, in one write (a collective: all ranks call it with as many outputs)."""
-        outs = [outs] if isinstance(outs, StepOutput) else [o for o in outs if o.index is not None]
-        if not outs:
-            return
-        names = set(outs[0].rows)
-        if any(set(o.rows) != names for o in outs):
-            raise ValueError("the micro-batches of one optimiser step changed different tables")
-        index = torch.cat([o.index for o in outs])
-        self.tables.write_rows(index, {n: torch.cat([o.rows[n] for o in outs]) for n in names})
 
-    def summarise(self, detection: torch.Tensor | None) -> dict[str, float]:
-        """Detection quality from counts summed over ranks (and steps)."""
-        if detection is None:
-            return {}
-        return detection_metrics(detection, "fnd/", with_truth=self.has_labels)
+class SimCLRObjective(Objective):
+    """Loss of one batch for vision-only training (``mode: simclr``): two views per image.
 
-    def threshold_metrics(self) -> dict[str, float]:
-        return {f"fnd/{k}": v for k, v in self.detector.threshold_metrics().items()}
+    Rows: this rank's ``2b`` views (view 1 of its ``b`` images, then view 2); columns: the
+    ``2B`` gathered views (view 1 of all ``B`` images, then view 2). A view's positive is its
+    image's other view; its own column, and both views of any other copy of its image, are no
+    negatives. ``N_i`` holds the ``2B - 2`` views of the other images. Detectors see one
+    similarity row per view, ``K = 2`` rows per image (GloFND: one threshold per image over
+    both rows).
+    """
+
+    anchor_types = ("view",)
+
+    def batch_loss(
+        self, model: torch.nn.Module, batch: dict, device: torch.device, epoch: int, measure: bool
+    ) -> StepOutput:
+        image = batch["image"].to(device)  # [b, 2, C, H, W]
+        views = image.transpose(0, 1).reshape(-1, *image.shape[2:])  # [2b, C, H, W]
+        z = model(views)
+        logit_scale = getattr(model, "module", model).logit_scale.exp()  # DDP wraps the model
+        return self(
+            z, logit_scale, batch["index"].to(device), batch["label"].to(device), epoch, measure
+        )
+
+    def __call__(
+        self,
+        z: torch.Tensor,
+        logit_scale: torch.Tensor,
+        index: torch.Tensor,
+        label: torch.Tensor,
+        epoch: int,
+        measure: bool = True,
+    ) -> StepOutput:
+        """Loss of this rank's views.
+
+        Args:
+            z: ``[2b, d]`` normalised projections, view 1 of the ``b`` images then view 2.
+            logit_scale: ``1/tau``; index, label: ``[b]``; epoch, measure: as ``ClipObjective``.
+        """
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        b = index.numel()
+        dev = z.device
+        self.tables.check_indices(index)
+        index, label = index.to(dev), label.to(dev)
+        others = torch.cat(
+            [distributed.gather_with_grad(z[:b]), distributed.gather_with_grad(z[b:])]
+        )
+        index_all = distributed.gather(index)
+        label_all = distributed.gather(label)
+        B = index_all.numel()
+        pos, self_col = view_columns(b, B, distributed.label_offset(b), dev)
+        columns_index = torch.cat([index_all, index_all])
+        rows = torch.arange(2 * b, device=dev)
+        # own column, and every view of another copy of the image: no negative
+        not_negative = index.repeat(2)[:, None] == columns_index[None, :]
+        not_negative[rows, pos] = False
+        duplicates = B - torch.unique(index_all).numel()
+        num_neg: int | torch.Tensor = 2 * B - 2
+        if duplicates:
+            num_neg = (2 * B - 1) - not_negative[:b].sum(1)  # per image, the same for both views
+
+        det = self.detector
+        masking, updating = det.masking(epoch), det.updating(epoch)
+        measure = measure and masking
+        truth: dict[str, torch.Tensor] | None = None
+        if self.has_labels and (measure or (masking and det.needs_labels)):
+            same = same_label(label.repeat(2), torch.cat([label_all, label_all]), pos)
+            truth = {"view": same & ~not_negative}
+        sims: dict[str, torch.Tensor] = {}
+        if det.needs_similarities and (masking or updating):
+            with torch.no_grad():
+                sims = {"view": z @ others.T}
+        found = det.detect(
+            DetectionInput(sims, pos, index, truth, not_negative, num_neg, epoch, 2, columns_index)
+        )
+        anchor_rows = {
+            "view": AnchorRows(
+                z, others, pos, found.flags["view"], not_negative, self_col, columns_index
+            )
+        }
+        out = self.method.loss(anchor_rows, index, logit_scale, epoch)
+        detection = None
+        if measure and found.flags["view"] is not None:
+            flags = found.flags["view"]
+            per_row = num_neg if isinstance(num_neg, int) else num_neg.repeat(2)
+            detection = detection_counts(
+                flags, truth["view"] if truth else torch.zeros_like(flags), per_row
+            )
+        return StepOutput(
+            loss=out.loss,
+            metrics=out.metrics,
+            detection=detection,
+            index=index,
+            rows={**found.rows, **out.rows},
+            duplicates=duplicates,
+        )
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"clip": ClipObjective, "simclr": SimCLRObjective}

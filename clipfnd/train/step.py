@@ -68,16 +68,7 @@ def optimizer_step(cfg: Config, s: Setup, batches, epoch: int, logged: bool) -> 
             continue  # the step is lost; its micro-batches are still read, so the data position holds
         sync = contextlib.nullcontext() if micro == k - 1 else acc.no_sync(model)
         with sync:
-            out = model(image=batch["image"].to(acc.device), text=batch["text"].to(acc.device))
-            res = s.objective(
-                out["image_features"],
-                out["text_features"],
-                out["logit_scale"],
-                batch["index"].to(acc.device),
-                batch["label"].to(acc.device),
-                epoch,
-                measure=logged,
-            )
+            res = s.objective.batch_loss(model, batch, acc.device, epoch, measure=logged)
             # every rank takes the same branch: no rank waits alone in a backward collective
             if distributed.all_true(bool(torch.isfinite(res.loss.detach())), acc.device):
                 acc.backward(res.loss / k)

@@ -62,6 +62,7 @@ def build_shards(
     separator: str | None = None,
     hf_split: str = "train",
     progress: bool = True,
+    images_only: bool = False,
 ) -> ShardSet:
     """Write shards of ``shard_size`` samples into ``out`` from ``input``; return the ShardSet.
 
@@ -78,6 +79,9 @@ def build_shards(
             Default: a tab for ``.tsv`` files, else a comma.
         hf_split: hf: the split to take from a ``DatasetDict``.
         progress: show a tqdm progress bar.
+        images_only: vision-only data: captions are neither needed nor read (no caption column
+            for csv/hf, no sidecar ``.txt`` for imagefolder); the shards hold images, indices
+            and labels.
 
     Raises:
         ValueError: ``source`` is not one of ``csv``, ``imagefolder``, ``hf``.
@@ -91,23 +95,25 @@ def build_shards(
     if not path.exists():
         raise DataError(f"input {input} does not exist")
 
+    captions = None if images_only else caption_column
     if source == "csv":
-        items, total, label_names = read_csv(
-            path, image_column, caption_column, label_column, separator
-        )
+        items, total, label_names = read_csv(path, image_column, captions, label_column, separator)
     elif source == "imagefolder":
-        items, total, label_names = read_imagefolder(path, label_column)
+        items, total, label_names = read_imagefolder(path, label_column, images_only=images_only)
     else:
-        items, total, label_names = read_hf(
-            path, image_column, caption_column, label_column, hf_split
-        )
+        items, total, label_names = read_hf(path, image_column, captions, label_column, hf_split)
     return write_split(
         out,
         items,
         shard_size=shard_size,
         total=total,
         label_names=label_names,
-        meta={"source": source, "input": os.path.abspath(input)},
+        meta={
+            "source": source,
+            "input": os.path.abspath(input),
+            **({"images_only": True} if images_only else {}),
+        },
         desc=f"{source} -> shards",
         progress=progress,
+        images_only=images_only,
     )

@@ -24,10 +24,11 @@ def _delimiter(path: Path, separator: str | None) -> str:
 def read_csv(
     path: Path,
     image_column: str,
-    caption_column: str,
+    caption_column: str | None,
     label_column: str | None,
     separator: str | None,
 ) -> tuple[Iterator[Item], int, list[str] | None]:
+    """``caption_column`` None: image-only data (no caption read)."""
     if not path.is_file():
         raise DataError(f"csv input {path} is not a file")
     delimiter = _delimiter(path, separator)
@@ -35,7 +36,9 @@ def read_csv(
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         header = reader.fieldnames or []
-        wanted = [("image", image_column), ("caption", caption_column)]
+        wanted = [("image", image_column)]
+        if caption_column is not None:
+            wanted.append(("caption", caption_column))
         if label_column is not None:
             wanted.append(("label", label_column))
         for kind, column in wanted:
@@ -48,7 +51,8 @@ def read_csv(
                 if not label:
                     raise DataError(f"{path}:{reader.line_num}: empty label in {label_column!r}")
             image = (row.get(image_column) or "").strip()
-            rows.append((reader.line_num, image, row.get(caption_column) or "", label))
+            caption = (row.get(caption_column) or "") if caption_column else ""
+            rows.append((reader.line_num, image, caption, label))
 
     if label_column is not None:
         labels = label_map((r[3] for r in rows), f"{path} column {label_column!r}")

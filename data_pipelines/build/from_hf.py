@@ -104,13 +104,16 @@ def _hf_image(value: Any, base: Path, column: str, source: str) -> tuple[bytes, 
 def read_hf(
     path: Path,
     image_column: str,
-    caption_column: str,
+    caption_column: str | None,
     label_column: str | None,
     hf_split: str,
 ) -> tuple[Iterator[Item], int | None, list[str] | None]:
+    """``caption_column`` None: image-only data (no caption read)."""
     datasets = _import_datasets()
     ds, base = _load_hf(path, hf_split)
-    wanted = [("image", image_column), ("caption", caption_column)]
+    wanted = [("image", image_column)]
+    if caption_column is not None:
+        wanted.append(("caption", caption_column))
     if label_column is not None:
         wanted.append(("label", label_column))
     for kind, column in wanted:
@@ -134,7 +137,7 @@ def read_hf(
             labels = label_map(distinct, f"HF dataset {path} column {label_column!r}")
             to_int, label_names = labels.to_int, labels.names
 
-    one_caption = isinstance(ds.features[caption_column], datasets.Value)
+    one_caption = caption_column is None or isinstance(ds.features[caption_column], datasets.Value)
 
     def items() -> Iterator[Item]:
         for i, row in enumerate(ds):
@@ -144,7 +147,7 @@ def read_hf(
             if isinstance(image, SkippedInput):
                 yield image
                 continue
-            captions = row[caption_column]
+            captions = row[caption_column] if caption_column is not None else ""
             if captions is None or isinstance(captions, str):
                 captions = [captions or ""]
             elif not isinstance(captions, list):

@@ -12,8 +12,9 @@ from .common import Item, read_image_file
 
 
 def read_imagefolder(
-    root: Path, label_column: str | None
+    root: Path, label_column: str | None, *, images_only: bool = False
 ) -> tuple[Iterator[Item], int, list[str] | None]:
+    """``images_only``: no sidecar captions are read (vision-only data)."""
     if not root.is_dir():
         raise DataError(f"imagefolder input {root} is not a folder")
     images = sorted(
@@ -48,10 +49,12 @@ def read_imagefolder(
             if isinstance(data, SkippedInput):
                 yield data
                 continue
-            try:
-                caption = sidecar.read_bytes().decode("utf-8", errors="replace")
-            except FileNotFoundError:
-                caption, source = "", f"{source} (no caption file {sidecar.name})"
+            caption = ""
+            if not images_only:
+                try:
+                    caption = sidecar.read_bytes().decode("utf-8", errors="replace")
+                except FileNotFoundError:
+                    source = f"{source} (no caption file {sidecar.name})"
             yield RawSample(
                 image=data,
                 image_ext=image_path.suffix,

@@ -146,7 +146,7 @@ class EpochIterator:
             n = len(chunk)
             if n <= need:
                 for k in parts:
-                    if n:
+                    if n and getattr(chunk, k) is not None:
                         parts[k].append(getattr(chunk, k))
                 need -= n
                 self._note_bad(chunk.bad)
@@ -154,7 +154,8 @@ class EpochIterator:
                 self._state.next_worker = (w + 1) % self._n_workers
             else:
                 for k in parts:
-                    parts[k].append(getattr(chunk, k)[:need])
+                    if getattr(chunk, k) is not None:
+                        parts[k].append(getattr(chunk, k)[:need])
                 last_pos = int(chunk.pos[need - 1])
                 tail = dataclasses.replace(chunk)
                 tail.keep(torch.arange(need, n))
@@ -166,5 +167,6 @@ class EpochIterator:
                 need = 0
                 rest = [tail] + pending[i + 1 :]
                 break
-        batch = {k: torch.cat(v) for k, v in parts.items()}
+        # image-only streams (no tokenizer) carry no ``text``
+        batch = {k: torch.cat(v) for k, v in parts.items() if v}
         return batch, rest

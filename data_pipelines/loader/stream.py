@@ -27,7 +27,9 @@ class ShardStream:
         global_batch_size: samples per step over all ranks (``B``); must divide by ``world``.
         rank, world: this process's place in the group (1 process: 0, 1).
         image_transform: PIL image -> tensor (e.g. open_clip's preprocess).
-        tokenize: list of captions -> LongTensor ``[n, context_length]``.
+        tokenize: list of captions -> LongTensor ``[n, context_length]``; None for image-only
+            training (captions are ignored, samples without one are fine, batches have no
+            ``text``).
         num_workers: DataLoader worker processes per rank (0: decode in this process).
         seed: shard order, sample shuffle and augmentation all derive from it and the epoch.
         shuffle_buffer: samples held for shuffling in each worker (<= 1: no shuffling).
@@ -45,7 +47,7 @@ class ShardStream:
         rank: int = 0,
         world: int = 1,
         image_transform: Callable[[Image.Image], torch.Tensor],
-        tokenize: Callable[[list[str]], torch.Tensor],
+        tokenize: Callable[[list[str]], torch.Tensor] | None,
         num_workers: int = 2,
         seed: int = 0,
         shuffle_buffer: int = 1000,

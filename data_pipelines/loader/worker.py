@@ -91,7 +91,7 @@ class RankStream(IterableDataset):
             return BadSample(url, key, "no image in sample")
         raw_caption = sample.get("txt")
         caption = raw_caption.decode("utf-8", errors="replace").strip() if raw_caption else ""
-        if not caption:
+        if not caption and o.tokenize is not None:  # image-only streams ignore captions
             return BadSample(url, key, "empty caption")
         meta: dict[str, Any] = {}
         if "json" in sample:
@@ -135,7 +135,8 @@ class RankStream(IterableDataset):
         )
         if good:
             chunk.image = torch.stack([g[1] for g in good])
-            chunk.text = self.o.tokenize([g[2] for g in good])
+            if self.o.tokenize is not None:
+                chunk.text = self.o.tokenize([g[2] for g in good])
             chunk.index = torch.tensor([g[3] for g in good], dtype=torch.long)
             chunk.label = torch.tensor([g[4] for g in good], dtype=torch.long)
         return chunk
