@@ -28,7 +28,10 @@ def test_layers_and_types(tmp_path):
         ("loss.name=infonce", "loss.name='infonce' is not one of"),
         ("data.batch_size=0", "data.batch_size must be >= 1"),
         ("optim.lr", "not of the form key=value"),
-        ("eval.tasks=[knn]", "eval.tasks=\\['knn'\\]: each must be one of retrieval, zeroshot"),
+        (
+            "eval.tasks=[knn]",
+            "eval.tasks=\\[.knn.\\]: in mode clip each must be one of retrieval, zeroshot",
+        ),
     ],
 )
 def test_bad_values_are_refused_by_key(override, message):
@@ -60,12 +63,16 @@ def test_shipped_configs_validate():
     from pathlib import Path
 
     from clipfnd.models import check_model_name
+    from clipfnd.models.vision import backbone
 
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-    assert len(configs) >= 3
+    assert len(configs) >= 10
     for path in configs:
         cfg = load_config(path)
-        check_model_name(cfg.model.name)
+        if cfg.mode == "clip":
+            check_model_name(cfg.model.name)
+        else:
+            backbone(cfg.model.name, cfg.model.small_images)
 
 
 def test_paper_recipes_follow_the_reference_code():

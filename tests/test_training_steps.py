@@ -130,8 +130,8 @@ class NaNOnCall:
     def __init__(self, inner, n: int):
         self.inner, self.n, self.calls = inner, n, 0
 
-    def __call__(self, *args, **kwargs):
-        out = self.inner(*args, **kwargs)
+    def batch_loss(self, *args, **kwargs):
+        out = self.inner.batch_loss(*args, **kwargs)
         self.calls += 1
         if self.calls == self.n:
             out.loss = out.loss * float("nan")

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from clipfnd.config import load_config
-from clipfnd.fnd.clustering import acceptance_ratio
 from clipfnd.fnd.base import DetectionInput
+from clipfnd.fnd.clustering import acceptance_ratio
 from clipfnd.losses.unimodal import view_columns
 from clipfnd.state import StateTables
 from clipfnd.train.objective import SimCLRObjective
