@@ -264,3 +264,23 @@ def test_mode_checks_name_the_key():
         )
     cfg = load_config(None, ["data.train=x", "mode=simclr", "loss.name=simclr"])
     assert cfg.eval.tasks == ["knn"]
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
+def test_optimizer_choice_steps_and_spares_frozen_temperature(name):
+    from clipfnd.models.vision import create_vision
+    from clipfnd.train.loop import build_optimizer, param_groups
+
+    cfg = _cfg(**{"optim.name": name, "optim.lr": 0.1, "optim.weight_decay": 1e-4})
+    model = create_vision("tiny", proj_hidden=16, proj_dim=8).model
+    obj = SimCLRObjective(cfg, StateTables(N), has_labels=False)
+    obj.method.init_temperature(model)
+    opt = build_optimizer(param_groups(model, cfg, obj.method), cfg)
+    assert type(opt).__name__.lower() == name
+    before = [p.detach().clone() for p in model.parameters()]
+    z = model(torch.randn(2 * B, 3, 16, 16))
+    obj(z, model.logit_scale.exp(), _index(), -torch.ones(B).long(), 0).loss.backward()
+    opt.step()
+    moved = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
+    assert sum(moved) >= len(moved) - 1  # everything but the frozen logit_scale
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / cfg.loss.tau))

@@ -94,9 +94,7 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Op
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=False)
     from timm.optim import Lars
 
-    for g in groups:
-        g["trust_clip"] = False
-        g["always_adapt"] = False  # no adaptation where weight_decay == 0 (norms, biases)
+    # timm's defaults: no trust clipping, no adaptation where weight_decay == 0 (norms, biases)
     return Lars(groups, lr=o.lr, momentum=o.momentum)
 
 
