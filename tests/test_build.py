@@ -26,7 +26,7 @@ def _samples(out: Path) -> list[dict[str, Any]]:
     for shard in load_shard_set(out).shards:
         for s in iter_tar_samples(shard.path):
             s["meta"] = json.loads(s["json"])
-            s["caption"] = s["txt"].decode("utf-8")
+            s["caption"] = s["txt"].decode("utf-8") if "txt" in s else None
             samples.append(s)
     return samples
 
@@ -385,3 +385,24 @@ def test_cli_data_build(tmp_path, capsys):
         == 2
     )
     assert "'text'" in capsys.readouterr().err
+
+
+def test_images_only_builds_keep_every_image_and_write_no_caption(tmp_path, hf_dataset):
+    """Vision-only data: no caption column is needed or read (an empty caption is no reason
+    to skip), labels still come through."""
+    hf_dataset.remove_columns("caption").save_to_disk(str(tmp_path / "ds"))
+    ss = build_shards(
+        "hf",
+        str(tmp_path / "ds"),
+        str(tmp_path / "out"),
+        label_column="label",
+        images_only=True,
+        progress=False,
+    )
+    samples = _samples(tmp_path / "out")
+    _check_dense(samples)
+    assert ss.num_samples == 4 and [s["caption"] for s in samples] == [None] * 4
+    assert [s["meta"]["label"] for s in samples] == [2, 1, 1, 0]
+    assert _manifest(tmp_path / "out")["meta"]["images_only"] is True
+    with pytest.raises(DataError, match="caption"):  # without the switch the column is required
+        build_shards("hf", str(tmp_path / "ds"), str(tmp_path / "out2"), progress=False)
