@@ -91,15 +91,22 @@ def export(loaded: LoadedCheckpoint, out: Path) -> list[str]:
 
 
 @torch.no_grad()
-def verify(loaded: LoadedCheckpoint, out: Path, tolerance: float) -> Comparison:
-    """timm's pooled features (with timm's transforms) against open_clip's, before ``proj``."""
+def timm_outputs(out: Path) -> tuple[torch.Tensor, list]:
+    """The export loaded by timm and run, with timm's own transforms, on the verification
+    images; returns its outputs and the images."""
     import timm
 
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     data_config = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**data_config, is_training=False)
     images, _ = verification_batch(data_config["input_size"][-1])
-    theirs = model(torch.stack([transform(im) for im in images]))
+    return model(torch.stack([transform(im) for im in images])), images
+
+
+@torch.no_grad()
+def verify(loaded: LoadedCheckpoint, out: Path, tolerance: float) -> Comparison:
+    """timm's pooled features (with timm's transforms) against open_clip's, before ``proj``."""
+    theirs, images = timm_outputs(out)
 
     visual = copy.deepcopy(loaded.model.visual).eval()
     visual.proj = None  # open_clip's pooled output before the projection

@@ -356,13 +356,9 @@ def timm_export(loaded: LoadedCheckpoint, out: Path) -> list[str]:
 @torch.no_grad()
 def timm_verify(loaded: LoadedCheckpoint, out: Path, tolerance: float) -> Comparison:
     """timm's output (with timm's transforms) against ``model.features``."""
-    import timm
+    from .timm import timm_outputs
 
-    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    data_config = timm.data.resolve_data_config({}, model=model)
-    transform = timm.data.create_transform(**data_config, is_training=False)
-    images, _ = verification_batch(data_config["input_size"][-1])
-    theirs = model(torch.stack([transform(im) for im in images]))
+    theirs, images = timm_outputs(out)
     cmp = Comparison(tolerance=tolerance)
     cmp.add("backbone features", _our_features(loaded, images), theirs)
     return cmp
