@@ -79,3 +79,34 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(
     monkeypatch.setattr(loop, "train", broken)
     with pytest.raises(ValueError, match="internal invariant"):  # not swallowed into one line
         main(_args(shapes, tmp_path / "run2"))
+
+
+def test_a_second_run_in_a_held_run_folder_is_refused_naming_the_holder(shapes, tmp_path, capsys):
+    """Another live process holds the run folder: the run stops at start-up, naming it; once
+    that process is gone (even killed), the folder is free again."""
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from clipfnd.train.lock import RunLock; "
+            f"RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = main(_args(shapes, run))
+        err = capsys.readouterr().err
+        assert rc == 2 and f"pid {holder.pid} on host {socket.gethostname()}" in err, err
+        assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # the OS drops a killed holder's lock
+        holder.wait()
+    assert main(_args(shapes, run)) == 0

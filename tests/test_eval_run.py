@@ -317,6 +317,25 @@ def test_cli_eval_writes_results(data, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == written
 
 
+def test_cli_eval_refuses_an_unwritable_out_before_encoding(data, tmp_path, capsys, monkeypatch):
+    """An ``--out`` that cannot be written is refused at once, before any image is encoded."""
+    import clipfnd_eval.run as run_mod
+
+    def never(*a, **k):
+        raise AssertionError("encoded although --out cannot be written")
+
+    monkeypatch.setattr(run_mod, "encode_dataset", never)
+    (tmp_path / "a_file").write_text("")
+    for bad, message in (
+        (tmp_path / "a_file" / "results.json", "cannot write there"),
+        (tmp_path, "is a folder"),
+    ):
+        args = ["eval", "--checkpoint", str(data["run"]), "--task", "retrieval"]
+        rc = main([*args, "--data", str(data["val"]), "--out", str(bad), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and str(bad) in err, err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

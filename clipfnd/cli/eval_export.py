@@ -3,7 +3,7 @@
     clipfnd eval --checkpoint RUN_OR_CHECKPOINT --task retrieval|zeroshot|linear-probe|knn
                  --data PATH [--train-data PATH] [--out results.json]
     accelerate launch [flags] -m clipfnd eval ...      (each process a slice of the data)
-    clipfnd export --checkpoint RUN_OR_CHECKPOINT --format open_clip|hf|timm --out DIR [--verify]
+    clipfnd export --checkpoint RUN_OR_CHECKPOINT --format open_clip|hf|timm|torchvision --out DIR [--verify]
 
 See docs/evaluation.md.
 """
@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 from data_pipelines.offline import stay_offline
+
+from ..errors import UserError
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -41,6 +43,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
         device=a.device,
         progress=not a.no_progress,
     )
+    out = Path(a.out) if a.out else None
+    if out is not None:
+        check_writable(out)  # before the encoding, not after it
     processes = setup_processes(a.device)
     try:
         results = run_eval(a.checkpoint, opts, processes)
@@ -48,12 +53,31 @@ def cmd_eval(a: argparse.Namespace) -> int:
         finish_processes()
     if processes.is_main:
         text = json.dumps(results, indent=2, sort_keys=True)
-        if a.out:
-            out = Path(a.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text + "\n")
-        print(text, flush=True)
+        print(text, flush=True)  # printed first: a failed write loses nothing
+        if out is not None:
+            try:
+                tmp = out.with_name(out.name + ".tmp")
+                tmp.write_text(text + "\n")
+                tmp.replace(out)
+            except OSError as e:
+                raise UserError(
+                    f"--out {out}: cannot write the results ({e.strerror or e}); they are "
+                    "printed above"
+                ) from e
     return 0
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` path that cannot be written, with a one-line message."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'results.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.name}.probe")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from e
 
 
 def cmd_export(a: argparse.Namespace) -> int:

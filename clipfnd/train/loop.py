@@ -43,6 +43,7 @@ from ..models import check_model_name, create_clip
 from ..models.vision import Projections, vision_from_config
 from ..state import StateTables
 from . import checkpoint as ckpt
+from .lock import RunLock, RunLocked
 from .metrics import LogWindow, MetricsWriter, log_record
 from .objective import OBJECTIVES, Objective
 from .schedule import build_scheduler, optimizer_steps_in_epoch
@@ -111,6 +112,7 @@ class Setup:
     scheduler: Any
     total_steps: int
     tau_group: int | None = None  # the temperature's own parameter group, if the method has one
+    lock: RunLock | None = None  # the run folder's lock (main process)
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None:
@@ -216,9 +218,16 @@ def setup(cfg: Config) -> Setup:
 
     # Everything the user could have got wrong has been checked: now the run folder.
     run_dir = Path(cfg.output_dir)
+    lock, refused = RunLock(run_dir), None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+        try:
+            lock.acquire()  # held until the process ends (or finish() releases it)
+        except RunLocked as e:
+            refused = str(e)
+    refused = distributed.broadcast_object(refused)
+    if refused is not None:
+        raise RunLocked(refused)
     _check_run_dir(cfg, run_dir, accelerator)
 
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -258,6 +267,7 @@ def setup(cfg: Config) -> Setup:
         scheduler,
         total_steps,
         tau_group,
+        lock,
     )
 
 
@@ -331,7 +341,7 @@ def train(cfg: Config) -> dict[str, Any]:
     s = setup(cfg)
     step, start_epoch, loader_state = ckpt.resume(cfg, s)
     run = Progress(step=step, start_step=step)
-    metrics = MetricsWriter(s.run_dir, s.accelerator, fresh=step == 0)
+    metrics = MetricsWriter(s.run_dir, s.accelerator, fresh=step == 0, keep_until=step)
     bar = tqdm(
         total=s.total_steps,
         initial=step,
@@ -509,4 +519,6 @@ def finish(
     if acc.is_main_process:
         ckpt.write_json(s.run_dir / "summary.json", summary)
     acc.end_training()
+    if s.lock is not None:
+        s.lock.release()
     return summary

@@ -20,14 +20,36 @@ if TYPE_CHECKING:
 
 
 class MetricsWriter:
-    """Appends JSON lines to ``RUN/metrics.jsonl`` and mirrors them to the trackers. A fresh
-    run (``fresh``) starts the file anew: no lines of an earlier attempt stay in it."""
+    """Appends JSON lines to ``RUN/metrics.jsonl`` and mirrors them to the trackers.
 
-    def __init__(self, run_dir: Path, accelerator: Accelerator, fresh: bool = False):
+    A fresh run (``fresh``) starts the file anew: no lines of an earlier attempt stay in it.
+    A resumed run (``keep_until``: the step it resumes from) keeps only the lines up to that
+    step: the lines an interrupted attempt wrote after its checkpoint (and a line cut short
+    by a kill) are dropped, so every step appears once.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        accelerator: Accelerator,
+        fresh: bool = False,
+        keep_until: int | None = None,
+    ):
         self.path = run_dir / "metrics.jsonl"
         self.accelerator = accelerator
-        if fresh and accelerator.is_main_process:
+        if not accelerator.is_main_process:
+            return
+        if fresh:
             self.path.write_text("")
+        elif keep_until is not None and self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if _step_of(line) is not None and _step_of(line) <= keep_until
+            ]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
@@ -36,6 +58,15 @@ class MetricsWriter:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         self.accelerator.log(scalars, step=record.get("step"))
+
+
+def _step_of(line: str) -> int | None:
+    """The ``step`` of a metrics line, or None for a line that is not whole JSON."""
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 class LogWindow:
