@@ -301,3 +301,26 @@ def test_too_many_non_finite_steps_stop_the_run_naming_a_checkpoint(shapes, tmp_
     with pytest.raises(NonFiniteError, match=r"2 optimiser steps in a row .*/step_00000001"):
         train(cfg)
     assert (run / "checkpoints" / "step_00000001" / "trainer_state.json").is_file()
+
+
+def test_non_finite_weights_are_never_published_and_the_advice_is_to_start_over(shapes, tmp_path):
+    """``optim.lr=inf`` makes every weight non-finite after the first step: no checkpoint is
+    written with such weights (not by checkpoint_every, not by the stop), and the message
+    says to start over rather than to resume from a poisoned checkpoint."""
+    from clipfnd.checkpoints import list_checkpoints
+    from clipfnd.train.loop import NonFiniteError, train
+
+    run = tmp_path / "run"
+    cfg = _cfg(
+        shapes,
+        run,
+        "optim.lr=inf",
+        "optim.warmup_steps=0",
+        "optim.grad_clip=null",
+        "train.checkpoint_every=1",
+        "train.max_nonfinite_steps=2",
+    )
+    with pytest.raises(NonFiniteError, match="start over with overwrite=true") as e:
+        train(cfg)
+    assert "resume=latest" not in str(e.value)
+    assert list_checkpoints(run) == []

@@ -24,8 +24,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from data_pipelines.loader import LoaderState
 
+from .. import distributed
 from ..checkpoints import (
     TRAINER_STATE,
     checkpoint_dir,
@@ -158,8 +161,26 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
     return int(state["step"]), int(epoch), loader_state
 
 
-def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState) -> Path:
+def all_finite(s: Setup) -> bool:
+    """Whether the weights and the optimiser state are finite on every process."""
+    tensors = [p.detach() for p in s.model.parameters()]
+    for state in s.optimizer.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+    return distributed.all_true(finite, s.accelerator.device)
+
+
+def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState) -> Path | None:
+    """Write and publish a checkpoint of step ``step``; None (with a warning) when the weights
+    or the optimiser state hold non-finite values: such a checkpoint is never published."""
     acc = s.accelerator
+    if not all_finite(s):
+        log.warning(
+            "step %d: the weights or the optimiser state hold non-finite values; no "
+            "checkpoint is written",
+            step,
+        )
+        return None
     tmp = tmp_path(s.run_dir, step)
     acc.save_state(str(tmp), safe_serialization=True)
     write_json(tmp / f"loader_rank{acc.process_index}.json", loader_state.to_dict())

@@ -127,8 +127,16 @@ class FaultCounter:
     def give_up(self, cfg: Config, s: Setup, step: int, epoch: int, it) -> str:
         """Make sure a checkpoint from before the fault exists; return the message."""
         latest = find_latest(s.run_dir)
-        if latest is None:  # the weights are still those of the last good step
+        if latest is None:  # the weights are still those of the last good step, if finite
             latest = ckpt.save(cfg, s, step, epoch, it.state())
+        if latest is None:
+            return (
+                f"{self.in_a_row} optimiser steps in a row had a non-finite loss or gradient "
+                f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}) after step "
+                f"{step}; stopping. No checkpoint holds finite weights from before the fault "
+                "(none is written with non-finite weights): start over with overwrite=true and "
+                "a lower optim.lr, or check the data"
+            )
         return (
             f"{self.in_a_row} optimiser steps in a row had a non-finite loss or gradient "
             f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}) after step {step}; "
