@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,18 +257,48 @@ def load_shard_set(spec: str | os.PathLike) -> ShardSet:
     if manifest.get("format") != FORMAT_NAME:
         raise DataError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
     root = manifest_path.parent
+    entries = manifest.get("shards")
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f'{manifest_path} lists no shards (its "shards" must be a non-empty list)')
     shards = []
-    for entry in manifest["shards"]:
-        p = root / entry["file"]
-        if not p.exists():
-            raise DataError(f"shard {p} is listed in {manifest_path} but does not exist")
-        shards.append(ShardInfo(str(p), int(entry["num_samples"])))
+    for i, entry in enumerate(entries):
+        file = entry.get("file") if isinstance(entry, dict) else None
+        count = entry.get("num_samples") if isinstance(entry, dict) else None
+        if not isinstance(file, str) or not file:
+            raise DataError(f'{manifest_path}: shard entry {i} has no "file" name')
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise DataError(
+                f"{manifest_path}: shard {file} has num_samples={count!r}; expected a count >= 0"
+            )
+        p = root / file
+        _check_shard_file(p, manifest_path)
+        shards.append(ShardInfo(str(p), count))
     return ShardSet(
         root=str(root),
         shards=shards,
         label_names=manifest.get("label_names"),
         meta=manifest.get("meta", {}),
     )
+
+
+TAR_MIN_BYTES = 1024  # a tar ends with two 512-byte zero blocks
+
+
+def _check_shard_file(p: Path, manifest_path: Path) -> None:
+    """A shard must be a readable regular file of at least a tar's size: a FIFO, a device or a
+    folder in its place would hang or fail the loader later, far from the cause."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise DataError(f"shard {p} is listed in {manifest_path} but does not exist") from None
+    except OSError as e:
+        raise DataError(f"shard {p}: cannot read it ({e.strerror or e})") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"shard {p} is not a regular file (a folder, FIFO or device?)")
+    if st.st_size < TAR_MIN_BYTES:
+        raise DataError(f"shard {p} has {st.st_size} bytes, too few for a tar file")
+    if not os.access(p, os.R_OK):
+        raise DataError(f"shard {p} is not readable (permissions)")
 
 
 def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:

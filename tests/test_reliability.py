@@ -4,6 +4,7 @@ message; never a hang (every launch has a timeout)."""
 from __future__ import annotations
 
 import io
+import os
 import json
 import random
 import shutil
@@ -202,3 +203,45 @@ def test_fuzz_random_bytes_and_strings_are_counted_never_crash(tmp_path, num_wor
     bad = sum(it.bad.values())
     assert good + bad == n_shards * per_shard
     assert good > 0 and bad > 0
+
+
+# --- shards that are no shards, manifests that lie about their form ----------------------------
+def _copy_split(shapes, tmp_path):
+    root = tmp_path / "split"
+    shutil.copytree(shapes / "train", root)
+    return root
+
+
+def test_a_fifo_or_folder_in_place_of_a_shard_is_refused_at_start(shapes, tmp_path):
+    from data_pipelines import DataError, load_shard_set
+
+    root = _copy_split(shapes, tmp_path)
+    shard = sorted(root.glob("shard-*.tar"))[1]
+    shard.unlink()
+    os.mkfifo(shard)  # reading it would block forever
+    with pytest.raises(DataError, match=f"shard {shard} is not a regular file"):
+        load_shard_set(root)
+    shard.unlink()
+    shard.write_bytes(b"x" * 100)
+    with pytest.raises(DataError, match="100 bytes, too few for a tar"):
+        load_shard_set(root)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.pop("shards"), "lists no shards"),
+        (lambda m: m["shards"][0].update(num_samples="many"), "num_samples='many'"),
+        (lambda m: m["shards"][0].update(num_samples=-500), "num_samples=-500"),
+        (lambda m: m["shards"][0].pop("file"), 'has no "file" name'),
+    ],
+)
+def test_a_malformed_manifest_is_refused_naming_it(shapes, tmp_path, edit, message):
+    from data_pipelines import DataError, load_shard_set
+
+    root = _copy_split(shapes, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    edit(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=message):
+        load_shard_set(root)
