@@ -4,8 +4,8 @@ message; never a hang (every launch has a timeout)."""
 from __future__ import annotations
 
 import io
-import os
 import json
+import os
 import random
 import shutil
 import tarfile
