@@ -204,6 +204,11 @@ def load_config(
             file_cfg = OmegaConf.load(p)
         except Exception as e:
             raise ConfigError(f"{p} is not valid YAML: {e}") from e
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(
+                f"{p}: the top level must be a mapping of keys (model:, data:, ...), not a "
+                f"{type(file_cfg).__name__.replace('Config', '').lower() or 'value'}"
+            )
         try:
             cfg = OmegaConf.merge(cfg, file_cfg)
         except OmegaConfBaseException as e:
@@ -312,10 +317,43 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.gamma_min must be in (0, 1], got {cfg.loss.gamma_min}")
     if not 0 < cfg.loss.tau_min <= cfg.loss.tau:
         raise ConfigError(f"loss.tau_min must be in (0, loss.tau], got {cfg.loss.tau_min}")
+    if cfg.optim.grad_clip is not None and not cfg.optim.grad_clip > 0:
+        raise ConfigError(
+            f"optim.grad_clip must be > 0 (the largest gradient norm) or null (no clipping), "
+            f"got {cfg.optim.grad_clip}"
+        )
+    if not cfg.optim.eps > 0:
+        raise ConfigError(f"optim.eps must be > 0, got {cfg.optim.eps}")
+    if not 0 <= cfg.optim.momentum < 1:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
+    if not -1 <= cfg.fnd.init_threshold <= 1:
+        raise ConfigError(
+            f"fnd.init_threshold must be in [-1, 1] (a cosine similarity), got "
+            f"{cfg.fnd.init_threshold}"
+        )
+    for key in ("loss.rho", "loss.gamma_decay_epochs"):
+        if get(key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {get(key)}")
+    if not cfg.loss.tau_lr > 0:
+        raise ConfigError(f"loss.tau_lr must be > 0, got {cfg.loss.tau_lr}")
+    _check_output_dir(cfg.output_dir)
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise ConfigError(f"train.max_steps must be >= 1 or null, got {cfg.train.max_steps}")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume={cfg.resume!r}: use 'latest' or an existing checkpoint folder")
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """``output_dir`` must be a folder that exists or can be made: nothing on its path may be a
+    file, and its nearest existing folder must be writable."""
+    path = Path(output_dir)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"output_dir={output_dir!r}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"output_dir={output_dir!r}: {parent} is not writable")
+            return
 
 
 def eval_tasks(cfg: Config) -> list[str]:

@@ -32,11 +32,31 @@ def test_layers_and_types(tmp_path):
             "eval.tasks=[knn]",
             "eval.tasks=\\[.knn.\\]: in mode clip each must be one of retrieval, zeroshot",
         ),
+        ("optim.grad_clip=-1", "optim.grad_clip must be > 0"),
+        ("optim.eps=0", "optim.eps must be > 0"),
+        ("optim.momentum=1.5", "optim.momentum must be in"),
+        ("fnd.init_threshold=2", "fnd.init_threshold must be in \\[-1, 1\\]"),
+        ("loss.rho=-1", "loss.rho must be >= 0"),
+        ("loss.tau_lr=0", "loss.tau_lr must be > 0"),
+        ("mode=audio", "mode='audio' is not one of clip, simclr"),
     ],
 )
 def test_bad_values_are_refused_by_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["data.train=/x", override])
+
+
+def test_an_output_dir_under_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        load_config(None, ["data.train=/x", f"output_dir={tmp_path / 'f' / 'run'}"])
+
+
+def test_a_yaml_whose_top_level_is_not_a_mapping_is_refused(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("- model\n- data\n")
+    with pytest.raises(ConfigError, match="the top level must be a mapping of keys"):
+        load_config(p)
 
 
 def test_missing_required_key():
