@@ -50,11 +50,18 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     path = ckpt / TRAINER_STATE
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {TRAINER_STATE})") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is corrupt: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is corrupt: not a JSON object")
+    for key, low in (("step", 0), ("epoch", 0), ("world_size", 1)):
+        value = state.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise CheckpointError(f"{path} is corrupt: {key}={value!r} is not an integer >= {low}")
+    return state
 
 
 def is_valid(ckpt: Path) -> bool:
@@ -62,7 +69,7 @@ def is_valid(ckpt: Path) -> bool:
         state = read_trainer_state(ckpt)
     except ValueError:
         return False
-    needed = [ckpt / f"loader_rank{r}.json" for r in range(int(state.get("world_size", 1)))]
+    needed = [ckpt / f"loader_rank{r}.json" for r in range(state.get("world_size", 1))]
     return all(p.exists() for p in needed)
 
 

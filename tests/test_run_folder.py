@@ -25,3 +25,29 @@ def test_resume_keeps_only_the_lines_up_to_the_resumed_step(tmp_path):
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == list(range(1, 8))
     MetricsWriter(tmp_path, _Acc(), fresh=True)
     assert path.read_text() == ""
+
+
+def test_corrupt_trainer_states_are_named_and_skipped_with_a_warning(tmp_path, caplog):
+    import pytest
+
+    from clipfnd.checkpoints import find_latest, read_trainer_state
+    from clipfnd.errors import CheckpointError
+
+    ckpts = tmp_path / "checkpoints"
+    good, bad_value, bad_json = (ckpts / f"step_0000000{i}" for i in (1, 2, 3))
+    for c, state in (
+        (good, '{"step": 1, "epoch": 0, "world_size": 1}'),
+        (bad_value, '{"step": 2, "world_size": "x"}'),
+        (bad_json, '{"step": 3, '),
+    ):
+        c.mkdir(parents=True)
+        (c / "trainer_state.json").write_text(state)
+        (c / "loader_rank0.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="world_size='x' is not an integer >= 1"):
+        read_trainer_state(bad_value)
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        read_trainer_state(bad_json)
+    with caplog.at_level("WARNING"):
+        assert find_latest(tmp_path) == good
+    assert "step_00000003 is incomplete or corrupt" in caplog.text
+    assert "step_00000002 is incomplete or corrupt" in caplog.text

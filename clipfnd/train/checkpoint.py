@@ -111,7 +111,12 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
     if cfg.resume is None:
         return 0, 0, None
     if cfg.resume == "latest":
-        candidates = [p for p in reversed(list_checkpoints(s.run_dir)) if is_valid(p)]
+        candidates = []
+        for p in reversed(list_checkpoints(s.run_dir)):
+            if is_valid(p):
+                candidates.append(p)
+            else:
+                log.warning("resume=latest: %s is incomplete or corrupt; skipping it", p)
         if not candidates:
             log.info("resume=latest: no checkpoint in %s, starting from scratch", s.run_dir)
             return 0, 0, None
