@@ -29,6 +29,8 @@ from typing import Any
 
 from PIL import Image
 
+from data_pipelines.images import to_rgb
+
 KEY_SHIFT = 32
 IMAGE_COLUMNS = ("image", "img", "filepath", "image_path", "path", "file", "filename", "jpg")
 CAPTION_COLUMNS = ("caption", "captions", "text", "title", "sentences", "sentence", "texts", "txt")
@@ -50,12 +52,12 @@ class Item:
 
 def decode_image(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 class EvalDataset(ABC):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines import DataError
+from data_pipelines.images import to_rgb
 from data_pipelines.labels import label_map
 
 from .datasets import (
@@ -168,7 +169,7 @@ def find_parquet(root: Path, split: str | None, default_split: str) -> list[Path
 def _image_loader(value: Any, root: Path):
     """A loader for whatever a datasets row holds as its image."""
     if hasattr(value, "convert"):  # already a PIL image
-        return lambda: value.convert("RGB")
+        return lambda: to_rgb(value)
     if isinstance(value, dict):
         if value.get("bytes"):
             return partial(decode_image, value["bytes"])

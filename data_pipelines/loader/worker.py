@@ -14,6 +14,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..images import to_rgb
 from ..shards import IMAGE_EXTENSIONS, DataError
 from .state import BadSample, Chunk, LoaderState, mix_seed
 
@@ -115,7 +116,7 @@ class RankStream(IterableDataset):
             return BadSample(url, key, "zero-byte image")
         try:
             with Image.open(io.BytesIO(sample[ext])) as im:
-                image = im.convert("RGB")
+                image = to_rgb(im)
         except Exception as e:
             return BadSample(url, key, f"unreadable image ({type(e).__name__})")
         saved = torch.get_rng_state()
