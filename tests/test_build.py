@@ -406,3 +406,30 @@ def test_images_only_builds_keep_every_image_and_write_no_caption(tmp_path, hf_d
     assert _manifest(tmp_path / "out")["meta"]["images_only"] is True
     with pytest.raises(DataError, match="caption"):  # without the switch the column is required
         build_shards("hf", str(tmp_path / "ds"), str(tmp_path / "out2"), progress=False)
+
+
+def test_captions_that_are_not_utf8_are_skipped_and_named_the_same_way_everywhere(tmp_path, caplog):
+    """CSV: the row is skipped and its line named (the file used to fail whole); image
+    folder: the sidecar's image is skipped and named (its bytes used to become U+FFFD)."""
+    _image(tmp_path / "a.png", (10, 20, 30))
+    (tmp_path / "data.csv").write_bytes(
+        b"image,caption\na.png,first\na.png,caf\xe9 latin-1\na.png,third\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        ss = build_shards("csv", str(tmp_path / "data.csv"), str(tmp_path / "out"), progress=False)
+    assert ss.num_samples == 2
+    assert [s["caption"] for s in _samples(tmp_path / "out")] == ["first", "third"]
+    assert _manifest(tmp_path / "out")["skipped"] == {"caption not UTF-8": 1}
+    assert "data.csv:3" in caplog.text
+
+    root = tmp_path / "folder"
+    _image(root / "x.png", (1, 2, 3))
+    (root / "x.txt").write_text("fine")
+    _image(root / "y.png", (4, 5, 6))
+    (root / "y.txt").write_bytes(b"\xff\xfe broken")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ss = build_shards("imagefolder", str(root), str(tmp_path / "out2"), progress=False)
+    assert ss.num_samples == 1 and _samples(tmp_path / "out2")[0]["caption"] == "fine"
+    assert _manifest(tmp_path / "out2")["skipped"] == {"caption not UTF-8": 1}
+    assert "y.txt" in caplog.text

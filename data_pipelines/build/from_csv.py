@@ -21,6 +21,15 @@ def _delimiter(path: Path, separator: str | None) -> str:
     return separator
 
 
+def _utf8(text: str) -> bool:
+    """False when ``text`` holds bytes that were not UTF-8 (decoded as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_csv(
     path: Path,
     image_column: str,
@@ -33,7 +42,9 @@ def read_csv(
         raise DataError(f"csv input {path} is not a file")
     delimiter = _delimiter(path, separator)
     rows: list[tuple[int, str, str, str | None]] = []  # line, image path, caption, label
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    # undecodable bytes become surrogates, so the row holding them is skipped and named
+    # (not the whole file refused at the first one)
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         header = reader.fieldnames or []
         wanted = [("image", image_column)]
@@ -52,6 +63,10 @@ def read_csv(
                     raise DataError(f"{path}:{reader.line_num}: empty label in {label_column!r}")
             image = (row.get(image_column) or "").strip()
             caption = (row.get(caption_column) or "") if caption_column else ""
+            if not _utf8(image) or (label is not None and not _utf8(label)):
+                raise DataError(
+                    f"{path}:{reader.line_num}: the image path or label is not UTF-8 text"
+                )
             rows.append((reader.line_num, image, caption, label))
 
     if label_column is not None:
@@ -63,6 +78,9 @@ def read_csv(
 
     def items() -> Iterator[Item]:
         for line, image, caption, label in rows:
+            if not _utf8(caption):
+                yield SkippedInput("caption not UTF-8", f"{path.name}:{line}")
+                continue
             if not image:
                 yield SkippedInput("no image path", f"{path.name}:{line}")
                 continue

@@ -52,9 +52,12 @@ def read_imagefolder(
             caption = ""
             if not images_only:
                 try:
-                    caption = sidecar.read_bytes().decode("utf-8", errors="replace")
+                    caption = sidecar.read_bytes().decode("utf-8")
                 except FileNotFoundError:
                     source = f"{source} (no caption file {sidecar.name})"
+                except UnicodeDecodeError:  # the same rule as CSV captions: skip and count
+                    yield SkippedInput("caption not UTF-8", f"{source} ({sidecar.name})")
+                    continue
             yield RawSample(
                 image=data,
                 image_ext=image_path.suffix,
