@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,15 @@ class Item:
     label: int = -1
     image_id: str = ""
     index: int = -1  # the dense dataset index, where the layout has one (clipfnd shards)
+
+
+@dataclass
+class BadPart:
+    """A part that could not be read past ``position`` (what was read before stays)."""
+
+    position: int
+    name: str
+    reason: str
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -99,14 +109,33 @@ class EvalDataset(ABC):
         n = self.num_parts()
         if n >= readers:
             for part in range(reader, n, readers):
-                for item in self.read_part(part):
+                for item in self._read_safely(part):
                     yield (part << KEY_SHIFT) | item.position, item
             return
         counter = itertools.count()
         for part in range(n):
-            for item in self.read_part(part):
+            for item in self._read_safely(part):
+                if isinstance(item, BadPart):
+                    if reader == 0:  # reported once, by the first reader
+                        yield (part << KEY_SHIFT) | item.position, item
+                    continue
                 if next(counter) % readers == reader:
                     yield (part << KEY_SHIFT) | item.position, item
+
+    def _read_safely(self, part: int) -> Iterator[Item | BadPart]:
+        """The items of ``part``; a part that cannot be read to its end (a truncated or
+        corrupt shard) ends with a ``BadPart`` naming it, instead of an exception."""
+        last = -1
+        try:
+            for item in self.read_part(part):
+                last = item.position
+                yield item
+        except (OSError, EOFError, ValueError, tarfile.TarError) as e:
+            yield BadPart(last + 1, self.part_name(part), f"{type(e).__name__}: {e}")
+
+    def part_name(self, part: int) -> str:
+        """What a message calls part ``part`` (a shard's path, by default its number)."""
+        return f"part {part}"
 
     def describe(self) -> dict[str, Any]:
         return {"path": self.path, "layout": self.layout, "split": self.split}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -20,7 +20,7 @@ from clipfnd.distributed import gather_objects, gather_uneven
 from data_pipelines import DataError
 from data_pipelines.loader import worker_context
 
-from .datasets import EvalDataset
+from .datasets import BadPart, EvalDataset
 from .processes import Processes
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Features:
     text_item: torch.Tensor | None  # [M]
     skipped: int  # items whose image could not be read
     index: torch.Tensor | None = None  # [N] dense dataset indices (-1: the layout has none)
+    bad_parts: list[str] = field(default_factory=list)  # shards that could not be read to the end
 
     @property
     def num_items(self) -> int:
@@ -65,6 +66,13 @@ class _Reader(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         reader, readers = self.rank * workers + worker, self.world * workers
         for key, item in self.dataset.iter_slice(reader, readers):
+            if isinstance(item, BadPart):
+                yield {
+                    "bad": True,
+                    "bad_part": f"{item.name}: unreadable after {item.position} "
+                    f"items ({item.reason})",
+                }
+                continue
             try:
                 image = self.transform(item.load_image())
             except Exception as e:  # unreadable image: counted, not fatal
@@ -87,7 +95,8 @@ class _Reader(IterableDataset):
 
 def _collate(items: list[dict]) -> dict:
     good = [i for i in items if not i["bad"]]
-    out = {"skipped": len(items) - len(good), "n": len(good)}
+    parts = [i["bad_part"] for i in items if "bad_part" in i]
+    out = {"skipped": len(items) - len(good) - len(parts), "n": len(good), "bad_parts": parts}
     if not good:
         return out
     out["image"] = torch.stack([g["image"] for g in good])
@@ -133,12 +142,16 @@ def encode_dataset(
     }
     image_ids: list[tuple[int, str]] = []
     skipped = 0
+    bad_parts: list[str] = []
     total = None
     if dataset.num_items is not None:
         total = (dataset.num_items + processes.world - 1) // processes.world
     bar = tqdm(total=total, desc=desc, unit="image", disable=not (progress and processes.is_main))
     for batch in loader:
         skipped += batch["skipped"]
+        for bad in batch["bad_parts"]:
+            log.warning("%s: skipped the rest of %s", desc, bad)
+            bad_parts.append(bad)
         bar.update(batch["n"] + batch["skipped"])
         if not batch["n"]:
             continue
@@ -153,7 +166,9 @@ def encode_dataset(
             parts["owner"].append(batch["text_owner"].to(device))
             parts["pos"].append(batch["text_position"].to(device))
     bar.close()
-    return _gather_sorted(parts, image_ids, skipped, device, with_text=tokenize is not None)
+    return _gather_sorted(
+        parts, image_ids, skipped, device, with_text=tokenize is not None, bad_parts=bad_parts
+    )
 
 
 def _cat(chunks: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
@@ -166,6 +181,7 @@ def _gather_sorted(
     skipped: int,
     device: torch.device,
     with_text: bool,
+    bad_parts: list[str] | None = None,
 ) -> Features:
     dim = parts["image"][0].shape[1] if parts["image"] else 0
     # every rank must agree on the width of empty tensors before gathering
@@ -178,8 +194,10 @@ def _gather_sorted(
     index = gather_uneven(_cat(parts["index"], no_ids)).cpu()
     skipped = int(gather_uneven(torch.tensor([skipped], device=device)).sum().item())
     ids = dict(gather_objects(image_ids))
+    bad = sorted(gather_objects(list(bad_parts or [])))
     if key.numel() == 0:
-        raise DataError(f"no readable image in the dataset (skipped {skipped})")
+        unreadable = f"; unreadable: {'; '.join(bad[:3])}" if bad else ""
+        raise DataError(f"no readable image in the dataset (skipped {skipped}{unreadable})")
     order = torch.argsort(key, stable=True)
     key, image, label, index = key[order], image[order], label[order], index[order]
     keep = torch.ones_like(key, dtype=torch.bool)
@@ -201,5 +219,5 @@ def _gather_sorted(
         text, owner = text[first], owner[first]
         text_item = torch.searchsorted(key, owner)
     return Features(
-        image, key, label, [ids[k] for k in key.tolist()], text, text_item, skipped, index
+        image, key, label, [ids[k] for k in key.tolist()], text, text_item, skipped, index, bad
     )

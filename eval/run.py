@@ -173,6 +173,8 @@ def run_eval(
         "data": {**ds.describe(), "num_images": feats.num_items, "skipped": feats.skipped},
         "processes": processes.world,
     }
+    if feats.bad_parts:
+        results["data"]["unreadable_parts"] = feats.bad_parts
     if opts.task == "retrieval":
         results["metrics"] = _retrieval(feats, results["data"])
     elif opts.task == "zeroshot":

@@ -40,6 +40,9 @@ class ClipfndShards(EvalDataset):
     def num_parts(self) -> int:
         return len(self.shards)
 
+    def part_name(self, part: int) -> str:
+        return str(self.shards[part])
+
     def read_part(self, part: int) -> Iterator[Item]:
         for pos, s in enumerate(iter_tar_samples(self.shards[part])):
             ext = _image_key(s, IMAGE_EXTENSIONS)
@@ -107,6 +110,9 @@ class ClipBenchmarkWds(EvalDataset):
 
     def num_parts(self) -> int:
         return len(self.shards)
+
+    def part_name(self, part: int) -> str:
+        return str(self.shards[part])
 
     def read_part(self, part: int) -> Iterator[Item]:
         for pos, s in enumerate(iter_tar_samples(str(self.shards[part]))):

@@ -468,3 +468,26 @@ def test_zeroshot_agrees_with_clip_benchmark(data, monkeypatch):
     assert ours["top1"] == pytest.approx(theirs["acc1"], abs=1e-9)
     assert ours["top5"] == pytest.approx(theirs["acc5"], abs=1e-9)
     assert ours["mean_per_class_recall"] == pytest.approx(theirs["mean_per_class_recall"], abs=1e-9)
+
+
+def test_a_truncated_shard_is_named_and_the_rest_evaluated(data, tmp_path, caplog):
+    """Training skips a truncated shard; evaluation does too: what could be read is evaluated,
+    the shard is named in a warning and in the results, and only an empty set is refused."""
+    import logging
+    import shutil
+
+    from data_pipelines import DataError
+
+    val = tmp_path / "val"
+    shutil.copytree(data["val"], val)
+    shard = sorted(val.glob("shard-*.tar"))[1]  # 24 samples
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])
+    with caplog.at_level(logging.WARNING):
+        res = run_eval(data["run"], options("retrieval", val), CPU)
+    assert 40 <= res["data"]["num_images"] < 64
+    assert res["data"]["unreadable_parts"] and str(shard) in res["data"]["unreadable_parts"][0]
+    assert str(shard) in caplog.text
+    for other in sorted(val.glob("shard-*.tar")):
+        other.write_bytes(other.read_bytes()[:1100])  # cut inside the first sample
+    with pytest.raises(DataError, match="no readable image.*unreadable"):
+        run_eval(data["run"], options("retrieval", val), CPU)
