@@ -26,7 +26,7 @@ from clipfnd.models.factory import model_config  # noqa: E402
 from checkpoints import write_checkpoint  # noqa: E402
 
 MODELS = ("clipfnd-tiny-vit", "clipfnd-small-vit")
-TRAINING_ONLY = ("optimizer.bin", "custom_checkpoint_0.pkl", "loader_rank0.json")
+TRAINING_ONLY = ("optimizer.bin", "tables.safetensors", "scheduler.json", "loader_rank0.json")
 # a logit scale that differs from the init (to see it carried over), training-only files that
 # must not be exported, and a step/epoch/config to find in the export record
 CHECKPOINT = dict(

@@ -4,9 +4,9 @@ Every rank holds a full replica of every table. A step changes only the rows of 
 in the global batch: each rank computes the new values of its own anchors' rows, then
 ``write_rows`` all-gathers (indices, values) from every rank and scatters them into every
 replica, so the replicas stay identical with ``O(B)`` communication per step and nothing
-``O(N)``. The tables are saved and restored with the Accelerate checkpoint
-(``state_dict``/``load_state_dict``; register the object with
-``accelerator.register_for_checkpointing``).
+``O(N)``. A checkpoint saves them as ``tables.safetensors`` (``state_dict`` /
+``load_state_dict``; ``clipfnd.train.checkpoint.save_tables`` / ``load_tables``), never as a
+pickle.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """Writing checkpoints under ``RUN/checkpoints/step_NNNNNNNN`` (atomically, described fully),
 and resuming from them. The layout and reading are ``clipfnd.checkpoints``.
 
-A checkpoint is Accelerate's ``save_state`` (model, optimiser, scaler, RNG states of every
-process, and registered objects: the scheduler and the per-sample tables) plus:
+A checkpoint is Accelerate's ``save_state`` (model as safetensors; optimiser, scaler and RNG
+states of every process, which Accelerate loads with ``torch.load(weights_only=True)``) plus
+what clipfnd writes and reads itself, never as a pickle:
 
+- ``tables.safetensors``: the per-sample tables (``StateTables``);
+- ``scheduler.json``: the learning-rate scheduler's state;
 - ``trainer_state.json``: step, epoch, world size, the full run config;
 - ``loader_rank{r}.json``: where each rank's data stream stands inside the epoch.
 
@@ -20,10 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import safetensors
+import safetensors.torch
 import torch
 
 from data_pipelines.loader import LoaderState
@@ -135,13 +141,22 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
                 "resume with the same settings, or start over with overwrite=true"
             )
         try:
+            check_no_pickled_state(path, s.accelerator.process_index)
             s.accelerator.load_state(str(path))
+            load_tables(s.tables, path / TABLES_FILE)
+            s.scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
             loader = json.loads(
                 (path / f"loader_rank{s.accelerator.process_index}.json").read_text()
             )
         except Exception as e:
             if i + 1 == len(candidates):
-                raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                if isinstance(e, pickle.UnpicklingError):
+                    why = (
+                        "a file holds objects beyond plain tensors, which clipfnd will not "
+                        "unpickle (it could run code)"
+                    )
+                raise CheckpointError(f"cannot load checkpoint {path}: {why}") from e
             log.warning(
                 "checkpoint %s cannot be loaded (%s: %s); falling back to %s",
                 path,
@@ -166,6 +181,57 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
     return int(state["step"]), int(epoch), loader_state
 
 
+TABLES_FILE = "tables.safetensors"
+SCHEDULER_FILE = "scheduler.json"
+
+
+def save_tables(tables, path: Path) -> None:
+    """The per-sample tables as safetensors (the row count in the metadata)."""
+    state = tables.state_dict()
+    safetensors.torch.save_file(
+        {n: t.contiguous() for n, t in state["tables"].items()} or {"_none": torch.zeros(0)},
+        str(path),
+        metadata={"num_rows": str(state["num_rows"])},
+    )
+
+
+def load_tables(tables, path: Path) -> None:
+    """Per-sample tables from ``tables.safetensors`` (no pickle)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no {TABLES_FILE}")
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        loaded = {k: f.get_tensor(k) for k in f.keys() if k != "_none"}
+    try:
+        num_rows = int(meta["num_rows"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} does not say how many rows its tables have") from e
+    tables.load_state_dict({"num_rows": num_rows, "tables": loaded})
+
+
+def check_no_pickled_state(path: Path, process_index: int) -> None:
+    """Refuse a checkpoint that holds objects only a full unpickling could load (clipfnd never
+    writes ``custom_checkpoint_*.pkl``; loading one would run whatever code it holds), and one
+    whose RNG states do not load with ``weights_only=True`` (Accelerate would skip them
+    silently, and the resume would not be exact)."""
+    from accelerate.utils import load as restricted_load  # weights_only=True, numpy allowed
+
+    pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        raise CheckpointError(
+            f"{path} holds {', '.join(pickled)}, which clipfnd does not write and will not "
+            "unpickle (it could run arbitrary code); was it written by an older clipfnd or "
+            "changed by someone else?"
+        )
+    rng = path / f"random_states_{process_index}.pkl"
+    try:
+        restricted_load(rng)
+    except Exception as e:
+        raise CheckpointError(
+            f"{rng} does not load as plain RNG states ({type(e).__name__}); refusing it"
+        ) from e
+
+
 def all_finite(s: Setup) -> bool:
     """Whether the weights and the optimiser state are finite on every process."""
     tensors = [p.detach() for p in s.model.parameters()]
@@ -188,6 +254,9 @@ def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState
         return None
     tmp = tmp_path(s.run_dir, step)
     acc.save_state(str(tmp), safe_serialization=True)
+    if acc.is_main_process:  # replicated state: one copy
+        save_tables(s.tables, tmp / TABLES_FILE)
+        write_json(tmp / SCHEDULER_FILE, s.scheduler.state_dict())
     write_json(tmp / f"loader_rank{acc.process_index}.json", loader_state.to_dict())
     acc.wait_for_everyone()
     final = final_path(s.run_dir, step)

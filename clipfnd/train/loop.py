@@ -232,9 +232,8 @@ def setup(cfg: Config) -> Setup:
 
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is stepped by hand once per optimiser step (Accelerate would step it once
-    # per process), and saved with the tables as registered objects.
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_for_checkpointing(tables)
+    # per process); it and the tables are checkpointed by clipfnd itself (JSON, safetensors),
+    # not registered with Accelerate, which would pickle them.
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         dropped = stream.dropped_in_epoch(0)
