@@ -14,6 +14,7 @@ checkpoint directory, or the ``model.safetensors`` file inside one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -62,6 +63,43 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise CheckpointError(f"{path} is corrupt: {key}={value!r} is not an integer >= {low}")
     return state
+
+
+CHECKSUMS = "checksums"  # trainer_state.json: {file name: sha256} of every other file
+
+
+def file_checksums(ckpt: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint folder but ``trainer_state.json``."""
+    out = {}
+    for p in sorted(ckpt.iterdir()):
+        if p.is_file() and p.name != TRAINER_STATE:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[p.name] = h.hexdigest()
+    return out
+
+
+def verify_checksums(ckpt: Path, state: dict[str, Any]) -> None:
+    """Check every file against the checksums recorded when the checkpoint was published; a
+    changed, missing or unrecorded file raises ``CheckpointError``. Checkpoints written before
+    checksums were recorded are let through with a warning."""
+    recorded = state.get(CHECKSUMS)
+    if not isinstance(recorded, dict):
+        log.warning("%s records no checksums (an older checkpoint): files not verified", ckpt)
+        return
+    found = file_checksums(ckpt)
+    for name in sorted(set(recorded) | set(found)):
+        if name not in found:
+            raise CheckpointError(f"{ckpt / name} is missing (the checkpoint recorded it)")
+        if name not in recorded:
+            raise CheckpointError(f"{ckpt / name} was not part of the checkpoint when written")
+        if found[name] != recorded[name]:
+            raise CheckpointError(
+                f"{ckpt / name} does not match the checksum recorded when the checkpoint was "
+                "written: it is corrupt or was changed"
+            )
 
 
 def is_valid(ckpt: Path) -> bool:
@@ -190,6 +228,7 @@ def load_checkpoint(spec: str | os.PathLike) -> LoadedCheckpoint:
     """Build the recorded model and load the checkpoint's weights into it (strictly)."""
     ckpt = resolve_checkpoint(spec)
     state = read_trainer_state(ckpt)
+    verify_checksums(ckpt, state)
     config = state.get("config") or {}
     model_name = state.get("model_name") or (config.get("model") or {}).get("name")
     if not model_name:

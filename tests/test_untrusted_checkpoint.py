@@ -73,3 +73,30 @@ def test_every_file_replaced_by_a_pickle_is_refused_and_never_runs(
         except UserError:
             pass
         assert not mark.exists(), f"unpickling {victim} ran code (resume=latest)"
+
+
+def test_a_bit_flip_is_caught_on_resume_eval_and_export(shapes, tmp_path, caplog):
+    """Checksums recorded at publish time: a flipped byte in the weights makes resume=latest
+    fall back (with a warning) to the checkpoint before, and a named resume, eval and export
+    refuse."""
+    from clipfnd.checkpoints import load_checkpoint
+    from clipfnd.export import export_checkpoint
+
+    run = tmp_path / "run"
+    train(_cfg(shapes, run, "train.max_steps=2", "train.checkpoint_every=1"))
+    first, second = sorted((run / "checkpoints").iterdir())
+    weights = second / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside a tensor: safetensors alone would load it
+    weights.write_bytes(bytes(data))
+
+    with pytest.raises(UserError, match="does not match the checksum"):
+        train(_cfg(shapes, run, f"resume={second}", "train.max_steps=3"))
+    with pytest.raises(UserError, match="does not match the checksum"):
+        load_checkpoint(second)
+    with pytest.raises(UserError, match="does not match the checksum"):
+        export_checkpoint(second, "open_clip", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    with caplog.at_level("WARNING"):
+        summary = train(_cfg(shapes, run, "resume=latest", "train.max_steps=3"))
+    assert f"falling back to {first}" in caplog.text and summary["steps"] == 3

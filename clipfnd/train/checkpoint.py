@@ -36,13 +36,16 @@ from data_pipelines.loader import LoaderState
 
 from .. import distributed
 from ..checkpoints import (
+    CHECKSUMS,
     TRAINER_STATE,
     checkpoint_dir,
+    file_checksums,
     final_path,
     is_valid,
     list_checkpoints,
     read_trainer_state,
     tmp_path,
+    verify_checksums,
 )
 from ..config import Config, ConfigError, to_dict
 from ..errors import CheckpointError
@@ -65,6 +68,7 @@ def publish(
 ) -> Path:
     """(Main process.) Mark ``step_N.tmp`` complete, rename it to ``step_N``, prune old ones."""
     tmp = tmp_path(run_dir, step)
+    trainer_state = {**trainer_state, CHECKSUMS: file_checksums(tmp)}
     write_json(tmp / TRAINER_STATE, trainer_state)
     final = final_path(run_dir, step)
     if final.exists():
@@ -80,6 +84,7 @@ def publish(
 # Keys a resumed run must share with the checkpoint: they decide what the weights, the
 # per-sample tables and the data position mean.
 RESUME_KEYS = (
+    "mode",
     "model.name",
     "data.train",
     "data.batch_size",
@@ -141,6 +146,7 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
                 "resume with the same settings, or start over with overwrite=true"
             )
         try:
+            verify_checksums(path, state)
             check_no_pickled_state(path, s.accelerator.process_index)
             s.accelerator.load_state(str(path))
             load_tables(s.tables, path / TABLES_FILE)
