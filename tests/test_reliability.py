@@ -245,3 +245,46 @@ def test_a_malformed_manifest_is_refused_naming_it(shapes, tmp_path, edit, messa
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=message):
         load_shard_set(root)
+
+
+@pytest.mark.parametrize("delta", [+40, -10])
+def test_a_manifest_whose_counts_lie_is_caught_by_the_loader_and_by_verify(
+    shapes, tmp_path, delta, capsys
+):
+    """Counts too high (the schedule would be planned for samples that do not exist) or too
+    low: under on_error=raise the loader stops naming the shard and both counts; under skip
+    the mismatch is a counted fault; `clipfnd data verify` lists it and exits 1."""
+    from clipfnd.cli.main import main
+    from data_pipelines import DataError
+
+    root = _copy_split(shapes, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"][0]["num_samples"] += delta
+    manifest["num_samples"] = sum(s["num_samples"] for s in manifest["shards"])
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    shard = str(root / manifest["shards"][0]["file"])
+    want = f"manifest says {64 + delta} samples, the shard holds 64"
+
+    def stream(on_error):
+        return ShardStream(
+            load_shard_set(root),
+            global_batch_size=32,
+            image_transform=T.ToTensor(),
+            tokenize=blank_tokens,
+            num_workers=0,
+            shuffle_buffer=0,
+            on_error=on_error,
+        )
+
+    with pytest.raises(DataError, match=f"{shard}: {want}"):
+        for _ in stream("raise").epoch(0):
+            pass
+    it = stream("skip").epoch(0)
+    for _ in it:
+        pass
+    assert it.bad[(shard, "sample count")] == 1, it.bad  # the details go to the warning
+
+    assert main(["data", "verify", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert f"problem: {shard}: {want}" in out and "FAILED" in out
+    assert main(["data", "verify", str(shapes / "train")]) == 0

@@ -97,6 +97,17 @@ def cmd_data_digits(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_verify(a: argparse.Namespace) -> int:
+    from data_pipelines.verify import verify_split
+
+    report = verify_split(a.dir)
+    print(f"{report.root}: {report.shards} shards, {report.samples} samples read")
+    for p in report.problems:
+        print(f"problem: {p}")
+    print("ok: the shards agree with the manifest" if report.ok else "FAILED", flush=True)
+    return 0 if report.ok else 1
+
+
 def cmd_data_build(a: argparse.Namespace) -> int:
     from data_pipelines.build import build_shards
 
@@ -239,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         "add --label-column folder to label images by their class subfolder",
     )
     b.set_defaults(func=cmd_data_build)
+
+    v = dsub.add_parser(
+        "verify", help="check a split's shards against its manifest (counts, indices, labels)"
+    )
+    v.add_argument("dir", help="a shard folder with manifest.json")
+    v.set_defaults(func=cmd_data_verify)
 
     t = sub.add_parser("train", help="train from a YAML config with key=value overrides")
     t.add_argument("config")

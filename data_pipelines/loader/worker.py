@@ -49,6 +49,30 @@ def _shard_of(exn: Exception) -> str:
     return "?"
 
 
+def _counted(
+    samples: Iterator[dict[str, Any]], expected: dict[str, int], errors: _ErrorLog
+) -> Iterator[dict[str, Any]]:
+    """Pass samples through, checking each shard's sample count against its manifest entry
+    when the shard has been read to its end: a mismatch is a ``DataError`` under
+    ``on_error=raise``, else a fault recorded (and reported) like a bad sample."""
+    url, n = None, 0
+
+    def check() -> None:
+        if url is not None and url in expected and n != expected[url]:
+            msg = f"manifest says {expected[url]} samples, the shard holds {n}"
+            if errors.on_error == "raise":
+                raise DataError(f"{url}: {msg}; rebuild the manifest or check the shard")
+            errors.errors.append(BadSample(url, "", f"sample count ({msg})"))
+
+    for sample in samples:
+        if sample.get("__url__") != url:
+            check()
+            url, n = sample.get("__url__"), 0
+        n += 1
+        yield sample
+    check()
+
+
 class RankStream(IterableDataset):
     """The worker side: streams one rank's shards and yields decoded chunks."""
 
@@ -74,7 +98,11 @@ class RankStream(IterableDataset):
         else:
             mine = o.shards_for(self.epoch, self.rank)[worker::n_workers]
             src = iter([{"url": s.path} for s in mine])
-        samples = wds.tariterators.tarfile_samples(src, handler=errors)
+        samples = _counted(
+            wds.tariterators.tarfile_samples(src, handler=errors),
+            {sh.path: sh.num_samples for sh in o.shard_set.shards},
+            errors,
+        )
         if o.shuffle_buffer > 1:
             rng = random.Random(mix_seed(o.seed, self.epoch, self.rank, worker, 2))
             samples = wds.shuffle(bufsize=o.shuffle_buffer, initial=o.shuffle_buffer, rng=rng)(
@@ -155,6 +183,7 @@ class RankStream(IterableDataset):
         pos = -1
         for pos, sample in enumerate(self._raw(worker, n_workers, errors)):
             if pos < skip:
+                errors.errors.clear()  # counted before the checkpoint
                 continue  # fast-forward: raw bytes only, nothing decoded
             if start is None:
                 start = pos

@@ -1,0 +1,81 @@
+"""``clipfnd data verify DIR``: check a split against its manifest, reading tar headers and
+the small ``.json`` members only (no image is decoded).
+
+For every shard: the sample count against the manifest's, samples without an image, and
+each sample's dataset index (present, an integer, inside ``[0, N)``, unique over the split,
+and all of ``[0, N)`` covered); labels inside the manifest's label names. Returns a report
+and lists every problem, naming the shard and sample.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .shards import IMAGE_EXTENSIONS, DataError, iter_tar_samples, load_shard_set
+
+
+@dataclass
+class VerifyReport:
+    root: str
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_split(path: str | Path, max_problems: int = 50, progress: bool = True) -> VerifyReport:
+    from tqdm.auto import tqdm
+
+    shard_set = load_shard_set(path)  # refuses a malformed manifest or a missing shard
+    n = shard_set.num_samples
+    labels = len(shard_set.label_names or [])
+    report = VerifyReport(shard_set.root, shards=shard_set.num_shards)
+    seen: dict[int, str] = {}
+
+    def problem(text: str) -> None:
+        if len(report.problems) < max_problems:
+            report.problems.append(text)
+
+    for shard in tqdm(shard_set.shards, desc="verify", unit="shard", disable=not progress):
+        count = 0
+        try:
+            for s in iter_tar_samples(shard.path):
+                count += 1
+                key = s.get("__key__", "?")
+                where = f"{shard.path} sample {key}"
+                if not any(e in s for e in IMAGE_EXTENSIONS):
+                    problem(f"{where}: no image")
+                try:
+                    meta = json.loads(s["json"]) if "json" in s else {}
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    problem(f"{where}: unreadable .json")
+                    continue
+                index = meta.get("index") if isinstance(meta, dict) else None
+                if not isinstance(index, int) or not 0 <= index < n:
+                    problem(f"{where}: dataset index {index!r} outside [0, {n})")
+                elif index in seen:
+                    problem(f"{where}: dataset index {index} again (first in {seen[index]})")
+                else:
+                    seen[index] = shard.path
+                label = meta.get("label", -1) if isinstance(meta, dict) else -1
+                if labels and isinstance(label, int) and label >= labels:
+                    problem(f"{where}: label {label} outside the {labels} label names")
+        except (OSError, EOFError, ValueError, tarfile.TarError) as e:
+            problem(f"{shard.path}: unreadable after {count} samples ({type(e).__name__}: {e})")
+        if count != shard.num_samples:
+            problem(
+                f"{shard.path}: manifest says {shard.num_samples} samples, the shard holds {count}"
+            )
+        report.samples += count
+    if len(seen) != n:
+        problem(f"{len(seen)} distinct dataset indices for the manifest's {n} samples")
+    return report
+
+
+__all__ = ["DataError", "VerifyReport", "verify_split"]
