@@ -288,3 +288,36 @@ def test_a_manifest_whose_counts_lie_is_caught_by_the_loader_and_by_verify(
     out = capsys.readouterr().out
     assert f"problem: {shard}: {want}" in out and "FAILED" in out
     assert main(["data", "verify", str(shapes / "train")]) == 0
+
+
+def test_each_epoch_reports_what_became_of_its_samples(shapes, tmp_path, caplog):
+    """A shard of random bytes holds 64 samples: they show up as not used (with the read
+    error skipped and counted), and used + skipped + not used is the dataset."""
+    from clipfnd.config import load_config
+    from clipfnd.train.loop import train
+
+    root = _copy_split(shapes, tmp_path)
+    shard = sorted(root.glob("shard-*.tar"))[2]
+    shard.write_bytes(random.Random(0).randbytes(shard.stat().st_size))
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={root}",
+            "data.num_workers=0",
+            "data.batch_size=64",
+            "train.epochs=2",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "eval.at_end=false",
+        ],
+    )
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if "data/used" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    for r in epochs:
+        assert r["data/used"] + r["data/skipped"] + r["data/not_used"] == 512
+        assert r["data/used"] <= 448 and r["data/skipped"] >= 1 and r["data/not_used"] >= 63
+    assert "samples used" in caplog.text and "not used" in caplog.text

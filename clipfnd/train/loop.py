@@ -358,6 +358,7 @@ def train(cfg: Config) -> dict[str, Any]:
         it = s.stream.epoch(epoch, state)
         train_epoch(cfg, s, run, it, epoch, metrics, bar)
         report_bad_samples(s, run, it, epoch)
+        metrics.write(epoch_data_record(cfg, s, run, it, epoch))
         every = cfg.eval.every_epochs
         if every and (epoch + 1) % every == 0 and cfg.data.val and run.last_eval[0] != run.step:
             run.last_eval = (run.step, evaluate(cfg, s, run.step, epoch))
@@ -469,6 +470,37 @@ def report_bad_samples(s: Setup, run: Progress, it: EpochIterator, epoch: int) -
             sum(it.bad.values()),
             per_shard,
         )
+
+
+def epoch_data_record(
+    cfg: Config, s: Setup, run: Progress, it: EpochIterator, epoch: int
+) -> dict[str, Any]:
+    """What became of the epoch's samples, over all processes: used in batches, skipped as bad
+    (a shard that cannot be read counts once per read error), and not used (unreadable parts
+    of shards, the last partial batch, and samples left out to keep processes equal). Logged
+    as a warning when more were lost than the epoch's plan leaves out."""
+    used = it.state().batches * s.stream.local_batch_size
+    totals = distributed.all_reduce_sum(
+        torch.tensor([used, sum(it.bad.values())], dtype=torch.float64)
+    ).tolist()
+    used, skipped = int(totals[0]), int(totals[1])
+    record = {"step": run.step, "epoch": epoch, "data/used": used, "data/skipped": skipped}
+    if not cfg.data.resampled:
+        not_used = s.stream.num_samples - used - skipped
+        record["data/not_used"] = not_used
+        planned = s.stream.dropped_in_epoch(epoch)
+        if s.accelerator.is_main_process and (skipped or not_used > planned):
+            log.warning(
+                "epoch %d: %d of %d samples used, %d skipped as bad, %d not used (the plan "
+                "leaves out %d: the last partial batch and uneven shards across processes)",
+                epoch,
+                used,
+                s.stream.num_samples,
+                skipped,
+                not_used,
+                planned,
+            )
+    return record
 
 
 def finish(
