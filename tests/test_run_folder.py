@@ -51,3 +51,38 @@ def test_corrupt_trainer_states_are_named_and_skipped_with_a_warning(tmp_path, c
         assert find_latest(tmp_path) == good
     assert "step_00000003 is incomplete or corrupt" in caplog.text
     assert "step_00000002 is incomplete or corrupt" in caplog.text
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(
+    shapes, tmp_path, monkeypatch
+):
+    """What a full disk looks like from torch's writer ("basic_ios::clear: iostream error")
+    becomes one line naming the checkpoint and the last complete one."""
+    import accelerate
+    import pytest
+
+    from clipfnd.config import load_config
+    from clipfnd.train.checkpoint import CheckpointWriteError
+    from clipfnd.train.loop import train
+
+    def full(self, *a, **k):
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:595] . basic_ios::clear: iostream error"
+        )
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full)
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={shapes / 'train'}",
+            "data.num_workers=0",
+            "train.max_steps=2",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "eval.at_end=false",
+        ],
+    )
+    with pytest.raises(CheckpointWriteError, match="cannot write the checkpoint of step 2") as e:
+        train(cfg)
+    assert "basic_ios" in str(e.value) and "\n" not in str(e.value)

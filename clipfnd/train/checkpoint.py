@@ -41,6 +41,7 @@ from ..checkpoints import (
     checkpoint_dir,
     file_checksums,
     final_path,
+    find_latest,
     is_valid,
     list_checkpoints,
     read_trainer_state,
@@ -187,6 +188,10 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
     return int(state["step"]), int(epoch), loader_state
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, read-only folder)."""
+
+
 TABLES_FILE = "tables.safetensors"
 SCHEDULER_FILE = "scheduler.json"
 
@@ -259,11 +264,19 @@ def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState
         )
         return None
     tmp = tmp_path(s.run_dir, step)
-    acc.save_state(str(tmp), safe_serialization=True)
-    if acc.is_main_process:  # replicated state: one copy
-        save_tables(s.tables, tmp / TABLES_FILE)
-        write_json(tmp / SCHEDULER_FILE, s.scheduler.state_dict())
-    write_json(tmp / f"loader_rank{acc.process_index}.json", loader_state.to_dict())
+    try:
+        acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:  # replicated state: one copy
+            save_tables(s.tables, tmp / TABLES_FILE)
+            write_json(tmp / SCHEDULER_FILE, s.scheduler.state_dict())
+        write_json(tmp / f"loader_rank{acc.process_index}.json", loader_state.to_dict())
+    except (OSError, RuntimeError) as e:  # a full disk, a folder gone read-only
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointWriteError(
+            f"cannot write the checkpoint of step {step} to {tmp} ({why}); is the disk full "
+            "or the folder read-only? The newest complete checkpoint is "
+            f"{find_latest(s.run_dir)}; free space, then resume with resume=latest"
+        ) from e
     acc.wait_for_everyone()
     final = final_path(s.run_dir, step)
     if acc.is_main_process:
