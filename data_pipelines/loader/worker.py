@@ -50,12 +50,17 @@ def _shard_of(exn: Exception) -> str:
 
 
 def _counted(
-    samples: Iterator[dict[str, Any]], expected: dict[str, int], errors: _ErrorLog
+    samples: Iterator[dict[str, Any]],
+    expected: dict[str, int],
+    errors: _ErrorLog,
+    planned: list[str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Pass samples through, checking each shard's sample count against its manifest entry
     when the shard has been read to its end: a mismatch is a ``DataError`` under
-    ``on_error=raise``, else a fault recorded (and reported) like a bad sample."""
+    ``on_error=raise``, else a fault recorded (and reported) like a bad sample. ``planned``:
+    the shards this stream reads; one that yields no sample at all is a mismatch too."""
     url, n = None, 0
+    seen: set[str] = set()
 
     def check() -> None:
         if url is not None and url in expected and n != expected[url]:
@@ -68,9 +73,14 @@ def _counted(
         if sample.get("__url__") != url:
             check()
             url, n = sample.get("__url__"), 0
+            seen.add(url)
         n += 1
         yield sample
     check()
+    for url in planned or []:  # read errors only: not one sample came out of it
+        if url not in seen and expected.get(url):
+            n = 0
+            check()
 
 
 class RankStream(IterableDataset):
@@ -102,6 +112,7 @@ class RankStream(IterableDataset):
             wds.tariterators.tarfile_samples(src, handler=errors),
             {sh.path: sh.num_samples for sh in o.shard_set.shards},
             errors,
+            None if o.resampled else [sh.path for sh in mine],
         )
         if o.shuffle_buffer > 1:
             rng = random.Random(mix_seed(o.seed, self.epoch, self.rank, worker, 2))
