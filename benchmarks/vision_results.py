@@ -119,6 +119,9 @@ def run_one(data: Path, method: str, seed: int, epochs: int, out_dir: Path) -> d
     }
 
 
+NOTES_MARKER = "<!-- notes: written by hand, kept when the tables are regenerated -->"
+
+
 def fmt(values: list[float]) -> str:
     if not values:
         return "-"
@@ -245,7 +248,10 @@ def main() -> None:
             print(f"cost N={n}: {c}", flush=True)
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    out.write_text(render(results, a))
+    notes = ""  # the hand-written reading of the numbers below the marker is kept
+    if out.exists() and NOTES_MARKER in out.read_text():
+        notes = out.read_text().split(NOTES_MARKER, 1)[1]
+    out.write_text(render(results, a) + "\n" + NOTES_MARKER + notes)
     print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
