@@ -1,5 +1,6 @@
 # clipfnd: the two commands of the README, and a few more.
-#   make demo   install, generate the built-in data, train CLIP+GloFND on 2 CPU processes, evaluate
+#   make demo   install, generate the built-in data, train CLIP+GloFND on 2 CPU processes, evaluate,
+#               write the report of what GloFND found (runs/demo/report.html)
 #   make test   install with the test extra, run the test suite
 VENV   ?= .venv
 PYTHON ?= python3
@@ -26,6 +27,7 @@ demo: install data
 	OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
 		--mixed_precision no --dynamo_backend no --main_process_port $(PORT) \
 		-m clipfnd train configs/demo.yaml data.train=$(DATA)/train data.val=$(DATA)/val overwrite=true
+	OMP_NUM_THREADS=2 $(PY) -m clipfnd report runs/demo --out runs/demo/report.html
 
 test: install
 	$(PY) -m pytest -q

@@ -6,6 +6,7 @@ values out of range are refused when the config is loaded, with a message naming
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5  # skipped non-finite steps in a row before the run stops
     progress: bool = True
-    tensorboard: bool = True
+    # where the scalars of metrics.jsonl also go, through Accelerate's trackers: tensorboard
+    # (RUN/tensorboard) | wandb (pip install 'clipfnd[wandb]'; WANDB_MODE=offline works without
+    # a network) | none; several comma-separated, e.g. "tensorboard,wandb"
+    report_to: str = "tensorboard"
+    plots: bool = True  # PNG plots of the metrics in RUN/plots after every epoch (rank 0)
+    tensorboard: bool | None = None  # deprecated: train.report_to=none for false
 
 
 @dataclass
@@ -336,11 +342,41 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 0, got {get(key)}")
     if not cfg.loss.tau_lr > 0:
         raise ConfigError(f"loss.tau_lr must be > 0, got {cfg.loss.tau_lr}")
+    _check_report_to(cfg)
     _check_output_dir(cfg.output_dir)
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise ConfigError(f"train.max_steps must be >= 1 or null, got {cfg.train.max_steps}")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume={cfg.resume!r}: use 'latest' or an existing checkpoint folder")
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def report_to(cfg: Config) -> list[str]:
+    """The trackers ``train.report_to`` names (none: an empty list)."""
+    names = [n.strip() for n in str(cfg.train.report_to).split(",") if n.strip()]
+    return [] if names == ["none"] else names
+
+
+def _check_report_to(cfg: Config) -> None:
+    if cfg.train.tensorboard is not None:  # the key this one replaced, still read
+        if not cfg.train.tensorboard:
+            cfg.train.report_to = ",".join(n for n in report_to(cfg) if n != "tensorboard")
+            cfg.train.report_to = cfg.train.report_to or "none"
+        cfg.train.tensorboard = None
+    names = [n.strip() for n in str(cfg.train.report_to).split(",") if n.strip()]
+    bad = [n for n in names if n not in (*TRACKERS, "none")]
+    if bad or not names or ("none" in names and len(names) > 1):
+        raise ConfigError(
+            f"train.report_to={cfg.train.report_to!r}: give none, or one or more of "
+            f"{', '.join(TRACKERS)} separated by commas"
+        )
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "train.report_to names wandb, which is not installed: pip install 'clipfnd[wandb]' "
+            "(or choose train.report_to=tensorboard)"
+        )
 
 
 def _check_output_dir(output_dir: str) -> None:

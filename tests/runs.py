@@ -39,7 +39,8 @@ def write_config(path: Path, shapes: Path, run_dir: Path, extra: dict | None = N
         "train.checkpoint_every": 4,
         "train.keep_checkpoints": 10,
         "train.progress": False,
-        "train.tensorboard": False,
+        "train.report_to": "none",
+        "train.plots": False,
         "eval.batch_size": 128,
     }
     lines.update(extra or {})

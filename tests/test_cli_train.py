@@ -21,7 +21,8 @@ def _args(shapes, run, *extra: str) -> list[str]:
         "data.batch_size=64",
         "train.max_steps=2",
         "train.progress=false",
-        "train.tensorboard=false",
+        "train.report_to=none",
+        "train.plots=false",
         "eval.batch_size=128",
         *extra,
     ]

@@ -36,7 +36,8 @@ COMMON = [
     "optim.warmup_steps=2",
     "train.log_every=1",
     "train.progress=false",
-    "train.tensorboard=false",
+    "train.report_to=none",
+    "train.plots=false",
     "eval.at_end=false",
     "train.checkpoint_every=0",
 ]

@@ -308,7 +308,8 @@ def test_each_epoch_reports_what_became_of_its_samples(shapes, tmp_path, caplog)
             "data.batch_size=64",
             "train.epochs=2",
             "train.progress=false",
-            "train.tensorboard=false",
+            "train.report_to=none",
+            "train.plots=false",
             "eval.at_end=false",
         ],
     )

@@ -79,7 +79,8 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(
             "data.num_workers=0",
             "train.max_steps=2",
             "train.progress=false",
-            "train.tensorboard=false",
+            "train.report_to=none",
+            "train.plots=false",
             "eval.at_end=false",
         ],
     )

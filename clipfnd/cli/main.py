@@ -7,6 +7,7 @@ clipfnd train CONFIG.yaml [key=value ...]
 accelerate launch [flags] -m clipfnd train CONFIG.yaml [key=value ...]
 clipfnd eval --checkpoint RUN_OR_CHECKPOINT --task retrieval --data PATH
 clipfnd export --checkpoint RUN_OR_CHECKPOINT --format open_clip|hf|timm --out DIR
+clipfnd report RUN [--checkpoint STEP] [--data SPLIT] [--out report.html]
 """
 
 from __future__ import annotations
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval_export import add_parsers  # clipfnd eval / clipfnd export
 
     add_parsers(sub)
+    from .report import add_parser as add_report  # clipfnd report
+
+    add_report(sub)
     return p
 
 

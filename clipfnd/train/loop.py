@@ -37,10 +37,11 @@ from data_pipelines.loader import EpochIterator, LoaderState, ShardStream
 
 from .. import distributed
 from ..checkpoints import checkpoint_dir, find_latest, list_checkpoints
-from ..config import Config, ConfigError, eval_tasks, to_dict, to_yaml
+from ..config import Config, ConfigError, eval_tasks, report_to, to_dict, to_yaml
 from ..methods import Method
 from ..models import check_model_name, create_clip
 from ..models.vision import Projections, vision_from_config
+from ..plots import PlotWriter
 from ..state import StateTables
 from . import checkpoint as ckpt
 from .lock import RunLock, RunLocked
@@ -130,6 +131,29 @@ def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None
     accelerator.wait_for_everyone()
 
 
+def trackers(cfg: Config) -> list:
+    """Accelerate's trackers for ``train.report_to``: TensorBoard logs in ``RUN/tensorboard``;
+    a wandb run named after the run folder, its files in ``RUN/wandb`` (project
+    ``$WANDB_PROJECT``, default clipfnd; ``WANDB_MODE=offline`` needs no network)."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    run_dir = Path(cfg.output_dir)
+    out: list = []
+    for name in report_to(cfg):
+        if name == "tensorboard":
+            out.append(TensorBoardTracker("tensorboard", run_dir))
+        elif name == "wandb":
+            out.append(
+                WandBTracker(
+                    os.environ.get("WANDB_PROJECT", "clipfnd"),
+                    dir=str(run_dir),
+                    name=run_dir.resolve().name,
+                    config=to_dict(cfg),
+                )
+            )
+    return out
+
+
 def setup(cfg: Config) -> Setup:
     """Build everything a run needs. Whatever can fail on the user's input (model name, data,
     batch size, detector needs) is checked before the output folder is created, so a run that
@@ -147,7 +171,7 @@ def setup(cfg: Config) -> Setup:
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=cfg.train.mixed_precision,
-        log_with="tensorboard" if cfg.train.tensorboard else None,
+        log_with=trackers(cfg) or None,
         project_dir=cfg.output_dir,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -252,8 +276,8 @@ def setup(cfg: Config) -> Setup:
                 k,
                 unused,
             )
-    if cfg.train.tensorboard:
-        accelerator.init_trackers("tensorboard")
+    if report_to(cfg):
+        accelerator.init_trackers("tensorboard")  # each tracker was named when built
     return Setup(
         accelerator,
         run_dir,
@@ -341,6 +365,7 @@ def train(cfg: Config) -> dict[str, Any]:
     step, start_epoch, loader_state = ckpt.resume(cfg, s)
     run = Progress(step=step, start_step=step)
     metrics = MetricsWriter(s.run_dir, s.accelerator, fresh=step == 0, keep_until=step)
+    plots = PlotWriter(s.run_dir, enabled=cfg.train.plots and s.accelerator.is_main_process)
     bar = tqdm(
         total=s.total_steps,
         initial=step,
@@ -369,10 +394,11 @@ def train(cfg: Config) -> dict[str, Any]:
                     **{f"val/{k}": v for k, v in run.last_eval[1].items()},
                 }
             )
+        plots.request()  # drawn in the background on rank 0
         if run.step >= s.total_steps:
             break
     bar.close()
-    return finish(cfg, s, run, epoch, it, metrics)
+    return finish(cfg, s, run, epoch, it, metrics, plots)
 
 
 def start_epoch_hooks(cfg: Config, s: Setup, epoch: int, fresh: bool) -> dict[str, float]:
@@ -510,8 +536,9 @@ def finish(
     epoch: int,
     it: EpochIterator | None,
     metrics: MetricsWriter,
+    plots: PlotWriter | None = None,
 ) -> dict[str, Any]:
-    """The final checkpoint and evaluation, and ``RUN/summary.json``."""
+    """The final checkpoint and evaluation, the final plots, and ``RUN/summary.json``."""
     acc = s.accelerator
     train_time = time.perf_counter() - run.started
     final_state = it.state() if it is not None else LoaderState(epoch=epoch)
@@ -529,6 +556,8 @@ def finish(
             metrics.write(
                 {"step": run.step, "epoch": epoch, **{f"val/{k}": v for k, v in results.items()}}
             )
+    if plots is not None:
+        plots.close()
     B = cfg.data.batch_size
     summary = {
         "run_dir": str(s.run_dir),

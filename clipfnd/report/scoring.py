@@ -1,0 +1,465 @@
+"""What the report shows, computed: a checkpoint's model and per-sample tables, a split's
+samples encoded, and the negatives its detector flags for a sample of anchors.
+
+The flags come from the run's own detector (``Objective.detector.detect``, the call the
+training step makes), given the similarities of each anchor to every encoded sample of the
+split, its dataset index (so GloFND reads that anchor's threshold from the checkpoint's
+tables) and the labels. For a split that is not the run's training data, samples have no
+rows in the tables: GloFND then uses the median learned threshold of the training set for
+every anchor (the report says so), and IFND, whose pseudo-labels belong to training samples,
+flags nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from clipfnd_eval.datasets import EvalDataset, Item
+from clipfnd_eval.layouts import open_dataset
+
+from ..checkpoints import LoadedCheckpoint, checkpoint_dir, load_checkpoint
+from ..config import Config, from_dict
+from ..errors import UserError
+from ..fnd import DetectionInput, same_label
+from ..state import StateTables
+from ..train.checkpoint import TABLES_FILE, load_tables
+from ..train.objective import OBJECTIVES, Objective
+
+log = logging.getLogger(__name__)
+
+
+class ReportError(UserError):
+    """A run, checkpoint or split the report cannot use."""
+
+
+@dataclass
+class Sample:
+    """One encoded sample of the split: its column in every similarity matrix is ``row``."""
+
+    row: int
+    index: int  # dataset index (-1: the layout has none)
+    label: int
+    caption: str
+    item: Item
+
+
+@dataclass
+class AnchorFlags:
+    """The flags of one anchor (``anchor_type``: img | txt | view) over the encoded split."""
+
+    row: int
+    anchor_type: str
+    threshold: float | None  # GloFND's, when the run has one
+    positive: float | None  # similarity to its own caption (img/txt anchors)
+    flagged: list[tuple[int, float]]  # (row, similarity), most similar first: all of them
+    nearest: list[tuple[int, float]]  # the most similar negatives that were not flagged
+    same_label: int  # negatives with the anchor's label (-1: labels unknown)
+
+
+@dataclass
+class Scores:
+    ckpt: LoadedCheckpoint
+    cfg: Config
+    data_path: str
+    is_training: bool
+    samples: list[Sample]
+    classnames: list[str] | None
+    detector: str
+    epoch: int  # the epoch whose detector state the flags use
+    notes: list[str] = field(default_factory=list)
+    flags: dict[str, list[AnchorFlags]] = field(default_factory=dict)
+    per_label: dict[int, list[int]] = field(default_factory=dict)  # label -> [tp, fp, fn]
+    thresholds: dict[str, torch.Tensor] = field(default_factory=dict)  # type -> learned (all)
+    confident: dict[str, tuple[list[Sample], list[Sample], torch.Tensor]] = field(
+        default_factory=dict
+    )  # type -> (highest, lowest, threshold per encoded row)
+    clusters: list[dict[str, Any]] = field(default_factory=list)  # IFND
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # type -> [N, d], by row
+    skipped: int = 0  # samples of the split left out (no caption in a CLIP run, unreadable)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def find_checkpoint(run: str | Path, checkpoint: str | None) -> str:
+    """``--checkpoint``: a step number of the run, a checkpoint folder, or (None) the newest."""
+    if checkpoint is None:
+        return str(run)
+    if checkpoint.isdigit():
+        path = checkpoint_dir(run) / f"step_{int(checkpoint):08d}"
+        if not path.is_dir():
+            have = sorted(p.name for p in checkpoint_dir(run).glob("step_*"))
+            raise ReportError(
+                f"--checkpoint {checkpoint}: {path} does not exist (the run has "
+                f"{', '.join(have) or 'no checkpoints'})"
+            )
+        return str(path)
+    return checkpoint
+
+
+def read_tables(ckpt: LoadedCheckpoint) -> StateTables:
+    """The checkpoint's per-sample tables (safetensors, no pickle)."""
+    path = ckpt.path / TABLES_FILE
+    if not path.is_file():
+        raise ReportError(f"{ckpt.path} has no {TABLES_FILE}, so its detector state is unknown")
+    import safetensors
+
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        num_rows = int((f.metadata() or {}).get("num_rows", "0"))
+    tables = StateTables(num_rows, "cpu")
+    return tables
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def collect(dataset: EvalDataset, limit: int, need_caption: bool) -> tuple[list[Sample], int]:
+    """The first ``limit`` usable items of the split, in dataset order (images not decoded)."""
+    samples: list[Sample] = []
+    skipped = 0
+    for _, item in dataset.iter_slice(0, 1):
+        if not isinstance(item, Item):  # a part that could not be read to its end
+            log.warning("report: skipped the rest of %s (%s)", item.name, item.reason)
+            continue
+        if need_caption and not item.captions:
+            skipped += 1
+            continue
+        caption = item.captions[0] if item.captions else ""
+        samples.append(Sample(len(samples), item.index, item.label, caption, item))
+        if len(samples) >= limit:
+            break
+    return samples, skipped
+
+
+@torch.no_grad()
+def encode(
+    ckpt: LoadedCheckpoint,
+    mode: str,
+    samples: list[Sample],
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[dict[str, torch.Tensor], list[Sample], int]:
+    """Normalised features of every sample, as the training step compares them: CLIP
+    ``{"img", "txt"}`` (the model's image and caption embeddings), vision-only ``{"view"}``
+    (the projection head's output, un-augmented). Samples whose image cannot be decoded are
+    left out (the returned list)."""
+    bundle = ckpt.bundle
+    model = bundle.model.to(device).eval()
+    feats: dict[str, list[torch.Tensor]] = {}
+    kept: list[Sample] = []
+    bad = 0
+    bar = tqdm(total=len(samples), desc="report: encoding", unit="sample", disable=not progress)
+    for start in range(0, len(samples), batch_size):
+        chunk, images = [], []
+        for s in samples[start : start + batch_size]:
+            try:
+                images.append(bundle.preprocess_val(s.item.load_image()))
+                chunk.append(s)
+            except (OSError, ValueError) as e:
+                bad += 1
+                log.warning("report: sample %d: cannot decode its image (%s)", s.index, e)
+        bar.update(len(samples[start : start + batch_size]))
+        if not chunk:
+            continue
+        x = torch.stack(images).to(device)
+        if mode == "clip":
+            feats.setdefault("img", []).append(model.encode_image(x, normalize=True).float())
+            text = bundle.tokenizer([s.caption for s in chunk]).to(device)
+            feats.setdefault("txt", []).append(model.encode_text(text, normalize=True).float())
+        else:
+            feats.setdefault("view", []).append(model(x).float())
+        kept.extend(chunk)
+    bar.close()
+    for i, s in enumerate(kept):
+        s.row = i
+    return {k: torch.cat(v) for k, v in feats.items()}, kept, bad
+
+
+def _objective(cfg: Config, tables: StateTables, has_labels: bool) -> Objective:
+    try:
+        return OBJECTIVES[cfg.mode](cfg, tables, has_labels=has_labels)
+    except UserError as e:
+        raise ReportError(f"the run's detector cannot be rebuilt for this split: {e}") from e
+
+
+def _fill_split_tables(train: StateTables, split: StateTables) -> None:
+    """Tables for a split outside the training data: every GloFND row holds the median of the
+    learned (updated at least once) training rows; IFND's labels are -1 (no pseudo-label)."""
+    for name in split.names():
+        col = train[name]
+        if name.startswith("glofnd."):
+            t = name.rsplit("_", 1)[1]
+            seen = train[f"glofnd.count_{t}"] > 0
+            vals = col[seen] if bool(seen.any()) else col
+            split[name].fill_(float(vals.float().median()) if vals.numel() else 0.0)
+        elif name.startswith("ifnd."):
+            split[name].fill_(-1.0)
+
+
+def score(
+    run: str | Path,
+    *,
+    checkpoint: str | None = None,
+    data: str | None = None,
+    max_samples: int = 10000,
+    max_anchors: int = 256,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+) -> Scores:
+    """Everything the report shows except the plots (see the module docstring)."""
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        ckpt = load_checkpoint(find_checkpoint(run, checkpoint))
+    except FileNotFoundError as e:
+        raise ReportError(str(e)) from e
+    cfg = from_dict(ckpt.config)
+    train_tables = read_tables(ckpt)  # before any encoding: a checkpoint without them fails fast
+    data_path = data or cfg.data.train
+    if not data_path:
+        raise ReportError(f"{ckpt.path}: the run's config names no data.train; pass --data")
+    if not Path(data_path).exists():
+        raise ReportError(
+            f"--data {data_path}: no such file or folder"
+            + ("" if data else " (the run's data.train; pass --data where the data is now)")
+        )
+    is_training = _same_path(data_path, cfg.data.train)
+    dataset = open_dataset(data_path, default_split="train")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    raw, skipped = collect(dataset, max_samples, need_caption=cfg.mode == "clip")
+    if len(raw) < 2:
+        raise ReportError(f"--data {data_path}: fewer than 2 usable samples")
+    feats, samples, bad = encode(ckpt, cfg.mode, raw, batch_size, dev, progress)
+    t1 = time.perf_counter()
+
+    labels = torch.tensor([s.label for s in samples])
+    has_labels = bool((labels >= 0).any())
+    train_objective = _objective(cfg, train_tables, has_labels)
+    load_tables(train_tables, ckpt.path / TABLES_FILE)
+    notes: list[str] = []
+    index = torch.tensor([s.index for s in samples])
+    if is_training and (index < 0).any():
+        raise ReportError(f"--data {data_path}: its samples carry no dataset index")
+    if is_training and int(index.max()) >= train_tables.num_rows:
+        raise ReportError(
+            f"--data {data_path}: dataset index {int(index.max())} is outside the checkpoint's "
+            f"{train_tables.num_rows} table rows; was the training data rebuilt?"
+        )
+    if is_training:
+        objective = train_objective
+    else:
+        index = torch.arange(len(samples))
+        split_tables = StateTables(len(samples), "cpu")
+        objective = _objective(cfg, split_tables, has_labels)
+        _fill_split_tables(train_tables, split_tables)
+        notes.append(
+            f"{data_path} is not the run's training data ({cfg.data.train}): its samples have "
+            "no thresholds of their own. GloFND's flags use the median learned threshold for "
+            "every anchor; IFND's pseudo-labels belong to training samples and flag nothing here."
+        )
+    det = objective.detector
+    epoch = int(ckpt.epoch or 0)
+    if not det.masking(epoch) and det.name != "none":
+        notes.append(
+            f"At epoch {epoch} of the checkpoint the detector does not flag yet "
+            f"(fnd.start_mask={cfg.fnd.start_mask}); shown: what its state would flag from "
+            f"epoch {cfg.fnd.start_mask} on."
+        )
+        epoch = max(epoch, cfg.fnd.start_mask)
+    scores = Scores(
+        ckpt=ckpt,
+        cfg=cfg,
+        data_path=str(data_path),
+        is_training=is_training,
+        samples=samples,
+        classnames=dataset.classnames,
+        detector=det.name,
+        epoch=epoch,
+        notes=notes,
+        skipped=skipped + bad,
+        features=feats,
+    )
+    rng = random.Random(seed)
+    anchors = sorted(rng.sample(range(len(samples)), min(max_anchors, len(samples))))
+    flag_anchors(scores, objective, feats, index, labels, anchors, dev, progress)
+    t2 = time.perf_counter()
+    confidence(scores, train_tables, index if is_training else None)
+    ifnd_clusters(scores, train_tables, index if is_training else None, cfg)
+    scores.seconds = {"encode": t1 - t0, "flags": t2 - t1, "total": time.perf_counter() - t0}
+    return scores
+
+
+def columns_of(mode: str) -> dict[str, str]:
+    """Which features an anchor type is compared with: its negatives' modality."""
+    return {"img": "txt", "txt": "img"} if mode == "clip" else {"view": "view"}
+
+
+@torch.no_grad()
+def flag_anchors(
+    scores: Scores,
+    objective: Objective,
+    feats: dict[str, torch.Tensor],
+    index: torch.Tensor,
+    labels: torch.Tensor,
+    anchors: list[int],
+    device: torch.device,
+    progress: bool,
+    chunk: int = 128,
+    nearest: int = 3,
+) -> None:
+    """Flags of every anchor against all encoded samples, by the run's detector; per-label
+    true/false positives and misses when labels exist."""
+    det = objective.detector
+    cols = columns_of(scores.cfg.mode)
+    n = len(scores.samples)
+    dev_index, dev_labels = index.to(device), labels.to(device)
+    has_labels = bool((labels >= 0).any())
+    thresholds = {}
+    for t in cols:
+        name = f"glofnd.lambda_{t}"
+        if name in objective.tables:
+            thresholds[t] = objective.tables.rows(name, index).float()
+    out: dict[str, list[AnchorFlags]] = {t: [] for t in cols}
+    per_label: dict[int, list[int]] = {}
+    bar = tqdm(total=len(anchors), desc="report: flags", unit="anchor", disable=not progress)
+    for start in range(0, len(anchors), chunk):
+        rows = torch.tensor(anchors[start : start + chunk], device=device)
+        sims = {t: feats[t][rows] @ feats[c].T for t, c in cols.items()}
+        truth = None
+        if has_labels:
+            same = same_label(dev_labels[rows], dev_labels, rows)
+            truth = {t: same for t in cols}
+        found = det.detect(
+            DetectionInput(
+                sims,
+                rows,
+                dev_index[rows],
+                truth,
+                None,
+                n - 1,
+                scores.epoch,
+                1,
+                dev_index,
+            )
+        )
+        for t in cols:
+            flags = found.flags.get(t)
+            if flags is None:
+                flags = torch.zeros_like(sims[t], dtype=torch.bool)
+            for i, r in enumerate(rows.tolist()):
+                f = flags[i]
+                s = sims[t][i]
+                order = torch.argsort(s[f], descending=True)
+                flagged_rows = f.nonzero().squeeze(1)[order]
+                not_flagged = s.clone()
+                not_flagged[f] = -math.inf
+                not_flagged[r] = -math.inf
+                top = torch.topk(not_flagged, min(nearest, n - 1))
+                same_n = -1
+                if truth is not None:
+                    tr = truth[t][i]
+                    same_n = int(tr.sum())
+                    lab = int(labels[r])
+                    if lab >= 0:
+                        c = per_label.setdefault(lab, [0, 0, 0])
+                        c[0] += int((f & tr).sum())
+                        c[1] += int((f & ~tr).sum())
+                        c[2] += int((~f & tr).sum())
+                out[t].append(
+                    AnchorFlags(
+                        row=r,
+                        anchor_type=t,
+                        threshold=float(thresholds[t][r]) if t in thresholds else None,
+                        positive=float(s[r]) if scores.cfg.mode == "clip" else None,
+                        flagged=[(int(j), float(s[j])) for j in flagged_rows.tolist()],
+                        nearest=[
+                            (int(j), float(v))
+                            for v, j in zip(top.values.tolist(), top.indices.tolist())
+                            if v > -math.inf
+                        ],
+                        same_label=same_n,
+                    )
+                )
+        bar.update(len(rows))
+    bar.close()
+    scores.flags = out
+    scores.per_label = dict(sorted(per_label.items()))
+
+
+def confidence(scores: Scores, tables: StateTables, index: torch.Tensor | None, k: int = 6) -> None:
+    """GloFND's learned thresholds: all of them (the histogram) and, among the encoded
+    training samples, the ``k`` highest and lowest."""
+    for t in columns_of(scores.cfg.mode):
+        name = f"glofnd.lambda_{t}"
+        if name not in tables:
+            continue
+        seen = tables[f"glofnd.count_{t}"] > 0
+        scores.thresholds[t] = tables[name][seen].float()
+        if index is None:
+            continue
+        lam = tables.rows(name, index).float()
+        learned = tables.rows(f"glofnd.count_{t}", index) > 0
+        rows = learned.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        order = rows[torch.argsort(lam[rows], descending=True)].tolist()
+        scores.confident[t] = (
+            [scores.samples[r] for r in order[:k]],
+            [scores.samples[r] for r in order[::-1][:k]],
+            lam,
+        )
+
+
+def ifnd_clusters(
+    scores: Scores,
+    tables: StateTables,
+    index: torch.Tensor | None,
+    cfg: Config,
+    num: int = 4,
+    members: int = 12,
+) -> None:
+    """IFND runs: the largest clusters of the coarsest granularity among the encoded training
+    samples, with their members, whether each is accepted, and their labels' agreement."""
+    name = "ifnd.cluster_0"
+    if index is None or name not in tables:
+        return
+    cluster = tables.rows(name, index).long()
+    accepted = tables.rows("ifnd.label_0", index) >= 0
+    conf = tables.rows("ifnd.confidence_0", index).float()
+    ids, counts = torch.unique(cluster[cluster >= 0], return_counts=True)
+    for c in ids[torch.argsort(counts, descending=True)][:num].tolist():
+        rows = (cluster == c).nonzero().squeeze(1)
+        rows = rows[torch.argsort(conf[rows], descending=True)]
+        labels = [scores.samples[r].label for r in rows.tolist()]
+        known = [x for x in labels if x >= 0]
+        top = max(set(known), key=known.count) if known else None
+        scores.clusters.append(
+            {
+                "cluster": c,
+                "granularity": cfg.fnd.num_clusters[0],
+                "size": int(rows.numel()),
+                "accepted": int(accepted[rows].sum()),
+                "purity": known.count(top) / len(known) if known else None,
+                "majority": top,
+                "members": [
+                    (scores.samples[r], bool(accepted[r]), float(conf[r]))
+                    for r in rows[:members].tolist()
+                ],
+            }
+        )
