@@ -66,9 +66,14 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant (both after linear warmup)
     warmup_steps: int = 50  # linear warmup from optim.lr/warmup_steps (step 1) to optim.lr
     grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
-    # micro-batches per optimiser step (negatives stay per micro-batch); every step belongs to
-    # one epoch: micro-batches left at an epoch's end that cannot fill a step are not used
+    # micro-batches per optimiser step; every step belongs to one epoch: micro-batches left at
+    # an epoch's end that cannot fill a step are not used
     accum_steps: int = 1
+    # cached: the micro-batches are one batch (open_clip's --accum-freq: features cached
+    # without gradients, then a forward with gradients per micro-batch; the loss, the flags and
+    # the estimators see the whole window) | independent: each micro-batch is its own batch
+    # (negatives within it; no extra forward)
+    accum_mode: str = "cached"
 
 
 @dataclass
@@ -174,6 +179,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_error": ("skip", "raise"),
     "optim.name": ("adamw", "sgd", "lars"),
     "optim.schedule": ("cosine", "constant"),
+    "optim.accum_mode": ("cached", "independent"),
     "loss.name": tuple(METHODS),  # the registries: adding a method or detector needs no line here
     "loss.tau_schedule": ("model", "fastclip"),
     "fnd.bias_correction": ("sample", "epoch"),

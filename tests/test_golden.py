@@ -45,9 +45,10 @@ RUNS = {
     "demo_clip_glofnd": [],
     "fastclip_v3_glofnd": ["loss.name=fastclip_v3", "loss.gamma_decay_epochs=2"],
     "sogclr_oracle_attract": ["loss.name=sogclr", "fnd.detector=oracle", "fnd.removal=attract"],
-    "clip_glofnd_attract_accum": [
+    "clip_glofnd_attract_accum": [  # recorded before cached accumulation became the default
         "fnd.removal=attract",
         "optim.accum_steps=2",
+        "optim.accum_mode=independent",
         "train.max_steps=6",
     ],
 }

@@ -26,6 +26,8 @@ its first occurrence in the gathered batch (``StateTables.write_rows``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -80,11 +82,77 @@ class Objective:
         )
         self.method = METHODS[cfg.loss.name](cfg, tables, self.anchor_types)
 
+    def features(
+        self, model: torch.nn.Module, batch: dict, device: torch.device
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """``(per-sample feature tensors, each [b, d]; logit_scale)`` of one batch."""
+        raise NotImplementedError
+
+    def loss_from(
+        self,
+        feats: tuple[torch.Tensor, ...],
+        logit_scale: torch.Tensor,
+        index: torch.Tensor,
+        label: torch.Tensor,
+        epoch: int,
+        measure: bool,
+    ) -> StepOutput:
+        """This rank's loss and rows from ``features``' output (rows in the same order)."""
+        raise NotImplementedError
+
     def batch_loss(
         self, model: torch.nn.Module, batch: dict, device: torch.device, epoch: int, measure: bool
     ) -> StepOutput:
         """Forward ``batch`` through ``model`` and return this rank's loss and rows."""
-        raise NotImplementedError
+        feats, logit_scale = self.features(model, batch, device)
+        return self.loss_from(
+            feats, logit_scale, batch["index"].to(device), batch["label"].to(device), epoch, measure
+        )
+
+    def accumulated(
+        self,
+        model: torch.nn.Module,
+        batches: list[dict],
+        device: torch.device,
+        epoch: int,
+        measure: bool,
+        backward: Callable[[torch.Tensor], None],
+        sync: Callable[[bool], AbstractContextManager],
+        all_finite: Callable[[torch.Tensor], bool],
+    ) -> StepOutput | None:
+        """One optimiser step's loss and gradients over ``k = len(batches)`` micro-batches, as
+        if they were one batch (open_clip's ``--accum-freq``): the loss, the detector's flags
+        and updates and the method's estimators all see the whole accumulated batch.
+
+        A forward without gradients caches every micro-batch's features; then, micro-batch by
+        micro-batch, a forward with gradients replaces its cached rows, the loss over the
+        whole accumulated batch is computed and ``backward`` runs. The sum of the ``k``
+        backward passes is the gradient of the whole batch's loss: each pass carries the
+        gradient through one micro-batch's features, and the temperature's (a term that does
+        not go through features) only in the last pass, the one whose gradients are
+        synchronised (``sync(last)`` is DDP's ``no_sync`` for the others). The inputs (the
+        augmented views) are the same tensors in both forwards. Returns the last pass's
+        output (its rows are committed by the caller), or None when the loss is not finite
+        on some rank (``all_finite``; nothing was backpropagated then).
+        """
+        k = len(batches)
+        with torch.no_grad():
+            cached = [self.features(model, b, device)[0] for b in batches]
+        index = torch.cat([b["index"] for b in batches]).to(device)
+        label = torch.cat([b["label"] for b in batches]).to(device)
+        out = None
+        for j, batch in enumerate(batches):
+            last = j == k - 1
+            with sync(last):
+                live, logit_scale = self.features(model, batch, device)
+                parts = [live if i == j else cached[i] for i in range(k)]
+                feats = tuple(torch.cat([p[c] for p in parts]) for c in range(len(live)))
+                scale = logit_scale if last else logit_scale.detach()
+                out = self.loss_from(feats, scale, index, label, epoch, measure and last)
+                if not all_finite(out.loss.detach()):
+                    return None
+                backward(out.loss)
+        return out
 
     def commit(self, outs: StepOutput | list[StepOutput]) -> None:
         """Write the new rows of one or more micro-batches (one optimiser step) into every
@@ -111,19 +179,12 @@ class Objective:
 class ClipObjective(Objective):
     """Loss of one batch for CLIP training, with optional false-negative detection."""
 
-    def batch_loss(
-        self, model: torch.nn.Module, batch: dict, device: torch.device, epoch: int, measure: bool
-    ) -> StepOutput:
+    def features(self, model, batch, device):
         out = model(image=batch["image"].to(device), text=batch["text"].to(device))
-        return self(
-            out["image_features"],
-            out["text_features"],
-            out["logit_scale"],
-            batch["index"].to(device),
-            batch["label"].to(device),
-            epoch,
-            measure=measure,
-        )
+        return (out["image_features"], out["text_features"]), out["logit_scale"]
+
+    def loss_from(self, feats, logit_scale, index, label, epoch, measure):
+        return self(feats[0], feats[1], logit_scale, index, label, epoch, measure=measure)
 
     def __call__(
         self,
@@ -216,16 +277,16 @@ class SimCLRObjective(Objective):
 
     anchor_types = ("view",)
 
-    def batch_loss(
-        self, model: torch.nn.Module, batch: dict, device: torch.device, epoch: int, measure: bool
-    ) -> StepOutput:
+    def features(self, model, batch, device):
         image = batch["image"].to(device)  # [b, 2, C, H, W]
+        b = image.shape[0]
         views = image.transpose(0, 1).reshape(-1, *image.shape[2:])  # [2b, C, H, W]
         z = model(views)
         logit_scale = getattr(model, "module", model).logit_scale.exp()  # DDP wraps the model
-        return self(
-            z, logit_scale, batch["index"].to(device), batch["label"].to(device), epoch, measure
-        )
+        return (z[:b], z[b:]), logit_scale  # view 1, view 2 of each image
+
+    def loss_from(self, feats, logit_scale, index, label, epoch, measure):
+        return self(torch.cat(feats), logit_scale, index, label, epoch, measure)
 
     def __call__(
         self,

@@ -48,34 +48,50 @@ class StepResult:
 def optimizer_step(cfg: Config, s: Setup, batches, epoch: int, logged: bool) -> StepResult:
     """One optimiser step over ``optim.accum_steps`` micro-batches of ``batches``.
 
-    Each micro-batch: forward, objective, a finite check agreed by every rank, backward (the
-    gradient of the mean over micro-batches; DDP synchronises on the last one only). Then the
+    With ``optim.accum_mode=cached`` (the default) the micro-batches form one batch: features
+    cached without gradients, then a forward with gradients per micro-batch and the loss over
+    the whole window (``Objective.accumulated``). With ``independent``, each micro-batch is
+    its own batch: forward, objective, backward of the mean over micro-batches. Either way a
+    finite check agreed by every rank precedes each backward, and DDP synchronises on the
+    last backward only. Then the
     clipped gradient-norm check and the update. The per-sample rows every micro-batch
     computed are held and committed in one write only when the update is really taken: a
     skipped step (non-finite loss in any micro-batch, non-finite gradient, fp16 overflow)
     leaves the weights and every table exactly as they were.
     """
     acc, model, k = s.accelerator, s.model, cfg.optim.accum_steps
-    held: list[StepOutput] = []
-    poisoned = False
-    for micro in range(k):
+    window = []
+    for _ in range(k):  # the whole window first: every rank agrees that it is there
         batch = next(batches, None)
         if not distributed.all_true(batch is not None, acc.device):
             # some rank ran out of data: every rank drops the window
             s.optimizer.zero_grad(set_to_none=True)
             return StepResult("no_data")
-        if poisoned:
-            continue  # the step is lost; its micro-batches are still read, so the data position holds
-        sync = contextlib.nullcontext() if micro == k - 1 else acc.no_sync(model)
-        with sync:
-            res = s.objective.batch_loss(model, batch, acc.device, epoch, measure=logged)
-            # every rank takes the same branch: no rank waits alone in a backward collective
-            if distributed.all_true(bool(torch.isfinite(res.loss.detach())), acc.device):
+        window.append(batch)
+
+    def all_finite(loss: torch.Tensor) -> bool:
+        # every rank takes the same branch: no rank waits alone in a backward collective
+        return distributed.all_true(bool(torch.isfinite(loss)), acc.device)
+
+    def sync(last: bool):
+        return contextlib.nullcontext() if last else acc.no_sync(model)
+
+    held: list[StepOutput] = []
+    if k > 1 and cfg.optim.accum_mode == "cached":
+        out = s.objective.accumulated(
+            model, window, acc.device, epoch, logged, acc.backward, sync, all_finite
+        )
+        held = [out] if out is not None else []
+    else:  # one micro-batch, or independent micro-batches (negatives within each)
+        for micro, batch in enumerate(window):
+            with sync(micro == k - 1):
+                res = s.objective.batch_loss(model, batch, acc.device, epoch, measure=logged)
+                if not all_finite(res.loss.detach()):
+                    held = []
+                    break
                 acc.backward(res.loss / k)
                 held.append(res)
-            else:
-                poisoned = True
-    if poisoned:
+    if not held:
         s.optimizer.zero_grad(set_to_none=True)
         return StepResult("skipped")
     # the gradients are synchronised, so every rank sees the same norm; a gradient scaler
