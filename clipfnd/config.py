@@ -35,6 +35,14 @@ class ModelConfig:
     proj_hidden: int = 2048  # simclr: hidden width of the projection MLP
     proj_dim: int = 128  # simclr: output width of the projection MLP (what the loss compares)
     small_images: bool = False  # simclr, ResNets: 3x3 stride-1 stem, no max-pool (32 px inputs)
+    # clip: freeze a tower, as open_clip's --lock-image / --lock-text (LiT): frozen parameters
+    # get no gradient and no optimiser state
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0  # the last N layer groups of the image tower stay trained
+    lock_image_freeze_bn_stats: bool = False  # also freeze BatchNorm statistics (ResNet towers)
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0  # the last N layers of the text tower stay trained
+    lock_text_freeze_layer_norm: bool = True  # keep LayerNorms of the locked text layers frozen
 
 
 @dataclass
@@ -134,6 +142,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5  # skipped non-finite steps in a row before the run stops
     progress: bool = True
+    # activation (gradient) checkpointing in the towers: less memory, one more forward in the
+    # backward pass (open_clip's --grad-checkpointing; towers that support it)
+    grad_checkpointing: bool = False
     # where the scalars of metrics.jsonl also go, through Accelerate's trackers: tensorboard
     # (RUN/tensorboard) | wandb (pip install 'clipfnd[wandb]'; WANDB_MODE=offline works without
     # a network) | none; several comma-separated, e.g. "tensorboard,wandb"
@@ -308,6 +319,15 @@ def validate(cfg: Config) -> None:
             )
     if cfg.mode == "simclr":
         _validate_simclr(cfg)
+        locks = [k for k in ("lock_image", "lock_text") if getattr(cfg.model, k)]
+        if locks:
+            raise ConfigError(
+                f"model.{locks[0]} freezes a tower of a CLIP model (mode clip); a vision-only "
+                "run trains its one encoder"
+            )
+    for key in ("model.lock_image_unlocked_groups", "model.lock_text_unlocked_layers"):
+        if get(key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {get(key)}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
@@ -443,3 +463,52 @@ def from_dict(d: dict[str, Any]) -> Config:
     except OmegaConfBaseException as e:
         raise _friendly(e, "saved config") from e
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """``(dotted key, default, what it is)`` for every key of the schema, in schema order; the
+    text is the key's comment in this file (the line's own, else the comment lines above it),
+    so ``clipfnd train --help`` and the schema never disagree."""
+    import dataclasses
+    import inspect
+    import io
+    import tokenize
+
+    def comments(cls: type) -> dict[str, str]:
+        src = inspect.getsource(cls)
+        out: dict[str, str] = {}
+        above: list[str] = []
+        lines: dict[int, str] = {}
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                lines[tok.start[0]] = tok.string.lstrip("#").strip()
+        for i, line in enumerate(src.splitlines(), start=1):
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(lines.get(i, ""))
+                continue
+            name = stripped.split(":", 1)[0].strip()
+            if ":" in stripped and name.isidentifier():
+                own = lines.get(i)
+                out[name] = own if own else " ".join(above)
+            above = []
+        return out
+
+    def walk(cls: type, prefix: str) -> list[tuple[str, str, str]]:
+        notes = comments(cls)
+        rows = []
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            else:
+                default = f.default
+            if dataclasses.is_dataclass(default):
+                rows += walk(type(default), f"{prefix}{f.name}.")
+                continue
+            if f.name == "tensorboard":  # the deprecated key
+                continue
+            text = "(required)" if default is MISSING else repr(default)
+            rows.append((f"{prefix}{f.name}", text.replace("'", ""), notes.get(f.name, "")))
+        return rows
+
+    return walk(Config, "")

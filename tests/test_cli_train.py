@@ -111,3 +111,20 @@ def test_a_second_run_in_a_held_run_folder_is_refused_naming_the_holder(shapes, 
         holder.kill()  # the OS drops a killed holder's lock
         holder.wait()
     assert main(_args(shapes, run)) == 0
+
+
+def test_train_help_lists_every_config_key_with_its_default(capsys):
+    from clipfnd.config import Config, describe_keys
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    rows = describe_keys()
+    assert len(rows) > 80
+    for key, default, _ in rows:
+        assert f"  {key} " in out and default in out, key
+    for section in Config.__dataclass_fields__:
+        assert any(k == section or k.startswith(section + ".") for k, _, _ in rows), section
+    assert "data.batch_size is the GLOBAL batch" in out and "--batch-size is per GPU" in out
+    assert "optim.accum_mode" in out and "open_clip's --accum-freq" in out

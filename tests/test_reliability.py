@@ -106,7 +106,8 @@ def test_missing_shard_and_indivisible_batch_are_refused_at_start(shapes, tmp_pa
     proc = launch(cfg, processes=2, timeout=120, expect_ok=False)
     assert (
         proc.returncode != 0
-        and "data.batch_size=63 (the global batch) does not divide by 2" in proc.stderr
+        and "data.batch_size=63 (the global batch, all processes together; open_clip's --batch-size is per GPU) does not divide by 2"
+        in proc.stderr
     )
 
 

@@ -118,7 +118,9 @@ def test_resume_with_another_config_is_refused(two_process_run, tmp_path):
 
 
 def test_bf16_with_gradient_accumulation_trains(shapes, tmp_path):
-    """Mixed precision through Accelerate and 2 micro-batches per optimiser step."""
+    """Mixed precision through Accelerate and 2 micro-batches per optimiser step, cached (one
+    batch of 128 across them) on 2 DDP processes: the passes under ``no_sync`` and the last,
+    synchronised one."""
     run = tmp_path / "run"
     cfg = write_config(
         tmp_path / "c.yaml",
@@ -133,7 +135,7 @@ def test_bf16_with_gradient_accumulation_trains(shapes, tmp_path):
     )
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')  # left by a killed attempt
-    launch(cfg, processes=1)
+    launch(cfg, processes=2)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8  # 16 micro-batches of 64 -> 8 optimiser steps
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -36,6 +36,38 @@ def _setup_logging() -> None:
         handler.addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
 
 
+class ConfigKeysHelp(argparse.Action):
+    """``clipfnd train --help``: the usage, then every config key with its default and what it
+    is, from the schema (built only when asked: the schema imports torch)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, **kw):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import textwrap
+
+        from ..config import describe_keys
+
+        rows = describe_keys()
+        width = max(len(k) for k, _, _ in rows) + 2
+        lines = [
+            "config keys (key default: what it is); set them in the YAML file or as key=value:",
+            "",
+            "  data.batch_size is the GLOBAL batch, all processes together. open_clip's "
+            "--batch-size is per GPU:",
+            "  data.batch_size = open_clip's --batch-size x the number of processes.",
+            "",
+        ]
+        for key, default, text in rows:
+            head = f"  {key:<{width}}{default}"
+            lines.append(head)
+            if text:
+                lines += textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        parser.epilog = "\n".join(lines)
+        parser.print_help()
+        parser.exit()
+
+
 # --- data ----------------------------------------------------------------------------------
 def cmd_data_synthetic(a: argparse.Namespace) -> int:
     from data_pipelines import synthetic
@@ -258,7 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir", help="a shard folder with manifest.json")
     v.set_defaults(func=cmd_data_verify)
 
-    t = sub.add_parser("train", help="train from a YAML config with key=value overrides")
+    t = sub.add_parser(
+        "train",
+        help="train from a YAML config with key=value overrides",
+        description="Train from a YAML config, with dotted key=value overrides. Launch with "
+        "`accelerate launch [flags] -m clipfnd train ...` for several processes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    t.add_argument("-h", "--help", action=ConfigKeysHelp, help="this help, with every config key")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
     t.set_defaults(func=cmd_train)

@@ -6,8 +6,10 @@ from .factory import (
     available_models,
     check_model_name,
     create_clip,
+    lock_towers,
     model_config,
     register_builtin_configs,
+    set_grad_checkpointing,
 )
 
 __all__ = [
@@ -16,6 +18,8 @@ __all__ = [
     "available_models",
     "check_model_name",
     "create_clip",
+    "lock_towers",
     "model_config",
     "register_builtin_configs",
+    "set_grad_checkpointing",
 ]

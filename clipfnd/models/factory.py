@@ -84,6 +84,47 @@ def create_clip(
     return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, name)
 
 
+def lock_towers(
+    model: torch.nn.Module,
+    *,
+    lock_image: bool = False,
+    image_unlocked_groups: int = 0,
+    image_freeze_bn_stats: bool = False,
+    lock_text: bool = False,
+    text_unlocked_layers: int = 0,
+    text_freeze_layer_norm: bool = True,
+) -> None:
+    """Freeze the image and/or text tower with open_clip's own ``lock_image_tower`` /
+    ``lock_text_tower`` (as its ``--lock-image`` / ``--lock-text`` flags do)."""
+    if lock_image:
+        model.lock_image_tower(
+            unlocked_groups=image_unlocked_groups, freeze_bn_stats=image_freeze_bn_stats
+        )
+    if lock_text:
+        if not hasattr(model, "lock_text_tower"):
+            raise UserError(f"{type(model).__name__} has no text tower to lock (model.lock_text)")
+        model.lock_text_tower(
+            unlocked_layers=text_unlocked_layers, freeze_layer_norm=text_freeze_layer_norm
+        )
+
+
+def set_grad_checkpointing(model: torch.nn.Module, name: str) -> None:
+    """Activation checkpointing in every tower that supports it (open_clip's towers do)."""
+    target = getattr(model, "module", model)
+    if not hasattr(target, "set_grad_checkpointing"):
+        raise UserError(
+            f"train.grad_checkpointing: model {name!r} ({type(target).__name__}) does not "
+            "support activation checkpointing"
+        )
+    try:
+        target.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError) as e:
+        raise UserError(
+            f"train.grad_checkpointing: model {name!r} does not support activation "
+            f"checkpointing ({e or type(e).__name__})"
+        ) from e
+
+
 def model_config(name: str) -> dict[str, Any]:
     register_builtin_configs()
     cfg = open_clip.get_model_config(name)

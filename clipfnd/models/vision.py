@@ -105,6 +105,14 @@ class SimCLRModel(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in the backbone, where it has it (open_clip towers)."""
+        if not hasattr(self.backbone, "set_grad_checkpointing"):
+            raise NotImplementedError(
+                f"the {type(self.backbone).__name__} backbone has no activation checkpointing"
+            )
+        self.backbone.set_grad_checkpointing(enable)
+
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         f = self.features(images)
         return F.normalize(f, dim=-1) if normalize else f

@@ -48,8 +48,8 @@ from ..checkpoints import (
     tmp_path,
     verify_checksums,
 )
-from ..config import Config, ConfigError, to_dict
-from ..errors import CheckpointError
+from ..config import Config, ConfigError, from_dict, to_dict
+from ..errors import CheckpointError, UserError
 from .schedule import optimizer_steps_in_epoch
 
 if TYPE_CHECKING:
@@ -96,11 +96,19 @@ RESUME_KEYS = (
     "seed",
     "loss.name",
     "fnd.detector",
+    "model.lock_image",
+    "model.lock_image_unlocked_groups",
+    "model.lock_text",
+    "model.lock_text_unlocked_layers",
 )
 
 
 def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
     now = to_dict(cfg)
+    try:  # keys added to the schema after the checkpoint was written take their defaults
+        saved = to_dict(from_dict(saved))
+    except UserError:
+        pass
     out = []
     for key in RESUME_KEYS:
         a, b = saved, now

@@ -39,7 +39,7 @@ from .. import distributed
 from ..checkpoints import checkpoint_dir, find_latest, list_checkpoints
 from ..config import Config, ConfigError, eval_tasks, report_to, to_dict, to_yaml
 from ..methods import Method
-from ..models import check_model_name, create_clip
+from ..models import check_model_name, create_clip, lock_towers, set_grad_checkpointing
 from ..models.vision import Projections, vision_from_config
 from ..plots import PlotWriter
 from ..state import StateTables
@@ -184,8 +184,8 @@ def setup(cfg: Config) -> Setup:
     world = accelerator.num_processes
     if cfg.data.batch_size % world:
         raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} (the global batch) does not divide by "
-            f"{world} processes"
+            f"data.batch_size={cfg.data.batch_size} (the global batch, all processes together; "
+            f"open_clip's --batch-size is per GPU) does not divide by {world} processes"
         )
     set_seed(cfg.seed)
 
@@ -199,6 +199,19 @@ def setup(cfg: Config) -> Setup:
     else:
         bundle = vision_from_config(to_dict(cfg))
     model = bundle.model
+    if cfg.model.lock_image or cfg.model.lock_text:
+        m = cfg.model
+        lock_towers(
+            model,
+            lock_image=m.lock_image,
+            image_unlocked_groups=m.lock_image_unlocked_groups,
+            image_freeze_bn_stats=m.lock_image_freeze_bn_stats,
+            lock_text=m.lock_text,
+            text_unlocked_layers=m.lock_text_unlocked_layers,
+            text_freeze_layer_norm=m.lock_text_freeze_layer_norm,
+        )
+    if cfg.train.grad_checkpointing:
+        set_grad_checkpointing(model, cfg.model.name)
     table_device = "cpu" if cfg.fnd.state_on_cpu else accelerator.device
     tables = StateTables(shard_set.num_samples, table_device)
     objective = OBJECTIVES[cfg.mode](cfg, tables, has_labels=shard_set.num_labels > 0)
