@@ -30,7 +30,10 @@ class ModelConfig:
     # simclr: the image encoder, tiny (default) | resnet18 | resnet34 | resnet50 (torchvision,
     # random init) | an open_clip model's image tower
     name: str | None = None
-    pretrained: str | None = None  # a local weights file (.pt/.safetensors); never downloaded
+    # clip: a local weights file, or an open_clip pretrained tag of model.name (e.g. ViT-B-32 +
+    # laion2b_s34b_b79k, through the Hugging Face cache; HF_HUB_OFFLINE=1 once cached).
+    # model.name=hf-hub:org/repo or local-dir:DIR loads config and weights from there instead
+    pretrained: str | None = None
     init_logit_scale: float | None = None  # default: open_clip's log(1/0.07)
     proj_hidden: int = 2048  # simclr: hidden width of the projection MLP
     proj_dim: int = 128  # simclr: output width of the projection MLP (what the loss compares)
@@ -145,6 +148,10 @@ class TrainConfig:
     # activation (gradient) checkpointing in the towers: less memory, one more forward in the
     # backward pass (open_clip's --grad-checkpointing; towers that support it)
     grad_checkpointing: bool = False
+    # torch.compile of the model's forward (nn.Module.compile: the state dict keeps its keys, so
+    # checkpoints and exports are unchanged); independent of accelerate launch's --dynamo_backend
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend: inductor | aot_eager | ...
     # where the scalars of metrics.jsonl also go, through Accelerate's trackers: tensorboard
     # (RUN/tensorboard) | wandb (pip install 'clipfnd[wandb]'; WANDB_MODE=offline works without
     # a network) | none; several comma-separated, e.g. "tensorboard,wandb"

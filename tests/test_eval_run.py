@@ -491,3 +491,39 @@ def test_a_truncated_shard_is_named_and_the_rest_evaluated(data, tmp_path, caplo
         other.write_bytes(other.read_bytes()[:1100])  # cut inside the first sample
     with pytest.raises(DataError, match="no readable image.*unreadable"):
         run_eval(data["run"], options("retrieval", val), CPU)
+
+
+def test_cli_eval_of_a_stock_model_and_of_an_export_equals_the_checkpoint(data, tmp_path, capsys):
+    """``--model local-dir:EXPORT`` (and ``--model NAME --pretrained FILE``) measure the same
+    numbers as ``--checkpoint`` for the weights the export holds."""
+    common = ["--task", "zeroshot", "--data", str(data["cb_cls"]), "--num-workers", "0"]
+    common += ["--no-progress", "--device", "cpu"]
+    assert main(["eval", "--checkpoint", str(data["run"]), *common]) == 0
+    want = json.loads(capsys.readouterr().out)["metrics"]
+    export = tmp_path / "export"
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(data["run"]),
+                "--format",
+                "open_clip",
+                "--out",
+                str(export),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["eval", "--model", f"local-dir:{export}", *common]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["metrics"] == want and got["model"]["model_name"] == f"local-dir:{export}"
+    weights = str(export / "open_clip_model.safetensors")
+    assert main(["eval", "--model", "clipfnd-tiny-vit", "--pretrained", weights, *common]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == want
+    assert (
+        main(["eval", "--model", "clipfnd-tiny-vit", "--checkpoint", str(data["run"]), *common])
+        == 2
+    )
+    assert "not both" in capsys.readouterr().err

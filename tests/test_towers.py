@@ -115,3 +115,31 @@ def test_locks_are_for_clip_runs():
         load_config(None, ["data.train=x", "mode=simclr", "model.lock_image=true"])
     with pytest.raises(ConfigError, match="lock_text_unlocked_layers must be >= 0"):
         load_config(None, ["data.train=x", "model.lock_text_unlocked_layers=-1"])
+
+
+def test_a_compiled_step_agrees_with_an_eager_one(shapes, tmp_path):
+    """``train.compile``: the same step (seeded model, same batch) eager and through
+    torch.compile (backend aot_eager: dynamo's graph capture and AOTAutograd, without
+    inductor's C++ code generation, to stay fast on CI): the same loss and weights after."""
+    results = []
+    for compiled in (False, True):
+        cfg = _cfg(
+            shapes,
+            tmp_path / f"run{int(compiled)}",
+            f"train.compile={str(compiled).lower()}",
+            "train.compile_backend=aot_eager",
+            "seed=5",
+        )
+        s = setup(cfg)
+        batches = iter(s.stream.epoch(0))
+        r = optimizer_step(cfg, s, batches, 0, False)
+        assert r.status == "taken"
+        model = s.accelerator.unwrap_model(s.model)
+        results.append((r.losses[0].item(), {k: v.clone() for k, v in model.state_dict().items()}))
+        if compiled:
+            assert model._compiled_call_impl is not None
+    (l0, w0), (l1, w1) = results
+    assert l1 == pytest.approx(l0, abs=1e-5)
+    assert set(w0) == set(w1)  # compiling keeps the state dict's keys (checkpoints unchanged)
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], atol=1e-5, rtol=1e-4, msg=k)

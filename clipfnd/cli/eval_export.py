@@ -46,9 +46,22 @@ def cmd_eval(a: argparse.Namespace) -> int:
     out = Path(a.out) if a.out else None
     if out is not None:
         check_writable(out)  # before the encoding, not after it
+    if (a.checkpoint is None) == (a.model is None):
+        raise UserError("give --checkpoint (a run or checkpoint) or --model (a stock model), not both")
+    if a.pretrained is not None and a.model is None:
+        raise UserError("--pretrained goes with --model (a checkpoint holds its own weights)")
+    target = a.checkpoint
+    if a.model is not None:
+        from clipfnd_eval.run import EvalModel
+
+        from ..models import create_clip
+
+        bundle = create_clip(a.model, pretrained=a.pretrained)
+        bundle.model.eval()
+        target = EvalModel(bundle, {"model_name": a.model, "pretrained": a.pretrained})
     processes = setup_processes(a.device)
     try:
-        results = run_eval(a.checkpoint, opts, processes)
+        results = run_eval(target, opts, processes)
     finally:
         finish_processes()
     if processes.is_main:
@@ -109,8 +122,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument(
         "--checkpoint",
-        required=True,
+        default=None,
         help="a run directory (its newest checkpoint) or a checkpoint directory",
+    )
+    e.add_argument(
+        "--model",
+        default=None,
+        help="instead of --checkpoint: a stock open_clip model (e.g. ViT-B-32, with "
+        "--pretrained), hf-hub:org/repo, or local-dir:DIR (an export of `clipfnd export`)",
+    )
+    e.add_argument(
+        "--pretrained",
+        default=None,
+        help="with --model: an open_clip pretrained tag (from the Hugging Face cache) or a "
+        "weights file",
     )
     e.add_argument(
         "--task", required=True, choices=["retrieval", "zeroshot", "linear-probe", "knn"]

@@ -2,7 +2,12 @@
 
 clipfnd's small configs (``clipfnd-tiny-vit``, ``clipfnd-small-vit``) ship in
 ``clipfnd/models/model_configs`` and are registered with ``open_clip.add_model_config``.
-Weights are only ever read from local files; nothing is downloaded.
+
+Pretrained weights come through open_clip's own loading, as ``open_clip.create_model`` takes
+them: ``pretrained`` a local file or one of open_clip's pretrained tags for the model
+(``ViT-B-32`` + ``laion2b_s34b_b79k``, fetched into the Hugging Face cache); or the model
+named ``hf-hub:org/repo`` or ``local-dir:DIR`` (config and weights from there). With
+``HF_HUB_OFFLINE=1`` only what is cached is used, and a miss says what to fetch.
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ def available_models() -> list[str]:
     return open_clip.list_models()
 
 
+SCHEMAS = ("hf-hub:", "local-dir:")  # model names open_clip loads config and weights from
+
+
 def check_model_name(name: str) -> None:
     """Refuse an unknown model name with the closest known names."""
-    if name.startswith("local-dir:"):
+    if name.startswith(SCHEMAS):
         return
     models = available_models()
     if name not in models:
@@ -66,22 +74,73 @@ def create_clip(
 ) -> ClipBundle:
     """An open_clip CLIP model, its train/val image transforms and its tokenizer.
 
-    ``pretrained`` must be a local file (state dict, ``.pt`` or ``.safetensors``).
+    ``pretrained``: a local file (state dict, ``.pt``/``.bin``/``.safetensors``) or one of
+    open_clip's pretrained tags for ``name``; None with ``name`` ``hf-hub:``/``local-dir:``
+    (see the module docstring).
     """
     check_model_name(name)
-    if pretrained is not None and not Path(pretrained).exists():
-        raise FileNotFoundError(
-            f"model.pretrained={pretrained!r} does not exist (clipfnd loads weights only from "
-            "local files)"
+    check_pretrained(name, pretrained)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, output_dict=True
         )
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, device=device, output_dict=True
-    )
+    except (OSError, RuntimeError, ValueError) as e:
+        if pretrained is None and not name.startswith(SCHEMAS):
+            raise
+        raise UserError(_not_loaded(name, pretrained, e)) from e
     if init_logit_scale is not None:
         with torch.no_grad():
             model.logit_scale.fill_(float(init_logit_scale))
     tokenizer = open_clip.get_tokenizer(name)
     return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, name)
+
+
+def check_pretrained(name: str, pretrained: str | None) -> None:
+    """``pretrained`` must be a file or a tag open_clip knows for ``name``."""
+    if pretrained is None:
+        return
+    if name.startswith(SCHEMAS):
+        raise UserError(
+            f"model.pretrained={pretrained!r} with model.name={name!r}: the weights come from "
+            f"{name.split(':', 1)[0]}; leave model.pretrained unset"
+        )
+    if Path(pretrained).is_file():
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained in tags:
+        return
+    looks_like_path = any(c in pretrained for c in "/\\") or Path(pretrained).suffix != ""
+    what = "no such file" if looks_like_path else "neither a file nor a pretrained tag"
+    known = f"its tags: {', '.join(tags)}" if tags else "open_clip has no pretrained tags for it"
+    raise UserError(f"model.pretrained={pretrained!r} for model {name!r}: {what} ({known})")
+
+
+def _not_loaded(name: str, pretrained: str | None, e: Exception) -> str:
+    """What to do when open_clip could not load a pretrained model."""
+    import os
+
+    from huggingface_hub import constants
+
+    what = f"{name} with pretrained={pretrained}" if pretrained else name
+    repo = None
+    if name.startswith("hf-hub:"):
+        repo = name[len("hf-hub:") :]
+    elif pretrained and not Path(pretrained).is_file():
+        repo = (open_clip.get_pretrained_cfg(name, pretrained) or {}).get("hf_hub", "").strip("/")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first.split(" Last error:")[0].rstrip(".")[:300]  # open_clip's wrapper, not the cause
+    msg = f"could not load {what}: {first}"
+    if name.startswith("local-dir:"):
+        return msg + " (local-dir: needs open_clip_config.json and the weights in that folder)"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    fetch = f" (e.g. `huggingface-cli download {repo}`)" if repo else ""
+    if offline:
+        return (
+            msg + f". HF_HUB_OFFLINE is set and it is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}): fetch it once with network access{fetch}, then run "
+            "offline"
+        )
+    return msg + f". Check the network access to the Hugging Face Hub, or fetch it{fetch}"
 
 
 def lock_towers(

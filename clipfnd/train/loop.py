@@ -38,6 +38,7 @@ from data_pipelines.loader import EpochIterator, LoaderState, ShardStream
 from .. import distributed
 from ..checkpoints import checkpoint_dir, find_latest, list_checkpoints
 from ..config import Config, ConfigError, eval_tasks, report_to, to_dict, to_yaml
+from ..errors import UserError
 from ..methods import Method
 from ..models import check_model_name, create_clip, lock_towers, set_grad_checkpointing
 from ..models.vision import Projections, vision_from_config
@@ -131,6 +132,22 @@ def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None
     accelerator.wait_for_everyone()
 
 
+def main_process_first(accelerator: Accelerator, build):
+    """``build()`` on process 0 first (a pretrained download lands in the cache once), then on
+    the others; a failure on process 0 is raised on every process, so none waits alone."""
+    err = None
+    out = None
+    if accelerator.is_main_process:
+        try:
+            out = build()
+        except UserError as e:
+            err = str(e)
+    err = distributed.broadcast_object(err)
+    if err is not None:
+        raise UserError(err)
+    return out if accelerator.is_main_process else build()
+
+
 def trackers(cfg: Config) -> list:
     """Accelerate's trackers for ``train.report_to``: TensorBoard logs in ``RUN/tensorboard``;
     a wandb run named after the run folder, its files in ``RUN/wandb`` (project
@@ -191,10 +208,13 @@ def setup(cfg: Config) -> Setup:
 
     shard_set = load_shard_set(cfg.data.train)
     if cfg.mode == "clip":
-        bundle = create_clip(
-            cfg.model.name,
-            pretrained=cfg.model.pretrained,
-            init_logit_scale=cfg.model.init_logit_scale,
+        bundle = main_process_first(
+            accelerator,
+            lambda: create_clip(
+                cfg.model.name,
+                pretrained=cfg.model.pretrained,
+                init_logit_scale=cfg.model.init_logit_scale,
+            ),
         )
     else:
         bundle = vision_from_config(to_dict(cfg))
@@ -212,6 +232,8 @@ def setup(cfg: Config) -> Setup:
         )
     if cfg.train.grad_checkpointing:
         set_grad_checkpointing(model, cfg.model.name)
+    if cfg.train.compile:
+        model.compile(backend=cfg.train.compile_backend)  # forward only; same state-dict keys
     table_device = "cpu" if cfg.fnd.state_on_cpu else accelerator.device
     tables = StateTables(shard_set.num_samples, table_device)
     objective = OBJECTIVES[cfg.mode](cfg, tables, has_labels=shard_set.num_labels > 0)
