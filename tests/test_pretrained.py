@@ -98,5 +98,7 @@ def test_what_is_missing_is_said(hf_cache):
 
 def test_a_cached_tag_that_is_missing_names_the_repo(hf_cache):
     # a real open_clip tag, never in this test's cache: offline, the message names the repo
-    with pytest.raises(UserError, match=r"huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K"):
+    with pytest.raises(
+        UserError, match=r"huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    ):
         create_clip("ViT-B-32", pretrained="laion2b_s34b_b79k")

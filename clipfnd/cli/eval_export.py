@@ -47,7 +47,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if out is not None:
         check_writable(out)  # before the encoding, not after it
     if (a.checkpoint is None) == (a.model is None):
-        raise UserError("give --checkpoint (a run or checkpoint) or --model (a stock model), not both")
+        raise UserError(
+            "give --checkpoint (a run or checkpoint) or --model (a stock model), not both"
+        )
     if a.pretrained is not None and a.model is None:
         raise UserError("--pretrained goes with --model (a checkpoint holds its own weights)")
     target = a.checkpoint
