@@ -39,6 +39,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/glofnd_overhead.py
+	$(PY) benchmarks/accumulation.py --batch 512 --k 4 --steps 3 --rounds 2 --glofnd
 
 clean:
 	rm -rf runs data

@@ -7,7 +7,8 @@ independent micro-batches), measured side by side.
 Each setting runs in its own process (so its peak memory is its own), rounds alternate the
 settings' order, and the script prints per step: the median time, the ratio to the plain
 batch, and the peak memory the steps added (on CUDA ``max_memory_allocated``; on the CPU the
-growth of the process's peak resident set over its size before the first step).
+growth of the process's peak resident set over its size before the first step, which
+includes the optimiser's state, the same in every setting).
 
 - ``plain``: one batch of ``batch`` samples (what fits when memory allows);
 - ``cached``: ``k`` micro-batches of ``batch / k``, ``optim.accum_mode=cached`` (the same
@@ -91,11 +92,13 @@ def one(setting: str, a: argparse.Namespace) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    step(0)  # warm-up (allocations, lazy init)
+    # the baseline before any step: weights, inputs, the interpreter (the optimiser's state,
+    # allocated by the first step, counts in the peak: the same in every setting)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(0)  # warm-up (allocations, lazy init)
     times = []
     for s in range(1, a.steps + 1):
         t0 = time.perf_counter()

@@ -83,6 +83,7 @@ def test_shipped_configs_validate():
     from pathlib import Path
 
     from clipfnd.models import check_model_name
+    from clipfnd.models.factory import check_pretrained
     from clipfnd.models.vision import backbone
 
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -91,6 +92,7 @@ def test_shipped_configs_validate():
         cfg = load_config(path)
         if cfg.mode == "clip":
             check_model_name(cfg.model.name)
+            check_pretrained(cfg.model.name, cfg.model.pretrained)  # a tag open_clip knows
         else:
             backbone(cfg.model.name, cfg.model.small_images)
 
