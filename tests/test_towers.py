@@ -143,3 +143,15 @@ def test_a_compiled_step_agrees_with_an_eager_one(shapes, tmp_path):
     assert set(w0) == set(w1)  # compiling keeps the state dict's keys (checkpoints unchanged)
     for k in w0:
         torch.testing.assert_close(w1[k], w0[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_frozen_bn_statistics_in_a_locked_resnet_tower():
+    """``model.lock_image_freeze_bn_stats``: open_clip replaces the image tower's BatchNorms by
+    frozen ones, whose statistics no forward in train mode changes."""
+    from clipfnd.models import lock_towers
+
+    model = create_clip("RN50").model
+    lock_towers(model, lock_image=True, image_freeze_bn_stats=True)
+    norms = [m for m in model.visual.modules() if "BatchNorm" in type(m).__name__]
+    assert norms and all(type(m).__name__ == "FrozenBatchNorm2d" for m in norms)
+    assert not any(p.requires_grad for p in model.visual.parameters())
