@@ -143,11 +143,30 @@ class NaNOnCall:
 
 
 def test_accumulation_window_with_a_non_finite_last_micro_batch_changes_no_table(ready):
-    cfg, s, batches = ready("optim.accum_steps=2")
+    cfg, s, batches = ready("optim.accum_steps=2", "optim.accum_mode=independent")
     tables, params = _tables(s), _params(s)
     s.objective = NaNOnCall(s.objective, n=2)  # the first micro-batch is fine, the second is not
     r = optimizer_step(cfg, s, batches, epoch=0, logged=False)
     assert s.objective.calls == 2 and r.status == "skipped"
+    _assert_unchanged(s, tables, params)
+
+
+def test_cached_accumulation_with_a_non_finite_micro_batch_changes_nothing(ready):
+    """Cached: the second micro-batch's features are NaN, so the whole window's loss is."""
+    cfg, s, batches = ready("optim.accum_steps=2")
+    tables, params = _tables(s), _params(s)
+    features, calls = s.objective.features, []
+
+    def nan_second(model, batch, device):
+        feats, scale = features(model, batch, device)
+        calls.append(1)
+        if len(calls) == 2:  # the cached forward of micro-batch 2
+            feats = tuple(f * float("nan") for f in feats)
+        return feats, scale
+
+    s.objective.features = nan_second
+    r = optimizer_step(cfg, s, batches, epoch=0, logged=False)
+    assert r.status == "skipped" and len(calls) == 3  # 2 cached, then pass 1 found the NaN
     _assert_unchanged(s, tables, params)
 
 
