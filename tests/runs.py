@@ -152,3 +152,52 @@ def assert_same_losses(run: Path, reference: Path, steps: range) -> None:
     assert sorted(got) == list(steps), sorted(got)
     for step in got:
         assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
+
+
+def launch_machines(
+    config: Path, *overrides: str, machines: int = 2, timeout: int = 400
+) -> list[subprocess.CompletedProcess]:
+    """``machines`` launches of one process each, as on separate machines
+    (``--num_machines/--machine_rank``, rendezvous on 127.0.0.1): one group of ``machines``
+    processes, each its machine's only (local rank 0) process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    port = str(free_port())
+    procs = []
+    for rank in range(machines):
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(machines),
+            "--num_machines",
+            str(machines),
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "clipfnd",
+            "train",
+            str(config),
+            *overrides,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+        )
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    for i, d in enumerate(done):
+        assert d.returncode == 0, f"machine {i}:\n{d.stdout[-2000:]}\n{d.stderr[-6000:]}"
+    return done

@@ -6,8 +6,9 @@ import json
 import shutil
 
 import pytest
+import torch
 
-from runs import assert_same_losses, launch, launch_and_kill, write_config
+from runs import assert_same_losses, launch, launch_and_kill, launch_machines, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -143,3 +144,36 @@ def test_bf16_with_gradient_accumulation_trains(shapes, tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 9))  # a fresh start drops stale lines
     assert all(r["loss"] == r["loss"] and r["loss"] < 10 for r in steps)  # finite
     assert steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_two_machines_resume_like_one_machine_with_two_processes(two_process_run, tmp_path):
+    """Two launches of one process each, as two machines (``--num_machines 2 --machine_rank
+    0|1``, rendezvous on 127.0.0.1), resume the one-machine, two-process run from its step 4
+    checkpoint: the same losses, and a final checkpoint with the same weights and tables.
+    Local rank 0 on both: whatever mixed local and global ranks (devices, the data split, who
+    writes which file) would show here."""
+    import safetensors.torch
+
+    cfg, run, _ = two_process_run
+    resumed = tmp_path / "machines"
+    shutil.copytree(run, resumed)
+    for name in ("step_00000008", "step_00000012", "step_00000016"):
+        shutil.rmtree(resumed / "checkpoints" / name)
+    (resumed / "metrics.jsonl").write_text("")
+    (resumed / "summary.json").unlink()
+    procs = launch_machines(cfg, f"output_dir={resumed}", "resume=latest")
+    assert "=== clipfnd run summary ===" in procs[0].stdout  # printed by global rank 0 only
+    assert "=== clipfnd run summary ===" not in procs[1].stdout
+    assert_same_losses(resumed, run, range(5, 17))
+    assert json.loads((resumed / "summary.json").read_text())["processes"] == 2
+    for name in ("model.safetensors", "tables.safetensors"):
+        a = safetensors.torch.load_file(str(run / "checkpoints" / "step_00000016" / name))
+        b = safetensors.torch.load_file(str(resumed / "checkpoints" / "step_00000016" / name))
+        assert set(a) == set(b), name
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=f"{name}: {k}")
+    ckpt = resumed / "checkpoints" / "step_00000016"
+    assert sorted(p.name for p in ckpt.glob("loader_rank*.json")) == [
+        "loader_rank0.json",
+        "loader_rank1.json",
+    ]
