@@ -13,7 +13,8 @@ peak memory on the same model, shards, batch, precision and steps, runs alternat
 - Both: one process, fp32, ``--workers``/``data.num_workers`` loader processes, no gradient
   clipping, one epoch of ``samples / batch`` steps, no evaluation, no checkpoint in between.
 - Throughput: the median of the trainers' own per-interval samples/s after the first
-  quarter of the steps (open_clip's log lines, clipfnd's ``metrics.jsonl``). Peak memory: the
+  quarter of the steps (open_clip's log lines: the last step's; clipfnd's ``metrics.jsonl``:
+  the steps since the last line), a line every ``--log-every`` steps in both. Peak memory: the
   peak resident set of the trainer process.
 
 Printed: samples/s of each, the ratio clipfnd / open_clip, then clipfnd with GloFND and
@@ -95,7 +96,7 @@ def run_open_clip(a, model_dir: Path, train: Path, shards: int, i: int) -> dict:
     cmd += [str(train / f"shard-{{000000..{shards - 1:06d}}}.tar")]
     cmd += ["--train-num-samples", str(a.samples), "--batch-size", str(a.batch), "--epochs", "1"]
     cmd += ["--workers", str(a.workers), "--model", f"local-dir:{model_dir}", "--precision", "fp32"]
-    cmd += ["--lr", "1e-3", "--warmup", "4", "--wd", "0.1", "--log-every-n-steps", "1"]
+    cmd += ["--lr", "1e-3", "--warmup", "4", "--wd", "0.1", "--log-every-n-steps", str(a.log_every)]
     cmd += ["--logs", str(logs), "--name", name, "--save-frequency", "0", "--seed", "0"]
     cmd += ["--report-to", "", "--device", "cpu"]
     out = sh([sys.executable, "-c", PEAK, *cmd], capture_output=True, env=_env())
@@ -111,7 +112,8 @@ def run_clipfnd(a, model_dir: Path, train: Path, i: int, extra: list[str]) -> di
     cmd = [sys.executable, "-m", "clipfnd", "train", str(ROOT / "configs" / "demo.yaml")]
     cmd += [f"model.name=local-dir:{model_dir}", f"data.train={train}", "data.val=null"]
     cmd += [f"data.batch_size={a.batch}", f"data.num_workers={a.workers}", "optim.grad_clip=null"]
-    cmd += ["optim.warmup_steps=4", "train.epochs=1", "train.log_every=1", "train.progress=false"]
+    cmd += ["optim.warmup_steps=4", "train.epochs=1", f"train.log_every={a.log_every}"]
+    cmd += ["train.progress=false"]
     cmd += ["train.report_to=none", "train.plots=false", "train.checkpoint_every=0"]
     cmd += ["eval.at_end=false", "fnd.detector=none", f"output_dir={run}", "overwrite=true"]
     out = sh([sys.executable, "-c", PEAK, *cmd, *extra], capture_output=True, env=_env())
@@ -139,6 +141,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--log-every", type=int, default=1, help="steps between log lines, in both trainers"
+    )
     a = p.parse_args()
     model_dir, train, shards = prepare(a)
     settings = {
