@@ -53,14 +53,7 @@ def build_data(root: Path, shapes_train: int) -> dict[str, Path]:
 
     out = {}
     d = root / "digits"
-    for split in ("train", "val"):
-        write_split(
-            d / split,
-            digits.generate(split, seed=0),
-            shard_size=180,
-            label_names=digits.label_names(),
-            progress=False,
-        )
+    digits.write_splits(d, seed=0, shard_size=180, progress=False)
     out["digits"] = d
     s = root / "shapes"
     spec = synthetic.SyntheticSpec(num_concepts=16, seed=0, image_size=32)

@@ -386,19 +386,23 @@ def validate(cfg: Config) -> None:
 TRACKERS = ("tensorboard", "wandb")
 
 
+def _tracker_names(value: str) -> list[str]:
+    return [n.strip() for n in str(value).split(",") if n.strip()]
+
+
 def report_to(cfg: Config) -> list[str]:
     """The trackers ``train.report_to`` names (none: an empty list)."""
-    names = [n.strip() for n in str(cfg.train.report_to).split(",") if n.strip()]
+    names = _tracker_names(cfg.train.report_to)
     return [] if names == ["none"] else names
 
 
 def _check_report_to(cfg: Config) -> None:
     if cfg.train.tensorboard is not None:  # the key this one replaced, still read
         if not cfg.train.tensorboard:
-            cfg.train.report_to = ",".join(n for n in report_to(cfg) if n != "tensorboard")
-            cfg.train.report_to = cfg.train.report_to or "none"
+            kept = [n for n in report_to(cfg) if n != "tensorboard"]
+            cfg.train.report_to = ",".join(kept) or "none"
         cfg.train.tensorboard = None
-    names = [n.strip() for n in str(cfg.train.report_to).split(",") if n.strip()]
+    names = _tracker_names(cfg.train.report_to)
     bad = [n for n in names if n not in (*TRACKERS, "none")]
     if bad or not names or ("none" in names and len(names) > 1):
         raise ConfigError(

@@ -8,12 +8,14 @@ A seeded permutation splits them into train and val.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .shards import RawSample
+from .shards import RawSample, ShardSet, write_split
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = (
@@ -55,3 +57,26 @@ def generate(
 
 def label_names() -> list[str]:
     return list(DIGIT_NAMES)
+
+
+def write_splits(
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    shard_size: int = 400,
+    progress: bool = True,
+) -> dict[str, ShardSet]:
+    """Write the train and val splits as shards under ``out/train`` and ``out/val``."""
+    return {
+        split: write_split(
+            Path(out) / split,
+            generate(split, seed=seed, image_size=image_size),
+            shard_size=shard_size,
+            label_names=label_names(),
+            meta={"source": "sklearn digits", "split": split, "seed": seed},
+            desc=f"digits {split}",
+            progress=progress,
+        )
+        for split in ("train", "val")
+    }

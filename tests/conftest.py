@@ -42,15 +42,7 @@ def shapes(tmp_path_factory):
 def digits(tmp_path_factory):
     """scikit-learn's digits at 32 px: train 1438 images in 8 shards of 180, val 359; labelled."""
     from data_pipelines import digits as digits_data
-    from data_pipelines.shards import write_split
 
     root = tmp_path_factory.mktemp("digits")
-    for split in ("train", "val"):
-        write_split(
-            root / split,
-            digits_data.generate(split, seed=0),
-            shard_size=180,
-            label_names=digits_data.label_names(),
-            progress=False,
-        )
+    digits_data.write_splits(root, seed=0, shard_size=180, progress=False)
     return root

@@ -82,12 +82,6 @@ def _batch(idx, mode):
     return b
 
 
-class _Views(Towers):
-    # SimCLRObjective reshapes [b, 2, ...] to [2b, ...] and calls model(views)
-    def forward(self, views=None, image=None, text=None):
-        return super().forward(views=views, image=image, text=text)
-
-
 def _step(rank, world, name, accumulate, epoch=1):
     """One step on this rank: cached over K micro-batches, or one batch of K micro-batches'
     samples. Returns loss, gradients averaged over ranks, and the rows by dataset index."""
@@ -101,7 +95,7 @@ def _step(rank, world, name, accumulate, epoch=1):
             tables[f"glofnd.lambda_{t}"].uniform_(
                 0.0, 0.4, generator=torch.Generator().manual_seed(2)
             )
-    model = _Views()
+    model = Towers()
     order = torch.randperm(N, generator=torch.Generator().manual_seed(3))[: K * B]
     micro = [order[j * B : (j + 1) * B] for j in range(K)]
     b = B // world

@@ -22,7 +22,7 @@ from PIL import Image
 from clipfnd.cli.main import main
 from clipfnd.config import from_dict
 from clipfnd.report import write_report
-from clipfnd.state import StateTables
+from clipfnd.report.scoring import read_tables
 from clipfnd.train.checkpoint import TABLES_FILE, load_tables
 from clipfnd.train.objective import OBJECTIVES
 
@@ -123,14 +123,9 @@ def parse(path: Path) -> Anchors:
 def objective_flags(scores, mode: str) -> dict[str, torch.Tensor]:
     """The flags the run's objective computes for the whole encoded split as one batch."""
     cfg = from_dict(scores.ckpt.config)
-    path = scores.ckpt.path / TABLES_FILE
-    import safetensors
-
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        rows = int(f.metadata()["num_rows"])
-    tables = StateTables(rows)
+    tables = read_tables(scores.ckpt)
     obj = OBJECTIVES[mode](cfg, tables, has_labels=True)
-    load_tables(tables, path)
+    load_tables(tables, scores.ckpt.path / TABLES_FILE)
     seen = {}
     detect = obj.detector.detect
 

@@ -108,24 +108,15 @@ def cmd_data_synthetic(a: argparse.Namespace) -> int:
 
 def cmd_data_digits(a: argparse.Namespace) -> int:
     from data_pipelines import digits
-    from data_pipelines.shards import write_split
 
     out = Path(a.out)
-    summary = {}
-    for split in ("train", "val"):
-        ss = write_split(
-            out / split,
-            digits.generate(split, seed=a.seed, image_size=a.image_size),
-            shard_size=a.shard_size,
-            label_names=digits.label_names(),
-            meta={"source": "sklearn digits", "split": split, "seed": a.seed},
-            desc=f"digits {split}",
-        )
-        summary[split] = {
-            "dir": str(out / split),
-            "samples": ss.num_samples,
-            "shards": ss.num_shards,
-        }
+    written = digits.write_splits(
+        out, seed=a.seed, image_size=a.image_size, shard_size=a.shard_size
+    )
+    summary = {
+        split: {"dir": str(out / split), "samples": ss.num_samples, "shards": ss.num_shards}
+        for split, ss in written.items()
+    }
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -197,13 +197,7 @@ def render(scores: Scores, run_dir: Path, shown_anchors: int = 12, shown_flags: 
 
     # flags
     parts.append('<section id="flags"><h2>Flagged negatives</h2>')
-    total = {"tp": 0, "fp": 0, "fn": 0}
-    for c in scores.per_label.values():
-        total["tp"], total["fp"], total["fn"] = (
-            total["tp"] + c[0],
-            total["fp"] + c[1],
-            total["fn"] + c[2],
-        )
+    tp, fp, fn = (sum(c[i] for c in scores.per_label.values()) for i in range(3))
     flagged_all = sum(len(a.flagged) for fl in scores.flags.values() for a in fl)
     rows_all = sum(len(fl) for fl in scores.flags.values())
     summary = (
@@ -213,8 +207,7 @@ def render(scores: Scores, run_dir: Path, shown_anchors: int = 12, shown_flags: 
     )
     if scores.per_label:
         summary += (
-            f"; against the labels: precision {_ratio(total['tp'], total['tp'] + total['fp'])}, "
-            f"recall {_ratio(total['tp'], total['tp'] + total['fn'])}"
+            f"; against the labels: precision {_ratio(tp, tp + fp)}, recall {_ratio(tp, tp + fn)}"
         )
     parts.append(
         f"<p>{summary}. Each anchor below shows its flagged negatives, most similar "

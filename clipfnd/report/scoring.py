@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from clipfnd_eval.datasets import EvalDataset, Item
 from clipfnd_eval.layouts import open_dataset
 
-from ..checkpoints import LoadedCheckpoint, checkpoint_dir, load_checkpoint
+from ..checkpoints import LoadedCheckpoint, checkpoint_dir, final_path, load_checkpoint
 from ..config import Config, from_dict
 from ..errors import UserError
 from ..fnd import DetectionInput, same_label
@@ -92,7 +92,7 @@ def find_checkpoint(run: str | Path, checkpoint: str | None) -> str:
     if checkpoint is None:
         return str(run)
     if checkpoint.isdigit():
-        path = checkpoint_dir(run) / f"step_{int(checkpoint):08d}"
+        path = final_path(run, int(checkpoint))
         if not path.is_dir():
             have = sorted(p.name for p in checkpoint_dir(run).glob("step_*"))
             raise ReportError(
@@ -155,7 +155,9 @@ def encode(
     """Normalised features of every sample, as the training step compares them: CLIP
     ``{"img", "txt"}`` (the model's image and caption embeddings), vision-only ``{"view"}``
     (the projection head's output, un-augmented). Samples whose image cannot be decoded are
-    left out (the returned list)."""
+    left out (the returned list). Not ``clipfnd_eval.features.encode_dataset``: that reads a
+    whole split through ``encode_image`` (backbone features in vision-only runs), and the
+    report needs a bounded prefix, the projections, and the items for thumbnails."""
     bundle = ckpt.bundle
     model = bundle.model.to(device).eval()
     feats: dict[str, list[torch.Tensor]] = {}

@@ -134,7 +134,9 @@ def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None
 
 def main_process_first(accelerator: Accelerator, build):
     """``build()`` on process 0 first (a pretrained download lands in the cache once), then on
-    the others; a failure on process 0 is raised on every process, so none waits alone."""
+    the others; a failure on process 0 is raised on every process, so none waits alone.
+    Accelerate's ``main_process_first`` would leave the others waiting at its barrier for a
+    process 0 that raised."""
     err = None
     out = None
     if accelerator.is_main_process:

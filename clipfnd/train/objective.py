@@ -26,6 +26,7 @@ its first occurrence in the gathered batch (``StateTables.write_rows``).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ class StepOutput:
     duplicates: int = 0  # samples of the global batch whose dataset index came earlier in it
 
 
-class Objective:
+class Objective(ABC):
     """What both modes share: the method, the detector, and writing a step's rows.
 
     Args:
@@ -82,12 +83,13 @@ class Objective:
         )
         self.method = METHODS[cfg.loss.name](cfg, tables, self.anchor_types)
 
+    @abstractmethod
     def features(
         self, model: torch.nn.Module, batch: dict, device: torch.device
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """``(per-sample feature tensors, each [b, d]; logit_scale)`` of one batch."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss_from(
         self,
         feats: tuple[torch.Tensor, ...],
@@ -98,7 +100,6 @@ class Objective:
         measure: bool,
     ) -> StepOutput:
         """This rank's loss and rows from ``features``' output (rows in the same order)."""
-        raise NotImplementedError
 
     def batch_loss(
         self, model: torch.nn.Module, batch: dict, device: torch.device, epoch: int, measure: bool
