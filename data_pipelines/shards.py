@@ -61,8 +61,39 @@ class SkippedInput:
 
 @dataclass
 class ShardInfo:
+    """One shard. ``num_samples`` counts its usable samples. Shards indexed in place
+    (``clipfnd data index``) also have ``offset`` (the dataset index of their first usable
+    sample), ``num_raw`` (all samples, usable or not), and the size and mtime they had when
+    indexed; shards written by clipfnd carry each sample's index in its ``.json`` instead."""
+
     path: str
     num_samples: int
+    offset: int | None = None
+    num_raw: int | None = None
+    weight: float = 1.0  # upsampling factor under data.resampled
+
+
+@dataclass
+class LabelField:
+    """Labels read from a ``.json`` field of shards indexed in place: integers as they are,
+    strings by their position in the sorted names (``data_pipelines.labels``)."""
+
+    name: str
+    names: list[str]
+    from_strings: bool
+
+    def __post_init__(self) -> None:
+        self._ids = {n: i for i, n in enumerate(self.names)} if self.from_strings else {}
+
+    def id_of(self, meta: dict[str, Any]) -> int:
+        from .labels import INT_TEXT
+
+        value = meta.get(self.name)
+        if self.from_strings:
+            return self._ids.get(value, -1) if isinstance(value, str) else -1
+        if isinstance(value, str) and INT_TEXT.fullmatch(value):
+            value = int(value)
+        return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
 @dataclass
@@ -73,6 +104,16 @@ class ShardSet:
     shards: list[ShardInfo]
     label_names: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    in_place: bool = False  # indexed in place: index = shard offset + usable position
+    images_only: bool = False  # in place: a sample without a caption is usable
+    label_field: LabelField | None = None  # in place: where labels come from
+
+    def label_of(self, meta: dict[str, Any]) -> int:
+        """A sample's label id from its ``.json`` (-1: none)."""
+        if self.label_field is not None:
+            return self.label_field.id_of(meta)
+        label = meta.get("label", -1)
+        return label if isinstance(label, int) and not isinstance(label, bool) else -1
 
     @property
     def num_samples(self) -> int:
@@ -254,8 +295,10 @@ def load_shard_set(spec: str | os.PathLike) -> ShardSet:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{manifest_path} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT_NAME:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise DataError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
+    if manifest.get("in_place"):
+        return _load_in_place(manifest, manifest_path)
     root = manifest_path.parent
     entries = manifest.get("shards")
     if not isinstance(entries, list) or not entries:
@@ -281,6 +324,79 @@ def load_shard_set(spec: str | os.PathLike) -> ShardSet:
     )
 
 
+def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
+    """A manifest of ``clipfnd data index``: every shard must still be what was indexed
+    (same size and mtime) and the offsets must follow from the counts."""
+    root = manifest_path.parent
+    entries = manifest.get("shards")
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f'{manifest_path} lists no shards (its "shards" must be a non-empty list)')
+    shards, offset = [], 0
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise DataError(f'{manifest_path}: shard entry {i} has no "file" name')
+        file = entry["file"]
+        fields = {k: entry.get(k) for k in ("num_samples", "num_raw", "offset", "size")}
+        bad = [k for k, v in fields.items() if not isinstance(v, int) or v < 0]
+        if bad or not isinstance(entry.get("mtime_ns"), int):
+            raise DataError(
+                f"{manifest_path}: shard {file} has no valid {', '.join(bad) or 'mtime_ns'}; "
+                "re-run `clipfnd data index`"
+            )
+        if fields["offset"] != offset or fields["num_samples"] > fields["num_raw"]:
+            raise DataError(
+                f"{manifest_path}: shard {file} has offset {fields['offset']} and "
+                f"{fields['num_samples']} of {fields['num_raw']} samples usable, which do not "
+                f"follow from the shards before it (expected offset {offset}); the manifest "
+                "was edited: re-run `clipfnd data index`"
+            )
+        offset += fields["num_samples"]
+        p = root / file
+        _check_shard_file(p, manifest_path)
+        st = p.stat()
+        if st.st_size != fields["size"] or st.st_mtime_ns != entry["mtime_ns"]:
+            what = (
+                f"{fields['size']} -> {st.st_size} bytes"
+                if st.st_size != fields["size"]
+                else "modified"
+            )
+            raise DataError(
+                f"shard {p} changed since it was indexed into {manifest_path} ({what}): its "
+                "samples and their dataset indices may differ; re-run `clipfnd data index`"
+            )
+        weight = entry.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or not weight > 0:
+            raise DataError(f"{manifest_path}: shard {file} has weight {weight!r}; expected > 0")
+        shards.append(
+            ShardInfo(
+                str(p),
+                fields["num_samples"],
+                offset - fields["num_samples"],
+                fields["num_raw"],
+                float(weight),
+            )
+        )
+    if offset == 0:
+        raise DataError(f"{manifest_path}: none of its shards holds a usable sample")
+    label = manifest.get("label_field")
+    label_field = None
+    if label is not None:
+        if not isinstance(label, dict) or not isinstance(label.get("name"), str):
+            raise DataError(f"{manifest_path}: malformed label_field")
+        label_field = LabelField(
+            label["name"], list(manifest.get("label_names") or []), bool(label.get("from_strings"))
+        )
+    return ShardSet(
+        root=str(root),
+        shards=shards,
+        label_names=manifest.get("label_names"),
+        meta=manifest.get("meta", {}),
+        in_place=True,
+        images_only=bool(manifest.get("images_only")),
+        label_field=label_field,
+    )
+
+
 TAR_MIN_BYTES = 1024  # a tar ends with two 512-byte zero blocks
 
 
@@ -299,6 +415,39 @@ def _check_shard_file(p: Path, manifest_path: Path) -> None:
         raise DataError(f"shard {p} has {st.st_size} bytes, too few for a tar file")
     if not os.access(p, os.R_OK):
         raise DataError(f"shard {p} is not readable (permissions)")
+
+
+def unusable_reason(
+    image_size: int | None, caption: bytes | None, meta: bytes | None, *, images_only: bool
+) -> str | None:
+    """Why a sample of shards indexed in place gets no dataset index, or None if it gets one.
+
+    The one rule shared by ``clipfnd data index`` (which sees image sizes, not bytes) and the
+    loader, so both count the same usable samples: an image member with bytes, a caption
+    unless ``images_only``, and, when the ``.json`` has img2dataset's ``status``, "success".
+    Nothing is decoded: an image that turns out unreadable keeps its index and is skipped by
+    the loader like any bad sample.
+    """
+    if meta is not None:
+        try:
+            parsed = json.loads(meta)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "unreadable .json"
+        status = parsed.get("status") if isinstance(parsed, dict) else None
+        if status is not None and status != "success":
+            return f"failed entry (status {status})"
+    if image_size is None:
+        return "no image"
+    if image_size == 0:
+        return "zero-byte image"
+    if not images_only and not (caption or b"").decode("utf-8", errors="replace").strip():
+        return "empty caption"
+    return None
+
+
+def image_ext(sample: dict[str, Any]) -> str | None:
+    """The sample's image member, by ``IMAGE_EXTENSIONS`` order."""
+    return next((e for e in IMAGE_EXTENSIONS if e in sample), None)
 
 
 def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:

@@ -33,6 +33,8 @@ def verify_split(path: str | Path, max_problems: int = 50, progress: bool = True
     from tqdm.auto import tqdm
 
     shard_set = load_shard_set(path)  # refuses a malformed manifest or a missing shard
+    if shard_set.in_place:
+        return _verify_in_place(shard_set, max_problems, progress)
     n = shard_set.num_samples
     labels = len(shard_set.label_names or [])
     report = VerifyReport(shard_set.root, shards=shard_set.num_shards)
@@ -75,6 +77,28 @@ def verify_split(path: str | Path, max_problems: int = 50, progress: bool = True
         report.samples += count
     if len(seen) != n:
         problem(f"{len(seen)} distinct dataset indices for the manifest's {n} samples")
+    return report
+
+
+def _verify_in_place(shard_set, max_problems: int, progress: bool) -> VerifyReport:
+    """Shards indexed in place: index each shard again and compare with the manifest."""
+    from tqdm.auto import tqdm
+
+    from .index import scan_shard
+
+    report = VerifyReport(shard_set.root, shards=shard_set.num_shards)
+    field = shard_set.label_field.name if shard_set.label_field else None
+    for shard in tqdm(shard_set.shards, desc="verify", unit="shard", disable=not progress):
+        scan = scan_shard(shard.path, shard_set.images_only, field)
+        if scan.error:
+            report.problems.append(f"{shard.path}: unreadable ({scan.error})")
+        elif (scan.num_raw, scan.num_samples) != (shard.num_raw, shard.num_samples):
+            report.problems.append(
+                f"{shard.path}: manifest says {shard.num_samples} usable of {shard.num_raw} "
+                f"samples, the shard holds {scan.num_samples} of {scan.num_raw}"
+            )
+        report.samples += scan.num_raw
+    del report.problems[max_problems:]
     return report
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.neighbors import KNeighborsClassifier
 
 from clipfnd.errors import UserError
 
@@ -33,6 +32,9 @@ def knn_classify(
         # shifting by the row's best similarity leaves the vote unchanged and avoids overflow
         sim = 1.0 - distance
         return np.exp((sim - sim.max(axis=1, keepdims=True)) / temperature)
+
+    # imported here: scikit-learn takes 1.5 s to import, paid by every training process
+    from sklearn.neighbors import KNeighborsClassifier
 
     x = torch.nn.functional.normalize(train_features.float(), dim=-1).cpu().numpy()
     xt = torch.nn.functional.normalize(test_features.float(), dim=-1).cpu().numpy()

@@ -36,13 +36,15 @@ def open_dataset(
     if not p.exists():
         raise FileNotFoundError(f"no dataset at {p}")
     if p.is_file():
-        if p.name == "manifest.json":
+        if p.name == "manifest.json" or p.suffix.lower() == ".json":  # data index writes any name
             return ClipfndShards(p)
         if p.suffix.lower() in (".csv", ".tsv"):
             return CsvTable(p, **columns)
         if p.suffix.lower() == ".parquet":
             return HFTable.from_parquet([p], p, split=split, **columns)
-        raise DataError(f"{p}: not a dataset file (expected .csv, .tsv, .parquet or manifest.json)")
+        raise DataError(
+            f"{p}: not a dataset file (expected .csv, .tsv, .parquet or a manifest .json)"
+        )
     if (p / "manifest.json").is_file():
         return ClipfndShards(p)
     if is_clip_benchmark_root(p, split or default_split):

@@ -18,9 +18,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 
 from clipfnd.errors import UserError
@@ -34,7 +31,11 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy()
 
 
-def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int) -> LogisticRegression:
+def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int):
+    # imported here: scikit-learn takes 1.5 s to import, paid by every training process
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     with warnings.catch_warnings():  # weakly regularised fits of separable data run to max_iter
         warnings.simplefilter("ignore", ConvergenceWarning)
         return LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(x, y)
@@ -57,6 +58,8 @@ def linear_probe(
     xt, yt = _normalise(test_features), test_labels.cpu().numpy()
     if len(np.unique(y)) < 2:
         raise UserError("the linear probe needs training samples of at least two classes")
+    from sklearn.model_selection import train_test_split
+
     counts = np.unique(y, return_counts=True)[1]
     x_fit, x_val, y_fit, y_val = train_test_split(
         x,

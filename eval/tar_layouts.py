@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from data_pipelines import DataError, load_shard_set
-from data_pipelines.shards import IMAGE_EXTENSIONS, iter_tar_samples
+from data_pipelines.shards import IMAGE_EXTENSIONS, iter_tar_samples, unusable_reason
 
 from .datasets import EvalDataset, Item, decode_image, read_lines
 
@@ -26,7 +26,10 @@ def _image_key(sample: dict, keys: tuple[str, ...]) -> str | None:
 
 
 class ClipfndShards(EvalDataset):
-    """``clipfnd data`` output: one caption per sample, ``label`` and ``image_id`` in ``.json``."""
+    """``clipfnd data`` output: one caption per sample, ``label`` and ``image_id`` in ``.json``;
+    or shards indexed in place by ``clipfnd data index``, read with the loader's rule (the
+    samples it leaves out are left out here, and the index is the shard offset plus the
+    position among usable samples)."""
 
     layout = "clipfnd-shards"
 
@@ -35,6 +38,7 @@ class ClipfndShards(EvalDataset):
         super().__init__(
             shard_set.root, classnames=shard_set.label_names, num_items=shard_set.num_samples
         )
+        self.shard_set = shard_set
         self.shards = [s.path for s in shard_set.shards]
 
     def num_parts(self) -> int:
@@ -44,20 +48,36 @@ class ClipfndShards(EvalDataset):
         return str(self.shards[part])
 
     def read_part(self, part: int) -> Iterator[Item]:
+        ss = self.shard_set
+        offset = ss.shards[part].offset
+        usable = 0
         for pos, s in enumerate(iter_tar_samples(self.shards[part])):
             ext = _image_key(s, IMAGE_EXTENSIONS)
+            if ss.in_place:
+                reason = unusable_reason(
+                    len(s[ext]) if ext else None,
+                    s.get("txt"),
+                    s.get("json"),
+                    images_only=ss.images_only,
+                )
+                if reason is not None:
+                    continue
             try:
                 meta = json.loads(s["json"]) if "json" in s else {}
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 meta = {}
+            meta = meta if isinstance(meta, dict) else {}
             caption = s.get("txt", b"").decode("utf-8", errors="replace").strip()
-            label = meta.get("label", -1)
-            index = meta.get("index", s["__key__"])
+            if ss.in_place:
+                index = offset + usable
+                usable += 1
+            else:
+                index = meta.get("index", s["__key__"])
             yield Item(
                 position=pos,
                 load_image=partial(decode_image, s[ext]) if ext else _missing(s["__key__"]),
                 captions=[caption] if caption else [],
-                label=label if isinstance(label, int) else -1,
+                label=ss.label_of(meta),
                 image_id=str(meta.get("image_id", index)),
                 index=index if isinstance(index, int) else -1,
             )

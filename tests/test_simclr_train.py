@@ -135,6 +135,7 @@ def test_ifnd_two_processes_resume_after_clustering_epoch_is_exact(digits, tmp_p
         f"data.train={digits / 'train'}",
         f"data.val={digits / 'val'}",
         "train.epochs=2",
+        "data.image_size=16",
         "train.log_every=1",
         "train.checkpoint_every=12",
         "train.keep_checkpoints=3",

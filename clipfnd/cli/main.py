@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -130,6 +131,45 @@ def cmd_data_verify(a: argparse.Namespace) -> int:
         print(f"problem: {p}")
     print("ok: the shards agree with the manifest" if report.ok else "FAILED", flush=True)
     return 0 if report.ok else 1
+
+
+def cmd_data_index(a: argparse.Namespace) -> int:
+    from data_pipelines import DataError
+    from data_pipelines.index import index_shards
+
+    factors = None
+    if a.upsampling_factors:
+        try:
+            factors = [float(f) for f in a.upsampling_factors.split("::")]
+        except ValueError:
+            raise DataError(
+                f"--upsampling-factors {a.upsampling_factors!r}: expected numbers joined by ::"
+            ) from None
+    t0 = time.perf_counter()
+    m = index_shards(
+        a.sources,
+        a.out,
+        images_only=a.images_only,
+        label_field=a.label_field,
+        upsampling_factors=factors,
+        workers=a.workers,
+        absolute_paths=a.absolute_paths,
+        skip_unreadable=a.skip_unreadable,
+        progress=not a.no_progress,
+    )
+    out = Path(a.out) / "manifest.json" if Path(a.out).is_dir() else Path(a.out)
+    print(
+        f"{out}: {m['num_samples']} usable samples in {m['num_shards']} shards "
+        f"({time.perf_counter() - t0:.1f} s); skipped {m['skipped'] or 'none'}"
+    )
+    if m["label_names"]:
+        print(f"labels from .json field {a.label_field!r}: {m['num_labels']} classes")
+    for s in m["unreadable_shards"]:
+        print(f"left out (unreadable): {s['file']}: {s['error']}")
+    for c in m["cross_check"][:10]:
+        print(f"cross-check: {c}")
+    print(f"train on it: clipfnd train CONFIG data.train={out}")
+    return 0
 
 
 def cmd_data_build(a: argparse.Namespace) -> int:
@@ -274,6 +314,47 @@ def build_parser() -> argparse.ArgumentParser:
         "add --label-column folder to label images by their class subfolder",
     )
     b.set_defaults(func=cmd_data_build)
+
+    ix = dsub.add_parser(
+        "index",
+        help="a manifest for existing WebDataset shards (img2dataset's output), read in place",
+        description="Index WebDataset shards where they are: reads tar headers and the small "
+        ".txt/.json members (no image is decoded) and writes a manifest that data.train, "
+        "data.val and clipfnd eval --data accept. A sample's dataset index is its shard's "
+        "offset plus its position among the shard's usable samples (an image, a caption unless "
+        "--images-only, and img2dataset's status 'success' when present).",
+    )
+    ix.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="shard folders, files or brace patterns (cc3m/{00000..00331}.tar); several "
+        "sources as more arguments or joined by ::",
+    )
+    ix.add_argument(
+        "--out", required=True, help="the manifest file (or a folder for manifest.json)"
+    )
+    ix.add_argument("--label-field", default=None, help="a .json field holding each sample's label")
+    ix.add_argument("--images-only", action="store_true", help="a sample needs no caption")
+    ix.add_argument(
+        "--upsampling-factors",
+        default=None,
+        help="one factor per source joined by :: (e.g. 1::2); shards are drawn by weight under "
+        "data.resampled=true",
+    )
+    ix.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    ix.add_argument(
+        "--absolute-paths",
+        action="store_true",
+        help="store absolute shard paths (default: relative to the manifest when inside its folder)",
+    )
+    ix.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="leave shards that cannot be read out of the manifest instead of stopping",
+    )
+    ix.add_argument("--no-progress", action="store_true")
+    ix.set_defaults(func=cmd_data_index)
 
     v = dsub.add_parser(
         "verify", help="check a split's shards against its manifest (counts, indices, labels)"

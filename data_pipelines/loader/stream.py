@@ -78,6 +78,20 @@ class ShardStream:
         self.prefetch_factor = prefetch_factor
         self.num_samples = shard_set.num_samples
         n = shard_set.num_shards
+        if resampled and self.samples_per_epoch > shard_set.num_samples:
+            # every rank drops repeats of a dataset index within an epoch (one row of state
+            # per sample), so it could never fill a longer epoch
+            raise DataError(
+                f"data.samples_per_epoch={self.samples_per_epoch} is more than the "
+                f"{shard_set.num_samples} samples of {shard_set.root}: an epoch sees each "
+                "sample at most once; lower it"
+            )
+        if not resampled and any(sh.weight != 1.0 for sh in shard_set.shards):
+            raise DataError(
+                f"{shard_set.root}: the manifest gives upsampling factors, which only "
+                "data.resampled=true uses (shards drawn by weight, as open_clip does); set it, "
+                "or index without --upsampling-factors"
+            )
         if not resampled and n < world:
             raise DataError(
                 f"{shard_set.root} has {n} shard(s) but {world} processes read it: every process "

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..images import to_rgb
-from ..shards import IMAGE_EXTENSIONS, DataError
+from ..shards import DataError, ShardInfo, image_ext, unusable_reason
 from .state import BadSample, Chunk, LoaderState, mix_seed
 
 if TYPE_CHECKING:
@@ -49,38 +49,39 @@ def _shard_of(exn: Exception) -> str:
     return "?"
 
 
-def _counted(
-    samples: Iterator[dict[str, Any]],
-    expected: dict[str, int],
-    errors: _ErrorLog,
-    planned: list[str] | None = None,
+def _shard_samples(
+    url: str, expected: int, errors: _ErrorLog, shard_set, offset: int | None
 ) -> Iterator[dict[str, Any]]:
-    """Pass samples through, checking each shard's sample count against its manifest entry
-    when the shard has been read to its end: a mismatch is a ``DataError`` under
-    ``on_error=raise``, else a fault recorded (and reported) like a bad sample. ``planned``:
-    the shards this stream reads; one that yields no sample at all is a mismatch too."""
-    url, n = None, 0
-    seen: set[str] = set()
+    """The samples of one shard (webdataset's tar reader), its sample count checked against
+    the manifest once read to its end: a mismatch (a shard that yields nothing included) is
+    a ``DataError`` under ``on_error=raise``, else a fault recorded like a bad sample.
 
-    def check() -> None:
-        if url is not None and url in expected and n != expected[url]:
-            msg = f"manifest says {expected[url]} samples, the shard holds {n}"
-            if errors.on_error == "raise":
-                raise DataError(f"{url}: {msg}; rebuild the manifest or check the shard")
-            errors.errors.append(BadSample(url, "", f"sample count ({msg})"))
-
-    for sample in samples:
-        if sample.get("__url__") != url:
-            check()
-            url, n = sample.get("__url__"), 0
-            seen.add(url)
+    Shards indexed in place (``offset`` set) count raw samples; their usable ones get
+    ``__index__ = offset + position among usable`` and the others (``unusable_reason``,
+    counted at indexing) are left out here, before positions are given, so that resume
+    positions do not depend on them.
+    """
+    n = k = 0
+    for sample in wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=errors):
         n += 1
+        if offset is not None:
+            ext = image_ext(sample)
+            reason = unusable_reason(
+                len(sample[ext]) if ext else None,
+                sample.get("txt"),
+                sample.get("json"),
+                images_only=shard_set.images_only,
+            )
+            if reason is not None:
+                continue
+            sample["__index__"] = offset + k
+            k += 1
         yield sample
-    check()
-    for url in planned or []:  # read errors only: not one sample came out of it
-        if url not in seen and expected.get(url):
-            n = 0
-            check()
+    if n != expected:
+        msg = f"manifest says {expected} samples, the shard holds {n}"
+        if errors.on_error == "raise":
+            raise DataError(f"{url}: {msg}; rebuild the manifest or check the shard")
+        errors.errors.append(BadSample(url, "", f"sample count ({msg})"))
 
 
 class RankStream(IterableDataset):
@@ -98,35 +99,36 @@ class RankStream(IterableDataset):
         o = self.o
         if o.resampled:
             shards = o.shard_set.shards
+            weights = [sh.weight for sh in shards]
             rng = random.Random(mix_seed(o.seed, self.epoch, self.rank, worker, 1))
 
-            def urls() -> Iterator[dict[str, str]]:
+            def draws() -> Iterator[ShardInfo]:
                 while True:
-                    yield {"url": shards[rng.randrange(len(shards))].path}
+                    yield rng.choices(shards, weights)[0]
 
-            src = urls()
+            mine: Iterator[ShardInfo] = draws()
         else:
-            mine = o.shards_for(self.epoch, self.rank)[worker::n_workers]
-            src = iter([{"url": s.path} for s in mine])
-        samples = _counted(
-            wds.tariterators.tarfile_samples(src, handler=errors),
-            {sh.path: sh.num_samples for sh in o.shard_set.shards},
-            errors,
-            None if o.resampled else [sh.path for sh in mine],
-        )
+            mine = iter(o.shards_for(self.epoch, self.rank)[worker::n_workers])
+
+        def samples() -> Iterator[dict[str, Any]]:
+            for sh in mine:
+                expected = sh.num_raw if sh.offset is not None else sh.num_samples
+                yield from _shard_samples(sh.path, expected, errors, o.shard_set, sh.offset)
+
+        stream = samples()
         if o.shuffle_buffer > 1:
             rng = random.Random(mix_seed(o.seed, self.epoch, self.rank, worker, 2))
-            samples = wds.shuffle(bufsize=o.shuffle_buffer, initial=o.shuffle_buffer, rng=rng)(
-                iter(samples)
+            stream = wds.shuffle(bufsize=o.shuffle_buffer, initial=o.shuffle_buffer, rng=rng)(
+                stream
             )
-        yield from samples
+        yield from stream
 
     # --- decoding ---------------------------------------------------------------------
     def _decode(self, sample: dict[str, Any], worker: int, pos: int):
         """Return (image, caption, index, label) or a BadSample."""
         o = self.o
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        ext = image_ext(sample)
         if ext is None:
             return BadSample(url, key, "no image in sample")
         raw_caption = sample.get("txt")
@@ -141,7 +143,7 @@ class RankStream(IterableDataset):
                 meta = None
             if not isinstance(meta, dict):
                 return BadSample(url, key, "unreadable .json")
-        index = meta.get("index")
+        index = sample.get("__index__", meta.get("index"))
         if index is None:
             try:
                 index = int(key)
@@ -149,8 +151,7 @@ class RankStream(IterableDataset):
                 return BadSample(url, key, "no dataset index (.json 'index' or integer key)")
         if not isinstance(index, int) or not 0 <= index < o.num_samples:
             return BadSample(url, key, f"dataset index {index} out of range [0, {o.num_samples})")
-        label = meta.get("label", -1)
-        label = label if isinstance(label, int) else -1
+        label = o.shard_set.label_of(meta)
         if not sample[ext]:
             return BadSample(url, key, "zero-byte image")
         try:

@@ -1,0 +1,294 @@
+"""``clipfnd data index``: a manifest for WebDataset shards as they are, so nothing is rewritten.
+
+img2dataset's output (or any WebDataset shards: ``KEY.jpg``, ``KEY.txt``, ``KEY.json``) has
+no dense dataset index, but per-sample state only needs one, and it follows from the order
+of the shards and each sample's position among its shard's usable samples::
+
+    index = shard offset + position among the shard's usable samples
+
+This module reads every shard's tar headers (and the small ``.txt``/``.json`` members; no
+image is read or decoded), counts usable samples with the rule the loader applies
+(``shards.unusable_reason``), and writes a manifest: each shard's path, size and mtime (a
+shard that changes afterwards is refused by the loader), sample counts, offset, the member
+kinds it found and what it skipped. img2dataset's ``*_stats.json`` / ``*.parquet`` are read
+only to cross-check the counts.
+
+Sources are folders (their ``*.tar``), files, or brace patterns (``cc3m/{00000..00331}.tar``);
+several at once as arguments or joined by ``::`` (as open_clip's ``--train-data``), each with
+an optional upsampling factor used under ``data.resampled``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from .labels import label_map
+from .shards import FORMAT_NAME, IMAGE_EXTENSIONS, DataError, unusable_reason
+
+FORMAT_VERSION_IN_PLACE = 2
+# members read whole (small); every other member is only sized from its header
+TEXT_EXTENSIONS = ("txt", "json")
+# what webdataset's tar reader skips (``tariterators.tar_file_iterator``)
+WDS_SKIP_META = re.compile(r"__[^/]*__($|/)")
+
+
+@dataclass
+class ShardScan:
+    """What one shard holds, from its headers and small members."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    num_raw: int = 0
+    num_samples: int = 0
+    keys: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    labels: list[Any] = field(default_factory=list)  # the label field's value per usable sample
+    unlabelled: int = 0
+    cross_check: str | None = None  # a disagreement with img2dataset's own counts
+    error: str | None = None
+
+
+def expand_sources(sources: list[str]) -> list[list[Path]]:
+    """Each source (arguments, and ``::``-joined parts) as its ordered list of shard files."""
+    from braceexpand import braceexpand
+
+    out = []
+    for arg in sources:
+        for spec in arg.split("::"):
+            spec = spec.strip()
+            if not spec:
+                continue
+            files: list[Path] = []
+            for item in braceexpand(spec):
+                p = Path(item).expanduser()
+                if p.is_dir():
+                    found = sorted(p.glob("*.tar"))
+                    if not found:
+                        raise DataError(f"{p} holds no .tar shards")
+                    files += found
+                elif p.is_file():
+                    files.append(p)
+                else:
+                    raise DataError(f"source {spec!r}: {p} is neither a shard nor a folder")
+            out.append(files)
+    if not out:
+        raise DataError("no source given: name shard folders, files or brace patterns")
+    return out
+
+
+def _members(tar: tarfile.TarFile, url: str) -> Iterator[dict[str, Any]]:
+    """Members as webdataset's tar reader yields them (same filters), with the bytes of text
+    members and only the size of the others."""
+    for info in tar:
+        name = info.name
+        if not info.isreg() or name is None:
+            continue
+        if "/" not in name and name.startswith("__") and name.endswith("__"):
+            continue
+        if WDS_SKIP_META.match(name):
+            continue
+        _, ext = wds.tariterators.base_plus_ext(name)
+        if ext is not None and ext.lower() in TEXT_EXTENSIONS:
+            data: Any = tar.extractfile(info).read()
+        else:
+            data = info.size
+        yield {"fname": name, "data": data, "__url__": url}
+        tar.members = []  # headers are not kept: a shard of any size in constant memory
+
+
+def scan_shard(path: str, images_only: bool, label_field: str | None) -> ShardScan:
+    """Count one shard's samples (grouped by key exactly as webdataset groups them)."""
+    st = os.stat(path)
+    scan = ShardScan(path, st.st_size, st.st_mtime_ns)
+    with_image = 0
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for s in wds.tariterators.group_by_keys(_members(tar, path)):
+                scan.num_raw += 1
+                for k in s:
+                    if not k.startswith("__"):
+                        scan.keys[k] += 1
+                ext = next((e for e in IMAGE_EXTENSIONS if e in s), None)
+                size = s[ext] if ext else None
+                reason = unusable_reason(size, s.get("txt"), s.get("json"), images_only=images_only)
+                with_image += ext is not None
+                if reason is not None:
+                    scan.skipped[reason.split(" (")[0]] += 1
+                    continue
+                scan.num_samples += 1
+                if label_field is not None:
+                    meta = json.loads(s["json"]) if "json" in s else {}
+                    value = meta.get(label_field) if isinstance(meta, dict) else None
+                    if value is None or value == "":
+                        scan.unlabelled += 1
+                    else:
+                        scan.labels.append(value)
+            end = tar.offset  # where tarfile stopped reading headers
+        with open(path, "rb") as f:  # past the end marker only zero padding may follow
+            f.seek(end)
+            tail = f.read(1 << 20)
+        if tail.strip(b"\0"):
+            raise tarfile.ReadError(
+                f"no valid tar header at byte {end} of {scan.size} (corrupt or not a tar)"
+            )
+    except (OSError, EOFError, ValueError, tarfile.TarError) as e:
+        scan.error = f"{type(e).__name__}: {e}"
+        return scan
+    scan.cross_check = _cross_check(Path(path), with_image)
+    return scan
+
+
+def _cross_check(path: Path, with_image: int) -> str | None:
+    """Compare with img2dataset's count of successes for this shard, when it left one."""
+    stats = path.with_name(path.stem + "_stats.json")
+    parquet = path.with_suffix(".parquet")
+    theirs, where = None, None
+    try:
+        if stats.is_file():
+            theirs, where = json.loads(stats.read_text()).get("successes"), stats.name
+        elif parquet.is_file():
+            import pyarrow.parquet as pq
+
+            status = pq.read_table(parquet, columns=["status"]).column("status").to_pylist()
+            theirs, where = sum(s == "success" for s in status), parquet.name
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        return f"could not read img2dataset's counts: {type(e).__name__}: {e}"
+    if isinstance(theirs, int) and theirs != with_image:
+        return (
+            f"{where} says {theirs} successes, the shard holds {with_image} samples with an image"
+        )
+    return None
+
+
+def _scan(args: tuple[str, bool, str | None]) -> ShardScan:
+    return scan_shard(*args)
+
+
+def index_shards(
+    sources: list[str],
+    out: str | os.PathLike,
+    *,
+    images_only: bool = False,
+    label_field: str | None = None,
+    upsampling_factors: list[float] | None = None,
+    workers: int | None = None,
+    absolute_paths: bool = False,
+    skip_unreadable: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Index ``sources`` and write the manifest to ``out``; return the manifest."""
+    from tqdm.auto import tqdm
+
+    groups = expand_sources(sources)
+    if upsampling_factors is None:
+        upsampling_factors = [1.0] * len(groups)
+    if len(upsampling_factors) != len(groups):
+        raise DataError(
+            f"{len(upsampling_factors)} upsampling factor(s) for {len(groups)} source(s): "
+            "give one per source"
+        )
+    if any(not f > 0 for f in upsampling_factors):
+        raise DataError(f"upsampling factors must be > 0, got {upsampling_factors}")
+    files = [(str(p), w) for group, w in zip(groups, upsampling_factors) for p in group]
+    seen: dict[str, int] = {}
+    for i, (f, _) in enumerate(files):
+        real = os.path.realpath(f)
+        if real in seen:
+            raise DataError(f"{f} is given twice (as shard {seen[real]} and {i})")
+        seen[real] = i
+    workers = max(1, min(workers or os.cpu_count() or 1, len(files)))
+    jobs = [(f, images_only, label_field) for f, _ in files]
+    bar = tqdm(total=len(jobs), desc="index", unit="shard", disable=not progress)
+    if workers == 1:
+        scans = []
+        for job in jobs:
+            scans.append(_scan(job))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            scans = []
+            for scan in pool.map(_scan, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
+                scans.append(scan)
+                bar.update()
+    bar.close()
+
+    bad = [s for s in scans if s.error]
+    if bad and not skip_unreadable:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(
+            f"cannot read shard {bad[0].path}: {bad[0].error}{more}; fix it, or pass "
+            "--skip-unreadable to leave unreadable shards out of the manifest"
+        )
+    labels = None
+    if label_field is not None:
+        values = [v for s in scans if not s.error for v in s.labels]
+        if not values:
+            raise DataError(f"no usable sample has a {label_field!r} field in its .json")
+        labels = label_map(values, f"--label-field {label_field}")
+
+    out = Path(out)
+    if out.is_dir():
+        out = out / "manifest.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = out.parent.resolve()
+    entries, offset, skipped, checks = [], 0, Counter(), []
+    for scan, (_, weight) in zip(scans, files):
+        if scan.error:
+            continue
+        p = Path(scan.path).resolve()
+        rel = os.path.relpath(p, base)
+        name = str(p) if absolute_paths or rel.startswith("..") else rel
+        entries.append(
+            {
+                "file": name,
+                "num_samples": scan.num_samples,
+                "num_raw": scan.num_raw,
+                "offset": offset,
+                "size": scan.size,
+                "mtime_ns": scan.mtime_ns,
+                "weight": weight,
+                "keys": dict(sorted(scan.keys.items())),
+                "skipped": dict(sorted(scan.skipped.items())),
+            }
+        )
+        offset += scan.num_samples
+        skipped.update(scan.skipped)
+        if scan.cross_check:
+            checks.append(f"{scan.path}: {scan.cross_check}")
+    if offset == 0:
+        raise DataError(f"none of the {len(scans)} shard(s) holds a usable sample: {dict(skipped)}")
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION_IN_PLACE,
+        "in_place": True,
+        "num_samples": offset,
+        "num_shards": len(entries),
+        "images_only": images_only,
+        "shards": entries,
+        "label_field": None
+        if labels is None
+        else {"name": label_field, "from_strings": labels.from_strings},
+        "label_names": None if labels is None else labels.names,
+        "num_labels": 0 if labels is None else len(labels.names),
+        "unlabelled": sum(s.unlabelled for s in scans),
+        "skipped": dict(sorted(skipped.items())),
+        "unreadable_shards": [{"file": s.path, "error": s.error} for s in bad],
+        "cross_check": checks,
+        "meta": {"source": "index", "sources": list(sources)},
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out)
+    return manifest
