@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from pathlib import Path
 
 import webdataset as wds
@@ -21,11 +22,15 @@ CLASSES = 13
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (40, 200, 200)]
 
 
-def _jpegs(size: int) -> list[bytes]:
+def _jpegs(size: int, noise: bool) -> list[bytes]:
+    """Five JPEGs: flat colours, or noise (bytes about the size of real photos)."""
     out = []
-    for c in COLOURS:
+    for i, c in enumerate(COLOURS):
+        im = Image.new("RGB", (size, size), c)
+        if noise:
+            im = Image.frombytes("RGB", (size, size), random.Random(i).randbytes(size * size * 3))
         buf = io.BytesIO()
-        Image.new("RGB", (size, size), c).save(buf, format="JPEG", quality=90)
+        im.save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
@@ -45,12 +50,13 @@ def write_shards(
     first_shard: int = 0,
     offset: int = 0,
     stats: bool = True,
+    noise: bool = False,
 ) -> int:
     """Write ``num_shards`` shards of ``per_shard`` raw samples into ``root``; return the
     number of usable samples (their expected indices run from ``offset``)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    images = _jpegs(image_size)
+    images = _jpegs(image_size, noise)
     n = offset
     for s in range(first_shard, first_shard + num_shards):
         successes = failed = 0
