@@ -39,7 +39,8 @@ def stream_all(files: list[Path]) -> int:
     for f in files:
         with open(f, "rb") as stream:
             members = wds.tariterators.tar_file_iterator(stream)
-            n += sum(1 for _ in wds.tariterators.group_by_keys(members))
+            tagged = ({**m, "__url__": str(f)} for m in members)
+            n += sum(1 for _ in wds.tariterators.group_by_keys(tagged))
     return n
 
 
