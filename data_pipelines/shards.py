@@ -287,8 +287,9 @@ def load_shard_set(spec: str | os.PathLike) -> ShardSet:
         if path.is_dir() and sorted(path.glob("*.tar")):
             raise DataError(
                 f"{path} holds .tar shards but no {MANIFEST_NAME}: clipfnd needs every sample's "
-                "dense dataset index and every shard's sample count; re-shard the data with "
-                "`clipfnd data build` (it writes both)"
+                "dense dataset index and every shard's sample count; index the shards where "
+                f"they are with `clipfnd data index {path} --out {path}` (it writes "
+                f"{path / MANIFEST_NAME})"
             )
         raise DataError(f"no dataset at {spec}: expected a folder with {MANIFEST_NAME}")
     try:

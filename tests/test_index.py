@@ -261,3 +261,14 @@ def test_train_and_eval_read_an_indexed_manifest(shards, tmp_path, capsys):
     assert result["metrics"]["top1"] > 0
     assert main(["data", "verify", str(manifest)]) == 0
     assert "ok: the shards agree" in capsys.readouterr().out
+
+
+def test_a_folder_of_shards_without_a_manifest_says_how_to_index_it(shards, tmp_path):
+    from clipfnd.cli.main import main
+
+    shutil.copytree(shards / "cc", tmp_path / "cc")
+    with pytest.raises(DataError, match=r"clipfnd data index .*cc --out .*cc"):
+        load_shard_set(tmp_path / "cc")
+    assert main(["data", "index", str(tmp_path / "cc"), "--out", str(tmp_path / "cc")]) == 0
+    assert load_shard_set(tmp_path / "cc").num_samples == 144  # the folder itself now
+

@@ -359,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = dsub.add_parser(
         "verify", help="check a split's shards against its manifest (counts, indices, labels)"
     )
-    v.add_argument("dir", help="a shard folder with manifest.json")
+    v.add_argument(
+        "dir", help="a shard folder with manifest.json, or a manifest of clipfnd data index"
+    )
     v.set_defaults(func=cmd_data_verify)
 
     t = sub.add_parser(
