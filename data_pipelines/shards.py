@@ -108,6 +108,16 @@ class ShardSet:
     images_only: bool = False  # in place: a sample without a caption is usable
     label_field: LabelField | None = None  # in place: where labels come from
 
+    def unusable(self, sample: dict[str, Any]) -> str | None:
+        """In place: why a sample (members grouped by key, as read) gets no dataset index."""
+        ext = image_ext(sample)
+        return unusable_reason(
+            len(sample[ext]) if ext else None,
+            sample.get("txt"),
+            sample.get("json"),
+            images_only=self.images_only,
+        )
+
     def label_of(self, meta: dict[str, Any]) -> int:
         """A sample's label id from its ``.json`` (-1: none)."""
         if self.label_field is not None:

@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from data_pipelines import DataError, load_shard_set
-from data_pipelines.shards import IMAGE_EXTENSIONS, iter_tar_samples, unusable_reason
+from data_pipelines.shards import IMAGE_EXTENSIONS, iter_tar_samples
 
 from .datasets import EvalDataset, Item, decode_image, read_lines
 
@@ -53,15 +53,8 @@ class ClipfndShards(EvalDataset):
         usable = 0
         for pos, s in enumerate(iter_tar_samples(self.shards[part])):
             ext = _image_key(s, IMAGE_EXTENSIONS)
-            if ss.in_place:
-                reason = unusable_reason(
-                    len(s[ext]) if ext else None,
-                    s.get("txt"),
-                    s.get("json"),
-                    images_only=ss.images_only,
-                )
-                if reason is not None:
-                    continue
+            if ss.in_place and ss.unusable(s) is not None:
+                continue
             try:
                 meta = json.loads(s["json"]) if "json" in s else {}
             except (json.JSONDecodeError, UnicodeDecodeError):

@@ -16,25 +16,16 @@ import shutil
 
 import pytest
 import torch
-import torchvision.transforms as T
 
 from data_pipelines import DataError, load_shard_set
 from data_pipelines.index import expand_sources, index_shards
-from data_pipelines.loader import LoaderState, ShardStream
+from data_pipelines.loader import LoaderState
 from data_pipelines.loader.worker import RankStream, _ErrorLog
 
 from img2dataset_shards import CLASSES, write_shards
+from test_data import stream as data_stream
 
 SHARDS, PER_SHARD = 4, 48  # 36 usable per shard (12 made unusable), 144 in all
-TRANSFORM = T.Compose([T.Resize(8), T.ToTensor()])
-
-
-def tokenize(captions):
-    out = torch.zeros(len(captions), 40, dtype=torch.long)
-    for i, c in enumerate(captions):
-        ids = list(c.encode())[:40]
-        out[i, : len(ids)] = torch.tensor(ids)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +39,9 @@ def shards(tmp_path_factory):
 
 
 def stream(ss, **kw):
-    args = dict(
-        global_batch_size=24,
-        image_transform=TRANSFORM,
-        tokenize=tokenize,
-        num_workers=0,
-        seed=3,
-        shuffle_buffer=20,
-        chunk_size=5,
-    )
-    return ShardStream(ss, **(args | kw))
+    """The loader as test_data drives it, with batches of 24 and no worker processes."""
+    args = dict(global_batch_size=24, num_workers=0, seed=3, shuffle_buffer=20, chunk_size=5)
+    return data_stream(ss, **(args | kw))
 
 
 def test_the_manifest_counts_offsets_keys_and_skips(shards):
@@ -271,4 +255,3 @@ def test_a_folder_of_shards_without_a_manifest_says_how_to_index_it(shards, tmp_
         load_shard_set(tmp_path / "cc")
     assert main(["data", "index", str(tmp_path / "cc"), "--out", str(tmp_path / "cc")]) == 0
     assert load_shard_set(tmp_path / "cc").num_samples == 144  # the folder itself now
-

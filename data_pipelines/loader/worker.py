@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..images import to_rgb
-from ..shards import DataError, ShardInfo, image_ext, unusable_reason
+from ..shards import DataError, ShardInfo, image_ext
 from .state import BadSample, Chunk, LoaderState, mix_seed
 
 if TYPE_CHECKING:
@@ -65,14 +65,7 @@ def _shard_samples(
     for sample in wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=errors):
         n += 1
         if offset is not None:
-            ext = image_ext(sample)
-            reason = unusable_reason(
-                len(sample[ext]) if ext else None,
-                sample.get("txt"),
-                sample.get("json"),
-                images_only=shard_set.images_only,
-            )
-            if reason is not None:
+            if shard_set.unusable(sample) is not None:
                 continue
             sample["__index__"] = offset + k
             k += 1
