@@ -21,6 +21,8 @@ an optional upsampling factor used under ``data.resampled``.
 from __future__ import annotations
 
 import json
+import math
+import multiprocessing
 import os
 import re
 import tarfile
@@ -34,7 +36,7 @@ from typing import Any
 import webdataset as wds
 
 from .labels import label_map
-from .shards import FORMAT_NAME, IMAGE_EXTENSIONS, DataError, unusable_reason
+from .shards import FORMAT_NAME, IMAGE_EXTENSIONS, USABLE_RULE, DataError, unusable_reason
 
 FORMAT_VERSION_IN_PLACE = 2
 # members read whole (small); every other member is only sized from its header
@@ -54,8 +56,9 @@ class ShardScan:
     num_samples: int = 0
     keys: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
-    labels: list[Any] = field(default_factory=list)  # the label field's value per usable sample
+    labels: Counter = field(default_factory=Counter)  # the label field's values, counted
     unlabelled: int = 0
+    label_error: str | None = None
     cross_check: str | None = None  # a disagreement with img2dataset's own counts
     error: str | None = None
 
@@ -73,8 +76,8 @@ def expand_sources(sources: list[str]) -> list[list[Path]]:
             files: list[Path] = []
             for item in braceexpand(spec):
                 p = Path(item).expanduser()
-                if p.is_dir():
-                    found = sorted(p.glob("*.tar"))
+                if p.is_dir():  # hidden files (macOS's ._00000.tar, say) are not shards
+                    found = sorted(f for f in p.glob("*.tar") if not f.name.startswith("."))
                     if not found:
                         raise DataError(f"{p} holds no .tar shards")
                     files += found
@@ -110,10 +113,11 @@ def _members(tar: tarfile.TarFile, url: str) -> Iterator[dict[str, Any]]:
 
 def scan_shard(path: str, images_only: bool, label_field: str | None) -> ShardScan:
     """Count one shard's samples (grouped by key exactly as webdataset groups them)."""
-    st = os.stat(path)
-    scan = ShardScan(path, st.st_size, st.st_mtime_ns)
+    scan = ShardScan(path, 0, 0)
     with_image = 0
     try:
+        st = os.stat(path)
+        scan.size, scan.mtime_ns = st.st_size, st.st_mtime_ns
         with tarfile.open(path, mode="r:") as tar:
             for s in wds.tariterators.group_by_keys(_members(tar, path)):
                 scan.num_raw += 1
@@ -130,11 +134,16 @@ def scan_shard(path: str, images_only: bool, label_field: str | None) -> ShardSc
                 scan.num_samples += 1
                 if label_field is not None:
                     meta = json.loads(s["json"]) if "json" in s else {}
-                    value = meta.get(label_field) if isinstance(meta, dict) else None
+                    value = meta.get(label_field)  # a usable sample's .json is a dict
                     if value is None or value == "":
                         scan.unlabelled += 1
-                    else:
-                        scan.labels.append(value)
+                    elif isinstance(value, (int, str)) and not isinstance(value, bool):
+                        scan.labels[value] += 1
+                    elif scan.label_error is None:
+                        scan.label_error = (
+                            f"{path} sample {s['__key__']}: .json field {label_field!r} holds "
+                            f"{json.dumps(value)[:60]}; labels must be integers or strings"
+                        )
             end = tar.offset  # where tarfile stopped reading headers
         with open(path, "rb") as f:  # past the end marker only zero padding may follow
             f.seek(end)
@@ -146,7 +155,10 @@ def scan_shard(path: str, images_only: bool, label_field: str | None) -> ShardSc
     except (OSError, EOFError, ValueError, tarfile.TarError) as e:
         scan.error = f"{type(e).__name__}: {e}"
         return scan
-    scan.cross_check = _cross_check(Path(path), with_image)
+    try:
+        scan.cross_check = _cross_check(Path(path), with_image)
+    except Exception as e:  # their files are only a cross-check: never a reason to stop
+        scan.cross_check = f"could not read img2dataset's counts: {type(e).__name__}: {e}"
     return scan
 
 
@@ -157,7 +169,9 @@ def _cross_check(path: Path, with_image: int) -> str | None:
     theirs, where = None, None
     try:
         if stats.is_file():
-            theirs, where = json.loads(stats.read_text()).get("successes"), stats.name
+            stats_json = json.loads(stats.read_text())
+            theirs = stats_json.get("successes") if isinstance(stats_json, dict) else None
+            where = stats.name
         elif parquet.is_file():
             import pyarrow.parquet as pq
 
@@ -199,7 +213,7 @@ def index_shards(
             f"{len(upsampling_factors)} upsampling factor(s) for {len(groups)} source(s): "
             "give one per source"
         )
-    if any(not f > 0 for f in upsampling_factors):
+    if any(not (f > 0 and math.isfinite(f)) for f in upsampling_factors):
         raise DataError(f"upsampling factors must be > 0, got {upsampling_factors}")
     files = [(str(p), w) for group, w in zip(groups, upsampling_factors) for p in group]
     seen: dict[str, int] = {}
@@ -210,19 +224,22 @@ def index_shards(
         seen[real] = i
     workers = max(1, min(workers or os.cpu_count() or 1, len(files)))
     jobs = [(f, images_only, label_field) for f, _ in files]
-    bar = tqdm(total=len(jobs), desc="index", unit="shard", disable=not progress)
+    scans: list[ShardScan] = []
     if workers == 1:
-        scans = []
-        for job in jobs:
-            scans.append(_scan(job))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            scans = []
-            for scan in pool.map(_scan, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
-                scans.append(scan)
+        with tqdm(total=len(jobs), desc="index", unit="shard", disable=not progress) as bar:
+            for job in jobs:
+                scans.append(_scan(job))
                 bar.update()
-    bar.close()
+    else:
+        # a fork server, not a fork of this process: its threads (tqdm's monitor) could hold
+        # a lock in the child
+        ctx = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            results = pool.map(_scan, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+            with tqdm(total=len(jobs), desc="index", unit="shard", disable=not progress) as bar:
+                for scan in results:
+                    scans.append(scan)
+                    bar.update()
 
     bad = [s for s in scans if s.error]
     if bad and not skip_unreadable:
@@ -233,13 +250,17 @@ def index_shards(
         )
     labels = None
     if label_field is not None:
+        wrong = next((s.label_error for s in scans if s.label_error and not s.error), None)
+        if wrong:
+            raise DataError(wrong)
         values = [v for s in scans if not s.error for v in s.labels]
         if not values:
             raise DataError(f"no usable sample has a {label_field!r} field in its .json")
         labels = label_map(values, f"--label-field {label_field}")
 
+    out_given = str(out)
     out = Path(out)
-    if out.is_dir():
+    if out.is_dir() or out_given.endswith(("/", os.sep)):
         out = out / "manifest.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     base = out.parent.resolve()
@@ -273,6 +294,7 @@ def index_shards(
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION_IN_PLACE,
         "in_place": True,
+        "usable_rule": USABLE_RULE,
         "num_samples": offset,
         "num_shards": len(entries),
         "images_only": images_only,

@@ -389,6 +389,17 @@ def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
         )
     if offset == 0:
         raise DataError(f"{manifest_path}: none of its shards holds a usable sample")
+    if manifest.get("num_samples") != offset:
+        raise DataError(
+            f"{manifest_path}: num_samples {manifest.get('num_samples')!r} is not the sum of its "
+            f"shards' ({offset}); the manifest was edited: re-run `clipfnd data index`"
+        )
+    if manifest.get("usable_rule") != USABLE_RULE:
+        raise DataError(
+            f"{manifest_path} was written by another version of `clipfnd data index` (rule "
+            f"{manifest.get('usable_rule')!r}, this one counts usable samples by rule "
+            f"{USABLE_RULE}); re-run `clipfnd data index`"
+        )
     label = manifest.get("label_field")
     label_field = None
     if label is not None:
@@ -408,6 +419,9 @@ def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
     )
 
 
+# The version of ``unusable_reason``: a manifest indexed by another rule would give other
+# dataset indices, so it is refused.
+USABLE_RULE = 1
 TAR_MIN_BYTES = 1024  # a tar ends with two 512-byte zero blocks
 
 
@@ -444,7 +458,9 @@ def unusable_reason(
             parsed = json.loads(meta)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return "unreadable .json"
-        status = parsed.get("status") if isinstance(parsed, dict) else None
+        if not isinstance(parsed, dict):
+            return "unreadable .json"
+        status = parsed.get("status")
         if status is not None and status != "success":
             return f"failed entry (status {status})"
     if image_size is None:

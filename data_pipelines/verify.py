@@ -81,23 +81,26 @@ def verify_split(path: str | Path, max_problems: int = 50, progress: bool = True
 
 
 def _verify_in_place(shard_set, max_problems: int, progress: bool) -> VerifyReport:
-    """Shards indexed in place: index each shard again and compare with the manifest."""
+    """Shards indexed in place: read each shard the way the loader does (webdataset's tar
+    reader, ``ShardSet.unusable``) and compare its counts with the manifest's."""
     from tqdm.auto import tqdm
 
-    from .index import scan_shard
-
     report = VerifyReport(shard_set.root, shards=shard_set.num_shards)
-    field = shard_set.label_field.name if shard_set.label_field else None
     for shard in tqdm(shard_set.shards, desc="verify", unit="shard", disable=not progress):
-        scan = scan_shard(shard.path, shard_set.images_only, field)
-        if scan.error:
-            report.problems.append(f"{shard.path}: unreadable ({scan.error})")
-        elif (scan.num_raw, scan.num_samples) != (shard.num_raw, shard.num_samples):
+        raw = usable = 0
+        try:
+            for s in iter_tar_samples(shard.path):
+                raw += 1
+                usable += shard_set.unusable(s) is None
+        except (OSError, EOFError, ValueError, tarfile.TarError) as e:
+            report.problems.append(f"{shard.path}: unreadable after {raw} samples ({e})")
+            continue
+        if (raw, usable) != (shard.num_raw, shard.num_samples):
             report.problems.append(
                 f"{shard.path}: manifest says {shard.num_samples} usable of {shard.num_raw} "
-                f"samples, the shard holds {scan.num_samples} of {scan.num_raw}"
+                f"samples, the shard holds {usable} of {raw}"
             )
-        report.samples += scan.num_raw
+        report.samples += usable
     del report.problems[max_problems:]
     return report
 

@@ -255,3 +255,27 @@ def test_a_folder_of_shards_without_a_manifest_says_how_to_index_it(shards, tmp_
         load_shard_set(tmp_path / "cc")
     assert main(["data", "index", str(tmp_path / "cc"), "--out", str(tmp_path / "cc")]) == 0
     assert load_shard_set(tmp_path / "cc").num_samples == 144  # the folder itself now
+
+
+def test_odd_members_hidden_files_and_old_manifests(shards, tmp_path):
+    import webdataset as wds
+
+    root = tmp_path / "odd"
+    root.mkdir()
+    jpg = (shards / "cc" / "00000.tar").read_bytes()  # any bytes: nothing is decoded here
+    with wds.TarWriter(str(root / "00000.tar")) as tar:
+        tar.write({"__key__": "a", "jpg": jpg[:100], "txt": b"x", "json": b"null"})
+        tar.write({"__key__": "b", "jpg": jpg[:100], "txt": b"x", "json": b'{"tags": [1]}'})
+        tar.write({"__key__": "c", "jpg": jpg[:100], "txt": b"x", "json": b'{"tags": "t"}'})
+    (root / "._00000.tar").write_bytes(b"AppleDouble")  # not a shard
+    m = index_shards([str(root)], tmp_path / "m.json", progress=False, workers=1)
+    assert m["num_samples"] == 2 and m["skipped"] == {"unreadable .json": 1}  # null is no dict
+    with pytest.raises(DataError, match=r"sample b: .json field 'tags' holds \[1\]; labels must"):
+        index_shards([str(root)], tmp_path / "m.json", label_field="tags", progress=False)
+    with pytest.raises(DataError, match="upsampling factors must be > 0"):
+        index_shards([str(root)], tmp_path / "m.json", upsampling_factors=[float("inf")])
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    manifest["usable_rule"] = 0
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="another version of `clipfnd data index`"):
+        load_shard_set(tmp_path / "m.json")

@@ -86,7 +86,22 @@ class ShardStream:
                 f"{shard_set.num_samples} samples of {shard_set.root}: an epoch sees each "
                 "sample at most once; lower it"
             )
-        if not resampled and any(sh.weight != 1.0 for sh in shard_set.shards):
+        weighted = any(sh.weight != 1.0 for sh in shard_set.shards)
+        if resampled and weighted and self.samples_per_epoch > shard_set.num_samples // 2:
+            log.warning(
+                "data.samples_per_epoch=%d is more than half of the %d samples: an epoch sees "
+                "each sample at most once, so the upsampling factors change little more than "
+                "the order; lower it for the factors to shape what an epoch holds",
+                self.samples_per_epoch,
+                shard_set.num_samples,
+            )
+        if shard_set.in_place and shard_set.images_only and tokenize is not None:
+            log.warning(
+                "%s was indexed with --images-only: samples without a caption have a dataset "
+                "index and are skipped as bad samples in image-text training",
+                shard_set.root,
+            )
+        if not resampled and weighted:
             raise DataError(
                 f"{shard_set.root}: the manifest gives upsampling factors, which only "
                 "data.resampled=true uses (shards drawn by weight, as open_clip does); set it, "

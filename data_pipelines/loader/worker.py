@@ -49,9 +49,7 @@ def _shard_of(exn: Exception) -> str:
     return "?"
 
 
-def _shard_samples(
-    url: str, expected: int, errors: _ErrorLog, shard_set, offset: int | None
-) -> Iterator[dict[str, Any]]:
+def _shard_samples(sh: ShardInfo, errors: _ErrorLog, shard_set) -> Iterator[dict[str, Any]]:
     """The samples of one shard (webdataset's tar reader), its sample count checked against
     the manifest once read to its end: a mismatch (a shard that yields nothing included) is
     a ``DataError`` under ``on_error=raise``, else a fault recorded like a bad sample.
@@ -61,6 +59,8 @@ def _shard_samples(
     counted at indexing) are left out here, before positions are given, so that resume
     positions do not depend on them.
     """
+    url, offset = sh.path, sh.offset
+    expected = sh.num_raw if offset is not None else sh.num_samples
     n = k = 0
     for sample in wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=errors):
         n += 1
@@ -70,8 +70,13 @@ def _shard_samples(
             sample["__index__"] = offset + k
             k += 1
         yield sample
-    if n != expected:
-        msg = f"manifest says {expected} samples, the shard holds {n}"
+    usable = sh.num_samples if offset is not None else k
+    if n != expected or k != usable:
+        msg = (
+            f"manifest says {expected} samples, the shard holds {n}"
+            if n != expected
+            else f"manifest says {usable} usable samples, the shard holds {k}"
+        )
         if errors.on_error == "raise":
             raise DataError(f"{url}: {msg}; rebuild the manifest or check the shard")
         errors.errors.append(BadSample(url, "", f"sample count ({msg})"))
@@ -105,8 +110,7 @@ class RankStream(IterableDataset):
 
         def samples() -> Iterator[dict[str, Any]]:
             for sh in mine:
-                expected = sh.num_raw if sh.offset is not None else sh.num_samples
-                yield from _shard_samples(sh.path, expected, errors, o.shard_set, sh.offset)
+                yield from _shard_samples(sh, errors, o.shard_set)
 
         stream = samples()
         if o.shuffle_buffer > 1:
