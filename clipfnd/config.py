@@ -125,6 +125,9 @@ class FNDConfig:
     removal: str = "eliminate"  # eliminate | attract
     rescale: bool = True  # eliminate: rescale the kept negative sum to the full count
     state_on_cpu: bool = False  # keep per-sample tables in host memory (huge datasets)
+    # replicated (every rank holds every row) | sharded (rank r holds rows n % world == r;
+    # each step fetches and returns the batch's rows, O(B); GloFND, oracle and none)
+    state: str = "replicated"
     # IFND (simclr mode): clusters the whole training set every cluster_every epochs from
     # start_update; flags from start_mask; accepted share rises from accept_start to 1.0
     num_clusters: list[int] = field(default_factory=lambda: [10, 25, 50])  # the hierarchy
@@ -206,6 +209,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fnd.removal": ("eliminate", "attract"),
     "fnd.match": ("any", "all"),
     "fnd.kmeans_backend": ("auto", "torch", "faiss"),
+    "fnd.state": ("replicated", "sharded"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
 
@@ -280,6 +284,11 @@ def validate(cfg: Config) -> None:
     for key, choices in CHOICES.items():
         if get(key) not in choices:
             raise ConfigError(f"{key}={get(key)!r} is not one of {', '.join(choices)}")
+    if cfg.fnd.state == "sharded" and cfg.fnd.detector == "ifnd":
+        raise ConfigError(
+            "fnd.state=sharded does not work with fnd.detector=ifnd: IFND clusters and ranks "
+            "the whole training set, so every process needs every row; use fnd.state=replicated"
+        )
     positive = [
         "data.batch_size",
         "data.chunk_size",

@@ -105,9 +105,27 @@ CONFIGS = {
 STEPS = 8
 
 
-def run_steps(rank: int, world: int, overrides: dict, steps: int = STEPS):
+def run_steps(
+    rank: int,
+    world: int,
+    overrides: dict,
+    steps: int = STEPS,
+    *,
+    first: int = 0,
+    params_from: list | None = None,
+    tables_dir: str | None = None,
+    save_dir: str | None = None,
+):
     """A tiny two-tower linear model trained with the real objective; DDP-style gradient
-    averaging by hand. Returns per-step global losses, the tables and the parameters."""
+    averaging by hand. Returns per-step global losses, the tables (this rank's rows under
+    ``fnd.state=sharded``) and the parameters. ``first``/``params_from``/``tables_dir``
+    continue a run from its step ``first`` (SGD keeps no state); ``save_dir`` saves the
+    tables at the end the way checkpoints do."""
+    from pathlib import Path
+
+    from clipfnd.state import ShardedTables
+    from clipfnd.train.checkpoint import TABLES_FILE, load_tables, save_tables, shard_file
+
     overrides = dict(overrides)
     repeats = overrides.pop("repeats", False)
     cfg = load_config(None, ["data.train=unused"] + [f"{k}={v}" for k, v in overrides.items()])
@@ -122,12 +140,21 @@ def run_steps(rank: int, world: int, overrides: dict, steps: int = STEPS):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     log_scale = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
     params = [*wi.parameters(), *wt.parameters(), log_scale]
+    if params_from is not None:
+        with torch.no_grad():
+            for p, q in zip(params, params_from):
+                p.copy_(q)
     opt = torch.optim.SGD(params, lr=0.1)
-    tables = StateTables(N)
+    if cfg.fnd.state == "sharded":
+        tables = ShardedTables(N, rank=rank, world=world)
+    else:
+        tables = StateTables(N)
     obj = ClipObjective(cfg, tables, has_labels=True)
+    if tables_dir is not None:
+        load_tables(tables, Path(tables_dir))
     b = B // world
     losses = []
-    for step in range(steps):
+    for step in range(first, first + steps):
         gen = torch.Generator().manual_seed(100 + step)
         order = torch.randperm(N, generator=gen)[:B]
         if repeats:
@@ -137,7 +164,8 @@ def run_steps(rank: int, world: int, overrides: dict, steps: int = STEPS):
         img = F.normalize(wi(xi[idx]), dim=1)
         txt = F.normalize(wt(xt[idx]), dim=1)
         out = obj(img, txt, log_scale.exp(), idx, labels[idx], epoch=step // 3)
-        assert out.duplicates == (B // 2 if repeats else 0)
+        if B % world == 0:  # 3 processes use the first 15 of 16
+            assert out.duplicates == (B // 2 if repeats else 0)
         obj.commit(out)
         out.loss.backward()
         for p in params:
@@ -146,6 +174,11 @@ def run_steps(rank: int, world: int, overrides: dict, steps: int = STEPS):
         opt.step()
         opt.zero_grad()
         losses.append(distributed.all_reduce_sum(out.loss.detach()).item() / world)
+    if save_dir is not None:
+        if cfg.fnd.state == "sharded":
+            save_tables(tables, Path(save_dir) / shard_file(rank, world))
+        elif rank == 0:
+            save_tables(tables, Path(save_dir) / TABLES_FILE)
     return (
         losses,
         {k: v.clone() for k, v in tables.state_dict()["tables"].items()},

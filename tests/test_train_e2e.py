@@ -177,3 +177,29 @@ def test_two_machines_resume_like_one_machine_with_two_processes(two_process_run
         "loader_rank0.json",
         "loader_rank1.json",
     ]
+
+
+def test_sharded_state_resumes_a_replicated_run_to_the_same_numbers(two_process_run, tmp_path):
+    """``fnd.state=sharded`` resumes the replicated two-process run from its step 4 checkpoint
+    (its one tables file split over the ranks): the same losses, and final per-rank table
+    files that put back together equal the replicated run's tables."""
+    from clipfnd.train.checkpoint import read_full_tables
+
+    cfg, run, _ = two_process_run
+    resumed = tmp_path / "sharded"
+    shutil.copytree(run, resumed)
+    for name in ("step_00000008", "step_00000012", "step_00000016"):
+        shutil.rmtree(resumed / "checkpoints" / name)
+    (resumed / "metrics.jsonl").write_text("")
+    launch(cfg, f"output_dir={resumed}", "resume=latest", "fnd.state=sharded")
+    assert_same_losses(resumed, run, range(5, 17))
+    ckpt = resumed / "checkpoints" / "step_00000016"
+    assert sorted(p.name for p in ckpt.glob("tables*")) == [
+        "tables_rank0_of_2.safetensors",
+        "tables_rank1_of_2.safetensors",
+    ]
+    rows, got = read_full_tables(ckpt)
+    rows_ref, want = read_full_tables(run / "checkpoints" / "step_00000016")
+    assert rows == rows_ref and set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)

@@ -222,9 +222,10 @@ class GloFND(Detector):
     def threshold_quantiles(
         self, anchor_type: str, qs=(0.1, 0.5, 0.9), max_rows: int = 65536
     ) -> dict[str, float]:
-        """Quantiles of the thresholds of samples updated at least once (a fixed subsample)."""
-        lam = self.tables[f"glofnd.lambda_{anchor_type}"]
-        seen = self.tables[f"glofnd.count_{anchor_type}"] > 0
+        """Quantiles of the thresholds of samples updated at least once (a fixed subsample;
+        under ``fnd.state=sharded``, of the rows this rank holds: an evenly spread 1/world)."""
+        lam = self.tables.local(f"glofnd.lambda_{anchor_type}")
+        seen = self.tables.local(f"glofnd.count_{anchor_type}") > 0
         vals = lam[seen]
         if vals.numel() == 0:
             return {}

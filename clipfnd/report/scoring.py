@@ -27,10 +27,10 @@ from clipfnd_eval.layouts import open_dataset
 
 from ..checkpoints import LoadedCheckpoint, checkpoint_dir, final_path, load_checkpoint
 from ..config import Config, from_dict
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
 from ..fnd import DetectionInput, same_label
 from ..state import StateTables
-from ..train.checkpoint import TABLES_FILE, load_tables
+from ..train.checkpoint import load_tables, read_full_tables
 from ..train.objective import OBJECTIVES, Objective
 
 log = logging.getLogger(__name__)
@@ -105,15 +105,11 @@ def find_checkpoint(run: str | Path, checkpoint: str | None) -> str:
 
 def read_tables(ckpt: LoadedCheckpoint) -> StateTables:
     """The checkpoint's per-sample tables (safetensors, no pickle)."""
-    path = ckpt.path / TABLES_FILE
-    if not path.is_file():
-        raise ReportError(f"{ckpt.path} has no {TABLES_FILE}, so its detector state is unknown")
-    import safetensors
-
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        num_rows = int((f.metadata() or {}).get("num_rows", "0"))
-    tables = StateTables(num_rows, "cpu")
-    return tables
+    try:
+        num_rows, _ = read_full_tables(ckpt.path)
+    except CheckpointError as e:
+        raise ReportError(f"{e}, so its detector state is unknown") from e
+    return StateTables(num_rows, "cpu")
 
 
 def _same_path(a: str | None, b: str | None) -> bool:
@@ -253,7 +249,7 @@ def score(
     labels = torch.tensor([s.label for s in samples])
     has_labels = bool((labels >= 0).any())
     train_objective = _objective(cfg, train_tables, has_labels)
-    load_tables(train_tables, ckpt.path / TABLES_FILE)
+    load_tables(train_tables, ckpt.path)
     notes: list[str] = []
     index = torch.tensor([s.index for s in samples])
     if is_training and (index < 0).any():

@@ -1,5 +1,5 @@
-"""Per-sample state tables, replicated across ranks and checkpointed."""
+"""Per-sample state tables, replicated across ranks or sharded over them, and checkpointed."""
 
-from .tables import StateTables, TableIndexError
+from .tables import ShardedTables, StateTables, TableIndexError
 
-__all__ = ["TableIndexError", "StateTables"]
+__all__ = ["ShardedTables", "StateTables", "TableIndexError"]

@@ -1,12 +1,13 @@
 """Per-sample state: named tables of length N keyed by the dataset index.
 
-Every rank holds a full replica of every table. A step changes only the rows of the samples
-in the global batch: each rank computes the new values of its own anchors' rows, then
-``write_rows`` all-gathers (indices, values) from every rank and scatters them into every
-replica, so the replicas stay identical with ``O(B)`` communication per step and nothing
-``O(N)``. A checkpoint saves them as ``tables.safetensors`` (``state_dict`` /
-``load_state_dict``; ``clipfnd.train.checkpoint.save_tables`` / ``load_tables``), never as a
-pickle.
+``StateTables``: every rank holds a full replica of every table (``fnd.state=replicated``).
+A step changes only the rows of the samples in the global batch: each rank computes the new
+values of its own anchors' rows, then ``write_rows`` all-gathers (indices, values) from every
+rank and scatters them into every replica, so the replicas stay identical with ``O(B)``
+communication per step and nothing ``O(N)``. ``ShardedTables`` (``fnd.state=sharded``) splits
+the rows over the ranks instead. A checkpoint saves them as safetensors (``tables.safetensors``,
+or one file per rank when sharded; ``clipfnd.train.checkpoint.save_tables`` / ``load_tables``),
+never as a pickle.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class StateTables:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tables[name]
 
+    def local(self, name: str) -> torch.Tensor:
+        """The rows of ``name`` this rank holds: all of them here (for metrics over rows)."""
+        return self._tables[name]
+
     def check_indices(self, index: torch.Tensor) -> None:
         if index.numel() == 0:
             return
@@ -114,6 +119,10 @@ class StateTables:
     def state_dict(self) -> dict[str, object]:
         return {"num_rows": self.num_rows, "tables": {n: t.cpu() for n, t in self._tables.items()}}
 
+    def load_full(self, num_rows: int, tables: dict[str, torch.Tensor]) -> None:
+        """Every row of every table (a checkpoint of any layout, reassembled)."""
+        self.load_state_dict({"num_rows": num_rows, "tables": tables})
+
     def load_state_dict(self, state: dict[str, object]) -> None:
         if state["num_rows"] != self.num_rows:
             raise CheckpointError(
@@ -126,3 +135,97 @@ class StateTables:
             raise CheckpointError(f"checkpoint lacks per-sample tables {sorted(missing)}")
         for n in self._tables:
             self._tables[n].copy_(tables[n])  # type: ignore[index]
+
+
+class ShardedTables(StateTables):
+    """``fnd.state: sharded``: rank ``r`` of ``world`` holds the rows ``n`` with
+    ``n % world == r``, at local position ``n // world``, so each rank stores N / world rows.
+
+    ``rows`` is a collective (every rank calls it with its own anchors' indices): the ranks
+    gather every rank's indices, each owner fills in the values of its rows, and one sum over
+    ranks gives every rank all of them, O(B) per call and nothing O(N). ``write_rows`` gathers
+    (indices, values) as the replicated tables do and each owner keeps its rows. Whole-table
+    access (``tables[name]``) does not exist here; ``local`` gives this rank's rows.
+    """
+
+    def __init__(self, num_rows: int, device: torch.device | str = "cpu", *, rank: int, world: int):
+        super().__init__(num_rows, device)
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside [0, {world})")
+        self.rank, self.world = rank, world
+        self.local_rows = len(range(rank, num_rows, world))
+
+    def add(self, name: str, init: float = 0.0) -> torch.Tensor:
+        if name in self._tables:
+            raise KeyError(f"table {name!r} already exists")
+        self._tables[name] = torch.full(
+            (self.local_rows,), float(init), dtype=torch.float32, device=self.device
+        )
+        self._init[name] = float(init)
+        return self._tables[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        raise UserError(
+            f"per-sample table {name!r} is sharded over the processes (fnd.state=sharded); "
+            "this detector needs whole tables: use fnd.state=replicated"
+        )
+
+    def local(self, name: str) -> torch.Tensor:
+        return self._tables[name]
+
+    @torch.no_grad()
+    def rows(
+        self, name: str, index: torch.Tensor, device: torch.device | None = None
+    ) -> torch.Tensor:
+        counts = distributed.gather(torch.tensor([index.numel()], device=index.device))
+        everyone = distributed.gather_uneven(index)
+        idx = everyone.to(self.device)
+        mine = torch.remainder(idx, self.world) == self.rank
+        values = torch.zeros(idx.numel(), dtype=torch.float32, device=self.device)
+        values[mine] = self._tables[name][torch.div(idx[mine], self.world, rounding_mode="floor")]
+        values = distributed.all_reduce_sum(values.to(index.device))
+        start = int(counts[: self.rank].sum())
+        own = values[start : start + index.numel()]
+        return own.to(device if device is not None else index.device)
+
+    @torch.no_grad()
+    def write_rows(self, index: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        names = sorted(values)
+        if not names:
+            return
+        stacked = torch.stack([values[n].detach().to(torch.float32) for n in names], dim=1)
+        idx = distributed.gather(index.to(stacked.device)).to(self.device)
+        vals = distributed.gather(stacked).to(self.device)
+        first = first_occurrences(idx)
+        if first is not None:
+            idx, vals = idx[first], vals[first]
+        mine = torch.remainder(idx, self.world) == self.rank
+        local = torch.div(idx[mine], self.world, rounding_mode="floor")
+        for k, n in enumerate(names):
+            self._tables[n][local] = vals[mine, k]
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "num_rows": self.num_rows,
+            "rank": self.rank,
+            "world": self.world,
+            "tables": {n: t.cpu() for n, t in self._tables.items()},
+        }
+
+    def load_full(self, num_rows: int, tables: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(
+            {
+                "num_rows": num_rows,
+                "rank": self.rank,
+                "world": self.world,
+                "tables": {n: t[self.rank :: self.world] for n, t in tables.items()},
+            }
+        )
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if (state.get("rank"), state.get("world")) != (self.rank, self.world):
+            raise CheckpointError(
+                f"checkpoint tables are shard {state.get('rank')} of {state.get('world')}, "
+                f"this process holds shard {self.rank} of {self.world}"
+            )
+        super().load_state_dict(state)

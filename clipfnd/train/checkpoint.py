@@ -158,7 +158,7 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
             verify_checksums(path, state)
             check_no_pickled_state(path, s.accelerator.process_index)
             s.accelerator.load_state(str(path))
-            load_tables(s.tables, path / TABLES_FILE)
+            load_tables(s.tables, path)
             s.scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
             loader = json.loads(
                 (path / f"loader_rank{s.accelerator.process_index}.json").read_text()
@@ -204,28 +204,94 @@ TABLES_FILE = "tables.safetensors"
 SCHEDULER_FILE = "scheduler.json"
 
 
+def shard_file(rank: int, world: int) -> str:
+    """The file of rank ``rank``'s tables under ``fnd.state=sharded``."""
+    return f"tables_rank{rank}_of_{world}.safetensors"
+
+
 def save_tables(tables, path: Path) -> None:
-    """The per-sample tables as safetensors (the row count in the metadata)."""
+    """The per-sample tables as safetensors (row count, and shard when sharded, in the
+    metadata): ``tables.safetensors``, or this rank's ``shard_file``."""
     state = tables.state_dict()
+    meta = {"num_rows": str(state["num_rows"])}
+    if "world" in state:
+        meta |= {"rank": str(state["rank"]), "world": str(state["world"])}
     safetensors.torch.save_file(
         {n: t.contiguous() for n, t in state["tables"].items()} or {"_none": torch.zeros(0)},
         str(path),
-        metadata={"num_rows": str(state["num_rows"])},
+        metadata=meta,
     )
 
 
-def load_tables(tables, path: Path) -> None:
-    """Per-sample tables from ``tables.safetensors`` (no pickle)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent} has no {TABLES_FILE}")
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     with safetensors.safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         loaded = {k: f.get_tensor(k) for k in f.keys() if k != "_none"}
+    return meta, loaded
+
+
+def _int(meta: dict[str, str], key: str, path: Path) -> int:
     try:
-        num_rows = int(meta["num_rows"])
+        return int(meta[key])
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} does not say how many rows its tables have") from e
-    tables.load_state_dict({"num_rows": num_rows, "tables": loaded})
+        raise CheckpointError(f"{path} does not say its tables' {key}") from e
+
+
+def read_full_tables(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """Every row of every table of checkpoint ``ckpt``, whichever layout wrote it: one
+    ``tables.safetensors``, or one shard per rank (reassembled: rank ``r`` of ``W`` holds
+    the rows ``r::W``)."""
+    full = ckpt / TABLES_FILE
+    if full.is_file():
+        meta, loaded = _read(full)
+        return _int(meta, "num_rows", full), loaded
+    shards = sorted(ckpt.glob("tables_rank*_of_*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{ckpt} has no {TABLES_FILE} and no per-rank table shards")
+    parts: dict[int, dict[str, torch.Tensor]] = {}
+    worlds, rows = set(), set()
+    for p in shards:
+        meta, loaded = _read(p)
+        parts[_int(meta, "rank", p)] = loaded
+        worlds.add(_int(meta, "world", p))
+        rows.add(_int(meta, "num_rows", p))
+    world = worlds.pop() if len(worlds) == 1 else None
+    if world is None or len(rows) != 1 or sorted(parts) != list(range(world)):
+        raise CheckpointError(
+            f"{ckpt}: its table shards do not make one set (ranks {sorted(parts)}, world "
+            f"sizes {sorted(worlds | ({world} if world else set()))})"
+        )
+    num_rows = rows.pop()
+    out = {}
+    for name in parts[0]:
+        t = torch.empty(num_rows, dtype=parts[0][name].dtype)
+        for r in range(world):
+            if name not in parts[r] or parts[r][name].numel() != len(range(r, num_rows, world)):
+                raise CheckpointError(f"{ckpt}: table {name} of rank {r} has the wrong size")
+            t[r::world] = parts[r][name]
+        out[name] = t
+    return num_rows, out
+
+
+def load_tables(tables, ckpt: Path) -> None:
+    """The per-sample tables of checkpoint ``ckpt`` (no pickle), in this run's layout: a
+    sharded run on the world size that wrote its shards reads only its own file; any other
+    combination reassembles the whole tables first (at an epoch boundary or not: every row
+    is there)."""
+    own = ckpt / shard_file(getattr(tables, "rank", 0), getattr(tables, "world", 0))
+    if hasattr(tables, "world") and own.is_file():
+        meta, loaded = _read(own)
+        tables.load_state_dict(
+            {
+                "num_rows": _int(meta, "num_rows", own),
+                "rank": _int(meta, "rank", own),
+                "world": _int(meta, "world", own),
+                "tables": loaded,
+            }
+        )
+        return
+    num_rows, full = read_full_tables(ckpt)
+    tables.load_full(num_rows, full)
 
 
 def check_no_pickled_state(path: Path, process_index: int) -> None:
@@ -274,8 +340,11 @@ def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState
     tmp = tmp_path(s.run_dir, step)
     try:
         acc.save_state(str(tmp), safe_serialization=True)
+        if hasattr(s.tables, "world"):  # sharded state: every rank its own rows
+            save_tables(s.tables, tmp / shard_file(s.tables.rank, s.tables.world))
         if acc.is_main_process:  # replicated state: one copy
-            save_tables(s.tables, tmp / TABLES_FILE)
+            if not hasattr(s.tables, "world"):
+                save_tables(s.tables, tmp / TABLES_FILE)
             write_json(tmp / SCHEDULER_FILE, s.scheduler.state_dict())
         write_json(tmp / f"loader_rank{acc.process_index}.json", loader_state.to_dict())
     except (OSError, RuntimeError) as e:  # a full disk, a folder gone read-only

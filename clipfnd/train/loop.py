@@ -43,7 +43,7 @@ from ..methods import Method
 from ..models import check_model_name, create_clip, lock_towers, set_grad_checkpointing
 from ..models.vision import Projections, vision_from_config
 from ..plots import PlotWriter
-from ..state import StateTables
+from ..state import ShardedTables, StateTables
 from . import checkpoint as ckpt
 from .lock import RunLock, RunLocked
 from .metrics import LogWindow, MetricsWriter, log_record
@@ -237,7 +237,15 @@ def setup(cfg: Config) -> Setup:
     if cfg.train.compile:
         model.compile(backend=cfg.train.compile_backend)  # forward only; same state-dict keys
     table_device = "cpu" if cfg.fnd.state_on_cpu else accelerator.device
-    tables = StateTables(shard_set.num_samples, table_device)
+    if cfg.fnd.state == "sharded":
+        tables: StateTables = ShardedTables(
+            shard_set.num_samples,
+            table_device,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+        )
+    else:
+        tables = StateTables(shard_set.num_samples, table_device)
     objective = OBJECTIVES[cfg.mode](cfg, tables, has_labels=shard_set.num_labels > 0)
     method = objective.method
     method.init_temperature(model)
