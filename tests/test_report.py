@@ -23,7 +23,7 @@ from clipfnd.cli.main import main
 from clipfnd.config import from_dict
 from clipfnd.report import write_report
 from clipfnd.report.scoring import read_tables
-from clipfnd.train.checkpoint import TABLES_FILE, load_tables
+from clipfnd.train.checkpoint import load_tables
 from clipfnd.train.objective import OBJECTIVES
 
 COMMON = [
@@ -125,7 +125,7 @@ def objective_flags(scores, mode: str) -> dict[str, torch.Tensor]:
     cfg = from_dict(scores.ckpt.config)
     tables = read_tables(scores.ckpt)
     obj = OBJECTIVES[mode](cfg, tables, has_labels=True)
-    load_tables(tables, scores.ckpt.path / TABLES_FILE)
+    load_tables(tables, scores.ckpt.path)
     seen = {}
     detect = obj.detector.detect
 
