@@ -154,6 +154,8 @@ class ShardedTables(StateTables):
             raise ValueError(f"rank {rank} outside [0, {world})")
         self.rank, self.world = rank, world
         self.local_rows = len(range(rank, num_rows, world))
+        self._order: dict[str, int] = {}  # table name -> its row in a fetch
+        self._fetched: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add(self, name: str, init: float = 0.0) -> torch.Tensor:
         if name in self._tables:
@@ -162,6 +164,8 @@ class ShardedTables(StateTables):
             (self.local_rows,), float(init), dtype=torch.float32, device=self.device
         )
         self._init[name] = float(init)
+        self._order[name] = len(self._order)
+        self._fetched = None
         return self._tables[name]
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -177,22 +181,36 @@ class ShardedTables(StateTables):
     def rows(
         self, name: str, index: torch.Tensor, device: torch.device | None = None
     ) -> torch.Tensor:
+        # One exchange brings the rows of every table for ``index`` (a step reads several
+        # tables at the same anchors); kept until the next write. Whether it is kept depends
+        # only on the call sequence (the same tensor object), which is the same on every rank,
+        # so every rank enters the same collectives.
+        if self._fetched is None or self._fetched[0] is not index:
+            self._fetched = (index, self._fetch(index))
+        out = self._fetched[1][self._order[name]]
+        return out.to(device if device is not None else index.device)
+
+    def _fetch(self, index: torch.Tensor) -> torch.Tensor:
+        """``[len(self._order), len(index)]``: every table's rows at this rank's ``index``."""
         counts = distributed.gather(torch.tensor([index.numel()], device=index.device))
-        everyone = distributed.gather_uneven(index)
+        even = bool((counts == counts[0]).all())
+        everyone = distributed.gather(index) if even else distributed.gather_uneven(index)
         idx = everyone.to(self.device)
         mine = torch.remainder(idx, self.world) == self.rank
-        values = torch.zeros(idx.numel(), dtype=torch.float32, device=self.device)
-        values[mine] = self._tables[name][torch.div(idx[mine], self.world, rounding_mode="floor")]
+        local = torch.div(idx[mine], self.world, rounding_mode="floor")
+        values = torch.zeros(len(self._order), idx.numel(), dtype=torch.float32, device=self.device)
+        for name, k in self._order.items():
+            values[k, mine] = self._tables[name][local]
         values = distributed.all_reduce_sum(values.to(index.device))
         start = int(counts[: self.rank].sum())
-        own = values[start : start + index.numel()]
-        return own.to(device if device is not None else index.device)
+        return values[:, start : start + index.numel()]
 
     @torch.no_grad()
     def write_rows(self, index: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
         names = sorted(values)
         if not names:
             return
+        self._fetched = None  # rows change
         stacked = torch.stack([values[n].detach().to(torch.float32) for n in names], dim=1)
         idx = distributed.gather(index.to(stacked.device)).to(self.device)
         vals = distributed.gather(stacked).to(self.device)
@@ -223,6 +241,7 @@ class ShardedTables(StateTables):
         )
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        self._fetched = None
         if (state.get("rank"), state.get("world")) != (self.rank, self.world):
             raise CheckpointError(
                 f"checkpoint tables are shard {state.get('rank')} of {state.get('world')}, "
