@@ -130,3 +130,22 @@ def test_sharded_tables_hold_their_rows_only_and_refuse_whole_table_access():
 def test_ifnd_with_sharded_state_is_refused():
     with pytest.raises(ConfigError, match="fnd.state=sharded does not work with fnd.detector=ifnd"):
         load_config(None, ["data.train=x", "mode=simclr", "fnd.detector=ifnd", "fnd.state=sharded"])
+
+
+def test_tables_load_piece_by_piece_into_any_layout_and_mixed_layouts_are_refused(
+    tmp_path, monkeypatch
+):
+    from clipfnd.train import checkpoint
+
+    full = StateTables(10)
+    full.add("x")
+    full["x"].copy_(torch.arange(10.0))
+    checkpoint.save_tables(full, tmp_path / checkpoint.TABLES_FILE)
+    monkeypatch.setattr(checkpoint, "ROWS_PER_READ", 3)  # several pieces per table
+    part = ShardedTables(10, rank=1, world=3)
+    part.add("x")
+    checkpoint.load_tables(part, tmp_path)
+    assert part.local("x").tolist() == [1.0, 4.0, 7.0]
+    checkpoint.save_tables(part, tmp_path / checkpoint.shard_file(1, 3))
+    with pytest.raises(Exception, match="holds both tables.safetensors and per-rank table files"):
+        checkpoint.load_tables(part, tmp_path)

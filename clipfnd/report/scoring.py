@@ -30,7 +30,7 @@ from ..config import Config, from_dict
 from ..errors import CheckpointError, UserError
 from ..fnd import DetectionInput, same_label
 from ..state import StateTables
-from ..train.checkpoint import load_tables, read_full_tables
+from ..train.checkpoint import load_tables, table_sources
 from ..train.objective import OBJECTIVES, Objective
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def find_checkpoint(run: str | Path, checkpoint: str | None) -> str:
 def read_tables(ckpt: LoadedCheckpoint) -> StateTables:
     """The checkpoint's per-sample tables (safetensors, no pickle)."""
     try:
-        num_rows, _ = read_full_tables(ckpt.path)
+        num_rows, _ = table_sources(ckpt.path)
     except CheckpointError as e:
         raise ReportError(f"{e}, so its detector state is unknown") from e
     return StateTables(num_rows, "cpu")

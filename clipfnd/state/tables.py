@@ -119,9 +119,11 @@ class StateTables:
     def state_dict(self) -> dict[str, object]:
         return {"num_rows": self.num_rows, "tables": {n: t.cpu() for n, t in self._tables.items()}}
 
-    def load_full(self, num_rows: int, tables: dict[str, torch.Tensor]) -> None:
-        """Every row of every table (a checkpoint of any layout, reassembled)."""
-        self.load_state_dict({"num_rows": num_rows, "tables": tables})
+    @torch.no_grad()
+    def assign(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Set rows ``rows`` (dataset indices) of ``name`` from a checkpoint of any layout,
+        read piece by piece; a rank keeps the rows it holds."""
+        self._tables[name][rows.to(self.device)] = values.to(self.device, torch.float32)
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         if state["num_rows"] != self.num_rows:
@@ -187,7 +189,7 @@ class ShardedTables(StateTables):
         # so every rank enters the same collectives.
         if self._fetched is None or self._fetched[0] is not index:
             self._fetched = (index, self._fetch(index))
-        out = self._fetched[1][self._order[name]]
+        out = self._fetched[1][self._order[name]].clone()  # the caller's, as a replica's read
         return out.to(device if device is not None else index.device)
 
     def _fetch(self, index: torch.Tensor) -> torch.Tensor:
@@ -230,15 +232,12 @@ class ShardedTables(StateTables):
             "tables": {n: t.cpu() for n, t in self._tables.items()},
         }
 
-    def load_full(self, num_rows: int, tables: dict[str, torch.Tensor]) -> None:
-        self.load_state_dict(
-            {
-                "num_rows": num_rows,
-                "rank": self.rank,
-                "world": self.world,
-                "tables": {n: t[self.rank :: self.world] for n, t in tables.items()},
-            }
-        )
+    @torch.no_grad()
+    def assign(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        self._fetched = None
+        mine = torch.remainder(rows, self.world) == self.rank
+        local = torch.div(rows[mine], self.world, rounding_mode="floor")
+        self._tables[name][local.to(self.device)] = values[mine].to(self.device, torch.float32)
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self._fetched = None

@@ -237,49 +237,49 @@ def _int(meta: dict[str, str], key: str, path: Path) -> int:
         raise CheckpointError(f"{path} does not say its tables' {key}") from e
 
 
-def read_full_tables(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:
-    """Every row of every table of checkpoint ``ckpt``, whichever layout wrote it: one
-    ``tables.safetensors``, or one shard per rank (reassembled: rank ``r`` of ``W`` holds
-    the rows ``r::W``)."""
+# rows read from a checkpoint's tables at a time when they are put into another layout
+ROWS_PER_READ = 1 << 22
+
+
+def table_sources(ckpt: Path) -> tuple[int, list[tuple[Path, int, int]]]:
+    """The table files of checkpoint ``ckpt``: the row count and ``(file, first row, stride)``
+    for each (``tables.safetensors``: ``(0, 1)``; rank ``r`` of ``W``: ``(r, W)``). Only the
+    metadata is read. A folder with both layouts, or shards that are not one set, is refused."""
     full = ckpt / TABLES_FILE
-    if full.is_file():
-        meta, loaded = _read(full)
-        return _int(meta, "num_rows", full), loaded
     shards = sorted(ckpt.glob("tables_rank*_of_*.safetensors"))
+    if full.is_file() and shards:
+        raise CheckpointError(
+            f"{ckpt} holds both {TABLES_FILE} and per-rank table files; it was changed after "
+            "clipfnd wrote it"
+        )
+    if full.is_file():
+        with safetensors.safe_open(str(full), framework="pt") as f:
+            return _int(f.metadata() or {}, "num_rows", full), [(full, 0, 1)]
     if not shards:
         raise CheckpointError(f"{ckpt} has no {TABLES_FILE} and no per-rank table shards")
-    parts: dict[int, dict[str, torch.Tensor]] = {}
-    worlds, rows = set(), set()
+    found, worlds, rows = {}, set(), set()
     for p in shards:
-        meta, loaded = _read(p)
-        parts[_int(meta, "rank", p)] = loaded
+        with safetensors.safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        found[_int(meta, "rank", p)] = p
         worlds.add(_int(meta, "world", p))
         rows.add(_int(meta, "num_rows", p))
-    world = worlds.pop() if len(worlds) == 1 else None
-    if world is None or len(rows) != 1 or sorted(parts) != list(range(world)):
+    world = next(iter(worlds)) if len(worlds) == 1 else None
+    if world is None or len(rows) != 1 or sorted(found) != list(range(world)):
         raise CheckpointError(
-            f"{ckpt}: its table shards do not make one set (ranks {sorted(parts)}, world "
-            f"sizes {sorted(worlds | ({world} if world else set()))})"
+            f"{ckpt}: its table shards do not make one set (ranks {sorted(found)}, world "
+            f"sizes {sorted(worlds)})"
         )
-    num_rows = rows.pop()
-    out = {}
-    for name in parts[0]:
-        t = torch.empty(num_rows, dtype=parts[0][name].dtype)
-        for r in range(world):
-            if name not in parts[r] or parts[r][name].numel() != len(range(r, num_rows, world)):
-                raise CheckpointError(f"{ckpt}: table {name} of rank {r} has the wrong size")
-            t[r::world] = parts[r][name]
-        out[name] = t
-    return num_rows, out
+    return rows.pop(), [(found[r], r, world) for r in range(world)]
 
 
 def load_tables(tables, ckpt: Path) -> None:
-    """The per-sample tables of checkpoint ``ckpt`` (no pickle), in this run's layout: a
+    """The per-sample tables of checkpoint ``ckpt`` (no pickle), in this run's layout. A
     sharded run on the world size that wrote its shards reads only its own file; any other
-    combination reassembles the whole tables first (at an epoch boundary or not: every row
-    is there)."""
+    combination reads every file piece by piece (``ROWS_PER_READ`` rows at a time) and keeps
+    the rows this process holds, so it never holds more than its tables and one piece."""
     own = ckpt / shard_file(getattr(tables, "rank", 0), getattr(tables, "world", 0))
-    if hasattr(tables, "world") and own.is_file():
+    if hasattr(tables, "world") and own.is_file() and not (ckpt / TABLES_FILE).is_file():
         meta, loaded = _read(own)
         tables.load_state_dict(
             {
@@ -290,8 +290,41 @@ def load_tables(tables, ckpt: Path) -> None:
             }
         )
         return
-    num_rows, full = read_full_tables(ckpt)
-    tables.load_full(num_rows, full)
+    num_rows, sources = table_sources(ckpt)
+    if num_rows != tables.num_rows:
+        raise CheckpointError(
+            f"checkpoint tables have {num_rows} rows, this run's dataset has "
+            f"{tables.num_rows}: resume with the same training data"
+        )
+    for path, first, stride in sources:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            missing = sorted(set(tables.names()) - set(f.keys()))
+            if missing:
+                raise CheckpointError(f"checkpoint lacks per-sample tables {missing} ({path})")
+            for name in tables.names():
+                piece = f.get_slice(name)
+                n = piece.get_shape()[0]
+                if n != len(range(first, num_rows, stride)):
+                    raise CheckpointError(f"{path}: table {name} has {n} rows, not its share")
+                for a in range(0, n, ROWS_PER_READ):
+                    values = piece[a : a + ROWS_PER_READ]
+                    rows = first + stride * torch.arange(a, a + len(values))
+                    tables.assign(name, rows, values)
+
+
+def read_full_tables(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """Every row of every table of checkpoint ``ckpt``, whichever layout wrote it (for
+    inspection and tests; training loads with ``load_tables``)."""
+    num_rows, sources = table_sources(ckpt)
+    with safetensors.safe_open(str(sources[0][0]), framework="pt") as f:
+        names = [k for k in f.keys() if k != "_none"]
+    from ..state import StateTables
+
+    tables = StateTables(num_rows)
+    for name in names:
+        tables.add(name)
+    load_tables(tables, ckpt)
+    return num_rows, {n: tables[n].clone() for n in names}
 
 
 def check_no_pickled_state(path: Path, process_index: int) -> None:
@@ -338,6 +371,9 @@ def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState
         )
         return None
     tmp = tmp_path(s.run_dir, step)
+    if acc.is_main_process and tmp.exists():  # a save of this step that crashed: start clean
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
     try:
         acc.save_state(str(tmp), safe_serialization=True)
         if hasattr(s.tables, "world"):  # sharded state: every rank its own rows
