@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,6 +147,17 @@ def test_bf16_with_gradient_accumulation_trains(shapes, tmp_path):
     assert steps[-1]["loss"] < steps[0]["loss"]
 
 
+def _at_step_4(run: Path, dest: Path) -> Path:
+    """A copy of the two-process run as it was at its step 4 checkpoint (later checkpoints,
+    metrics and summary gone), to resume."""
+    shutil.copytree(run, dest)
+    for name in ("step_00000008", "step_00000012", "step_00000016"):
+        shutil.rmtree(dest / "checkpoints" / name)
+    (dest / "metrics.jsonl").write_text("")
+    (dest / "summary.json").unlink()
+    return dest
+
+
 def test_two_machines_resume_like_one_machine_with_two_processes(two_process_run, tmp_path):
     """Two launches of one process each, as two machines (``--num_machines 2 --machine_rank
     0|1``, rendezvous on 127.0.0.1), resume the one-machine, two-process run from its step 4
@@ -155,12 +167,7 @@ def test_two_machines_resume_like_one_machine_with_two_processes(two_process_run
     import safetensors.torch
 
     cfg, run, _ = two_process_run
-    resumed = tmp_path / "machines"
-    shutil.copytree(run, resumed)
-    for name in ("step_00000008", "step_00000012", "step_00000016"):
-        shutil.rmtree(resumed / "checkpoints" / name)
-    (resumed / "metrics.jsonl").write_text("")
-    (resumed / "summary.json").unlink()
+    resumed = _at_step_4(run, tmp_path / "machines")
     procs = launch_machines(cfg, f"output_dir={resumed}", "resume=latest")
     assert "=== clipfnd run summary ===" in procs[0].stdout  # printed by global rank 0 only
     assert "=== clipfnd run summary ===" not in procs[1].stdout
@@ -186,11 +193,7 @@ def test_sharded_state_resumes_a_replicated_run_to_the_same_numbers(two_process_
     from clipfnd.train.checkpoint import read_full_tables
 
     cfg, run, _ = two_process_run
-    resumed = tmp_path / "sharded"
-    shutil.copytree(run, resumed)
-    for name in ("step_00000008", "step_00000012", "step_00000016"):
-        shutil.rmtree(resumed / "checkpoints" / name)
-    (resumed / "metrics.jsonl").write_text("")
+    resumed = _at_step_4(run, tmp_path / "sharded")
     launch(cfg, f"output_dir={resumed}", "resume=latest", "fnd.state=sharded")
     assert_same_losses(resumed, run, range(5, 17))
     ckpt = resumed / "checkpoints" / "step_00000016"

@@ -46,6 +46,7 @@ class StateTables:
         if num_rows < 1:
             raise ValueError(f"num_rows must be >= 1, got {num_rows}")
         self.num_rows = num_rows
+        self.local_rows = num_rows  # the rows this process holds
         self.device = torch.device(device)
         self._tables: dict[str, torch.Tensor] = {}
         self._init: dict[str, float] = {}
@@ -54,7 +55,7 @@ class StateTables:
         if name in self._tables:
             raise KeyError(f"table {name!r} already exists")
         self._tables[name] = torch.full(
-            (self.num_rows,), float(init), dtype=torch.float32, device=self.device
+            (self.local_rows,), float(init), dtype=torch.float32, device=self.device
         )
         self._init[name] = float(init)
         return self._tables[name]
@@ -114,15 +115,15 @@ class StateTables:
         if first is not None:
             idx, vals = idx[first], vals[first]
         for k, n in enumerate(names):
-            self._tables[n][idx] = vals[:, k]
+            self.assign(n, idx, vals[:, k])
 
     def state_dict(self) -> dict[str, object]:
         return {"num_rows": self.num_rows, "tables": {n: t.cpu() for n, t in self._tables.items()}}
 
     @torch.no_grad()
     def assign(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Set rows ``rows`` (dataset indices) of ``name`` from a checkpoint of any layout,
-        read piece by piece; a rank keeps the rows it holds."""
+        """Set rows ``rows`` (dataset indices) of ``name``: from ``write_rows``, and from a
+        checkpoint of any layout read piece by piece."""
         self._tables[name][rows.to(self.device)] = values.to(self.device, torch.float32)
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -146,7 +147,7 @@ class ShardedTables(StateTables):
     ``rows`` is a collective (every rank calls it with its own anchors' indices): the ranks
     gather every rank's indices, each owner fills in the values of its rows, and one sum over
     ranks gives every rank all of them, O(B) per call and nothing O(N). ``write_rows`` gathers
-    (indices, values) as the replicated tables do and each owner keeps its rows. Whole-table
+    (indices, values) as the replicated tables do and each owner keeps its rows (``assign``). Whole-table
     access (``tables[name]``) does not exist here; ``local`` gives this rank's rows.
     """
 
@@ -160,15 +161,10 @@ class ShardedTables(StateTables):
         self._fetched: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add(self, name: str, init: float = 0.0) -> torch.Tensor:
-        if name in self._tables:
-            raise KeyError(f"table {name!r} already exists")
-        self._tables[name] = torch.full(
-            (self.local_rows,), float(init), dtype=torch.float32, device=self.device
-        )
-        self._init[name] = float(init)
+        table = super().add(name, init)
         self._order[name] = len(self._order)
         self._fetched = None
-        return self._tables[name]
+        return table
 
     def __getitem__(self, name: str) -> torch.Tensor:
         raise UserError(
@@ -207,23 +203,6 @@ class ShardedTables(StateTables):
         start = int(counts[: self.rank].sum())
         return values[:, start : start + index.numel()]
 
-    @torch.no_grad()
-    def write_rows(self, index: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
-        names = sorted(values)
-        if not names:
-            return
-        self._fetched = None  # rows change
-        stacked = torch.stack([values[n].detach().to(torch.float32) for n in names], dim=1)
-        idx = distributed.gather(index.to(stacked.device)).to(self.device)
-        vals = distributed.gather(stacked).to(self.device)
-        first = first_occurrences(idx)
-        if first is not None:
-            idx, vals = idx[first], vals[first]
-        mine = torch.remainder(idx, self.world) == self.rank
-        local = torch.div(idx[mine], self.world, rounding_mode="floor")
-        for k, n in enumerate(names):
-            self._tables[n][local] = vals[mine, k]
-
     def state_dict(self) -> dict[str, object]:
         return {
             "num_rows": self.num_rows,
@@ -234,7 +213,8 @@ class ShardedTables(StateTables):
 
     @torch.no_grad()
     def assign(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
-        self._fetched = None
+        """Keep the rows this rank holds (``write_rows`` writes through here too)."""
+        self._fetched = None  # rows change
         mine = torch.remainder(rows, self.world) == self.rank
         local = torch.div(rows[mine], self.world, rounding_mode="floor")
         self._tables[name][local.to(self.device)] = values[mine].to(self.device, torch.float32)

@@ -50,6 +50,7 @@ from ..checkpoints import (
 )
 from ..config import Config, ConfigError, from_dict, to_dict
 from ..errors import CheckpointError, UserError
+from ..state import ShardedTables, StateTables
 from .schedule import optimizer_steps_in_epoch
 
 if TYPE_CHECKING:
@@ -278,8 +279,9 @@ def load_tables(tables, ckpt: Path) -> None:
     sharded run on the world size that wrote its shards reads only its own file; any other
     combination reads every file piece by piece (``ROWS_PER_READ`` rows at a time) and keeps
     the rows this process holds, so it never holds more than its tables and one piece."""
-    own = ckpt / shard_file(getattr(tables, "rank", 0), getattr(tables, "world", 0))
-    if hasattr(tables, "world") and own.is_file() and not (ckpt / TABLES_FILE).is_file():
+    sharded = isinstance(tables, ShardedTables)
+    own = ckpt / shard_file(tables.rank, tables.world) if sharded else None
+    if own is not None and own.is_file() and not (ckpt / TABLES_FILE).is_file():
         meta, loaded = _read(own)
         tables.load_state_dict(
             {
@@ -318,8 +320,6 @@ def read_full_tables(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:
     num_rows, sources = table_sources(ckpt)
     with safetensors.safe_open(str(sources[0][0]), framework="pt") as f:
         names = [k for k in f.keys() if k != "_none"]
-    from ..state import StateTables
-
     tables = StateTables(num_rows)
     for name in names:
         tables.add(name)
@@ -376,11 +376,11 @@ def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState
     acc.wait_for_everyone()
     try:
         acc.save_state(str(tmp), safe_serialization=True)
-        if hasattr(s.tables, "world"):  # sharded state: every rank its own rows
+        if isinstance(s.tables, ShardedTables):  # every rank its own rows
             save_tables(s.tables, tmp / shard_file(s.tables.rank, s.tables.world))
-        if acc.is_main_process:  # replicated state: one copy
-            if not hasattr(s.tables, "world"):
-                save_tables(s.tables, tmp / TABLES_FILE)
+        elif acc.is_main_process:  # replicated: one copy
+            save_tables(s.tables, tmp / TABLES_FILE)
+        if acc.is_main_process:
             write_json(tmp / SCHEDULER_FILE, s.scheduler.state_dict())
         write_json(tmp / f"loader_rank{acc.process_index}.json", loader_state.to_dict())
     except (OSError, RuntimeError) as e:  # a full disk, a folder gone read-only
