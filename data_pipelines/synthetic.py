@@ -88,7 +88,26 @@ def decode_concept(cid: int) -> tuple[Obj, ...]:
 
 
 def concept_name(objs: tuple[Obj, ...]) -> str:
-    return " and ".join(f"{c} {s} {p}" for c, s, p in objs)
+    return " and ".join(f"{c} {s} {p}".rstrip() for c, s, p in objs)
+
+
+SIZES = {"small": (0.09, 0.13), "large": (0.17, 0.22)}  # radius as a share of the side
+TEMPLATES_DETAILS = (
+    "a {z} {c} {s} in the {p}",
+    "{p}: a {z} {s}, {c}",
+    "a picture of a {z} {c} {s} at the {p}",
+    "there is a {z} {c} {s} in the {p} of the image",
+    "{z} {c} {s}, {p}",
+)
+
+
+def _with_details(objs: tuple[Obj, ...], rng: np.random.Generator) -> tuple[tuple, str]:
+    """Draw the per-image position and size of a one-object concept; the caption states them."""
+    ((c, s, _),) = objs
+    p = POSITION_NAMES[rng.integers(len(POSITION_NAMES))]
+    z = tuple(SIZES)[rng.integers(len(SIZES))]
+    t = TEMPLATES_DETAILS[rng.integers(len(TEMPLATES_DETAILS))]
+    return ((c, s, p, SIZES[z]),), t.format(z=z, c=c, s=s, p=p)
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,10 @@ class SyntheticSpec:
     single_object_share: float = 0.5  # share of concepts with one object
     noise_std: float = 6.0
     jpeg_quality: int = 90
+    # Captions that also state per-image details which are not part of the concept (the
+    # ``fn-testbed`` preset): the concept is one object's colour and shape, and each image
+    # draws its own position and size, which the caption states and the image shows.
+    details: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_concepts <= concept_space_size():
@@ -109,10 +132,21 @@ class SyntheticSpec:
             )
         if self.image_size < 16:
             raise DataError(f"--image-size must be >= 16, got {self.image_size}")
+        if self.details and self.num_concepts > len(COLOURS) * len(SHAPES):
+            raise DataError(
+                "with per-image details the concepts are colour-shape pairs: --num-concepts "
+                f"must be <= {len(COLOURS) * len(SHAPES)}, got {self.num_concepts}"
+            )
 
     def concepts(self) -> list[tuple[Obj, ...]]:
-        """The concepts in use, chosen by the seed: label ``k`` is ``concepts()[k]``."""
+        """The concepts in use, chosen by the seed: label ``k`` is ``concepts()[k]``.
+
+        With ``details`` each concept is one ``(colour, shape, "")`` object: its position is
+        drawn per image."""
         rng = np.random.default_rng([self.seed, 7919])
+        if self.details:
+            pairs = [(c, s, "") for c in COLOURS for s in SHAPES]
+            return [(pairs[int(i)],) for i in rng.choice(len(pairs), self.num_concepts, False)]
         n_single = min(_num_single(), round(self.num_concepts * self.single_object_share))
         singles = rng.choice(_num_single(), n_single, replace=False)
         n_pair_space = concept_space_size() - _num_single()
@@ -121,6 +155,28 @@ class SyntheticSpec:
         )
         ids = [int(i) for i in np.concatenate([singles, pairs])]
         return [decode_concept(i) for i in ids]
+
+
+# Named settings of the generator. A preset sets the spec's fields; flags given beside it win.
+PRESETS: dict[str, dict] = {
+    # Data where removing false negatives pays (benchmarks/fn_benefit.py): 16 colour-shape
+    # concepts, and captions that also state each image's own position and size. Two samples
+    # of a concept are false negatives although their captions differ, so a loss that treats
+    # them as negatives learns to tell them apart by position and size instead of grouping
+    # them; about 16 of them share each anchor's concept in a batch of 256.
+    "fn-testbed": {"details": True, "num_concepts": 16, "image_size": 32},
+}
+
+
+def preset_spec(name: str | None, **fields) -> SyntheticSpec:
+    """A :class:`SyntheticSpec` from a preset's fields, then ``fields`` (those not ``None``)."""
+    if name is not None and name not in PRESETS:
+        raise DataError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    merged = {
+        **(PRESETS[name] if name else {}),
+        **{k: v for k, v in fields.items() if v is not None},
+    }
+    return SyntheticSpec(**merged)
 
 
 def caption_for(objs: tuple[Obj, ...], rng: np.random.Generator) -> str:
@@ -146,17 +202,17 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         raise ValueError(shape)
 
 
-def render(objs: tuple[Obj, ...], spec: SyntheticSpec, rng: np.random.Generator) -> Image.Image:
+def render(objs: tuple[tuple, ...], spec: SyntheticSpec, rng: np.random.Generator) -> Image.Image:
     size = spec.image_size
     bg = tuple(int(v) for v in rng.integers(20, 110, size=3))
     im = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(im)
-    for colour, shape, pos in objs:
+    for colour, shape, pos, *radius in objs:
         fx, fy = POSITIONS[pos]
         jitter = size * 0.05
         cx = fx * size + rng.uniform(-jitter, jitter)
         cy = fy * size + rng.uniform(-jitter, jitter)
-        r = size * rng.uniform(0.10, 0.17)
+        r = size * rng.uniform(*(radius[0] if radius else (0.10, 0.17)))
         shade = np.clip(np.array(COLOURS[colour]) + rng.integers(-20, 21, size=3), 0, 255)
         _draw(draw, shape, cx, cy, r, tuple(int(v) for v in shade))
     arr = np.asarray(im, dtype=np.float32)
@@ -173,13 +229,18 @@ def generate(spec: SyntheticSpec, num_samples: int, split: str = "train") -> Ite
         rng = np.random.default_rng([spec.seed, SPLITS[split], i])
         label = int(rng.integers(len(concepts)))
         objs = concepts[label]
-        image = render(objs, spec, rng)
+        if spec.details:
+            drawn, caption = _with_details(objs, rng)
+            image = render(drawn, spec, rng)
+        else:
+            image = render(objs, spec, rng)
+            caption = None
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=spec.jpeg_quality)
         yield RawSample(
             image=buf.getvalue(),
             image_ext="jpg",
-            caption=caption_for(objs, rng),
+            caption=caption if caption is not None else caption_for(objs, rng),
             label=label,
             source=f"synthetic:{split}:{i}",
         )

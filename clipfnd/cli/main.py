@@ -74,8 +74,8 @@ def cmd_data_synthetic(a: argparse.Namespace) -> int:
     from data_pipelines import synthetic
     from data_pipelines.shards import write_split
 
-    spec = synthetic.SyntheticSpec(
-        num_concepts=a.num_concepts, seed=a.seed, image_size=a.image_size
+    spec = synthetic.preset_spec(
+        a.preset, num_concepts=a.num_concepts, seed=a.seed, image_size=a.image_size
     )
     names = synthetic.label_names(spec)
     meta = {
@@ -84,6 +84,8 @@ def cmd_data_synthetic(a: argparse.Namespace) -> int:
         "seed": spec.seed,
         "image_size": spec.image_size,
     }
+    if a.preset:
+        meta["preset"] = a.preset
     out = Path(a.out)
     summary = {}
     for split, n in (("train", a.num_samples), ("val", a.num_val)):
@@ -265,6 +267,12 @@ def eval_lines(ev: dict) -> list[str]:
     return lines
 
 
+def synthetic_presets() -> list[str]:
+    from data_pipelines.synthetic import PRESETS
+
+    return list(PRESETS)
+
+
 # --- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -280,8 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--num-val", type=int, default=1000, help="held-out samples (0: none)")
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--shard-size", type=int, default=1000)
-    syn.add_argument("--num-concepts", type=int, default=64, help="distinct caption meanings")
-    syn.add_argument("--image-size", type=int, default=64)
+    syn.add_argument(
+        "--num-concepts", type=int, default=None, help="distinct concepts (default 64; preset's)"
+    )
+    syn.add_argument("--image-size", type=int, default=None, help="default 64; preset's")
+    syn.add_argument(
+        "--preset",
+        choices=sorted(synthetic_presets()),
+        default=None,
+        help="fn-testbed: 16 colour-shape concepts whose captions also state each image's "
+        "position and size (data where removing false negatives pays; docs/results.md)",
+    )
     syn.set_defaults(func=cmd_data_synthetic)
 
     dig = dsub.add_parser("digits", help="scikit-learn's handwritten digits (train + val)")
