@@ -42,6 +42,7 @@ bench: install
 	$(PY) benchmarks/accumulation.py --batch 512 --k 4 --steps 3 --rounds 2 --glofnd
 	$(PY) benchmarks/index_shards.py --shards 20 --rounds 1
 	$(PY) benchmarks/vs_open_clip.py --samples 1024 --rounds 1 --log-every 4
+	$(PY) benchmarks/fn_benefit.py --quick
 
 clean:
 	rm -rf runs data

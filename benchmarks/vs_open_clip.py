@@ -144,6 +144,12 @@ def main() -> None:
     p.add_argument(
         "--log-every", type=int, default=1, help="steps between log lines, in both trainers"
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also clipfnd with train.compile=true (torch.compile, inductor): steady-state "
+        "samples/s after the first quarter of the steps, so the compile time is not counted",
+    )
     a = p.parse_args()
     model_dir, train, shards = prepare(a)
     settings = {
@@ -175,6 +181,10 @@ def main() -> None:
             ],
         ),
     }
+    if a.compile:
+        settings["clipfnd+compile"] = lambda i: run_clipfnd(
+            a, model_dir, train, i, ["train.compile=true"]
+        )
     got: dict[str, list[dict]] = {k: [] for k in settings}
     names = list(settings)
     for r in range(a.rounds):
@@ -189,7 +199,9 @@ def main() -> None:
     )
     print(f"{'trainer':<28} {'samples/s':>10} {'peak MiB':>9} {'ratio':>22}")
     for k in names:
-        base = "open_clip" if k == "clipfnd" else "clipfnd" if k != "open_clip" else None
+        base = {"open_clip": None, "clipfnd": "open_clip", "clipfnd+compile": "open_clip"}.get(
+            k, "clipfnd"
+        )
         ratio = f"{med[k] / med[base]:.3f} vs {base}" if base else ""
         print(f"{k:<28} {med[k]:>10.1f} {mem[k]:>9.0f} {ratio:>22}")
 

@@ -9,9 +9,11 @@ import json
 import shutil
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
+from PIL import Image
 
 from data_pipelines import DataError, digits, load_shard_set, synthetic
 from data_pipelines.loader import LoaderState, ShardStream
@@ -241,3 +243,54 @@ def test_resume_fast_forwards_without_decoding_and_counts_each_bad_sample_once(
     assert n_full // 2 + n_rest == n_full
     assert head_bad + sum(rest.bad.values()) == sum(full.bad.values()) == 3
     assert head_bad > 0  # some bad samples lie before the resume point (seeded order)
+
+
+def test_fn_testbed_preset_states_and_draws_each_images_position_and_size():
+    """The fn-testbed concept is a colour and a shape; the caption also states the image's own
+    position and size, and the image shows the object there, at that size."""
+    spec = synthetic.preset_spec("fn-testbed", image_size=48)
+    assert spec.details and spec.num_concepts == 16 and spec.image_size == 48
+    names = synthetic.label_names(spec)
+    assert len(set(names)) == 16
+    assert all(len(n.split()) == 2 for n in names)  # "red circle": no position in the concept
+    areas = {"small": [], "large": []}
+    positions = set()
+    for sample in synthetic.generate(spec, 60):
+        colour, shape = names[sample.label].split()
+        pos = [p for p in synthetic.POSITION_NAMES if p in sample.caption]
+        size = [z for z in synthetic.SIZES if f"{z} " in sample.caption]
+        assert colour in sample.caption and shape in sample.caption
+        assert len(pos) == 1 and len(size) == 1, sample.caption
+        positions.add(pos[0])
+        img = np.asarray(Image.open(io.BytesIO(sample.image)).convert("RGB"), dtype=np.float32)
+        near = np.abs(img - np.array(synthetic.COLOURS[colour])).max(axis=2) < 45
+        ys, xs = np.nonzero(near)
+        fx, fy = synthetic.POSITIONS[pos[0]]
+        assert len(xs) > 10
+        assert abs(xs.mean() / 48 - fx) < 0.12 and abs(ys.mean() / 48 - fy) < 0.12, sample.caption
+        areas[size[0]].append(len(xs))
+    assert len(positions) == 5  # the position varies within the concepts
+    assert np.mean(areas["large"]) > 1.8 * np.mean(areas["small"])
+    # the default data is untouched by the option: no size word in its captions
+    default = synthetic.SyntheticSpec(num_concepts=16, image_size=32)
+    assert not any(
+        f" {z} " in f" {s.caption} "
+        for s in synthetic.generate(default, 40)
+        for z in ("small", "large")
+    )
+
+
+def test_fn_testbed_preset_from_the_command_line(tmp_path, capsys):
+    from clipfnd.cli.main import main
+
+    out = tmp_path / "fn"
+    args = ["data", "synthetic", "--preset", "fn-testbed", "--out", str(out)]
+    assert main([*args, "--num-samples", "40", "--num-val", "8", "--num-concepts", "8"]) == 0
+    manifest = json.loads((out / "train" / "manifest.json").read_text())
+    assert manifest["num_labels"] == 8  # a flag beside the preset wins
+    assert manifest["meta"]["preset"] == "fn-testbed" and manifest["meta"]["image_size"] == 32
+    capsys.readouterr()
+    assert main([*args, "--num-samples", "4", "--num-concepts", "33"]) != 0
+    assert "must be <= 32" in capsys.readouterr().err
+    with pytest.raises(DataError, match="unknown preset 'nope'"):
+        synthetic.preset_spec("nope")
