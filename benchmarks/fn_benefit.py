@@ -251,6 +251,15 @@ def plot_detection(results: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def concept_cells(runs: list[dict]) -> str:
+    """The three concept metrics of a table row, mean ± sd each."""
+    return " | ".join(fmt([r[k] for r in runs]) for k in CONCEPT_KEYS)
+
+
+def detection_cells(runs: list[dict]) -> str:
+    return f"{fmt([r['precision'] for r in runs])} | {fmt([r['recall'] for r in runs])}"
+
+
 # --- the report ------------------------------------------------------------------------------
 def render(results: dict, a: argparse.Namespace, images: str) -> str:
     cfg = results["config"]
@@ -285,12 +294,7 @@ def render(results: dict, a: argparse.Namespace, images: str) -> str:
     ]
     for method, runs in main.items():
         gap = fmt(gap_closed(main, method)) if method not in (BASELINE, ORACLE) else "-"
-        lines.append(
-            f"| {method} | {fmt([r['label_i2t_R@1'] for r in runs])} | "
-            f"{fmt([r['label_t2i_R@1'] for r in runs])} | "
-            f"{fmt([r['zeroshot/top1'] for r in runs])} | {gap} | "
-            f"{fmt([r['precision'] for r in runs])} | {fmt([r['recall'] for r in runs])} |"
-        )
+        lines.append(f"| {method} | {concept_cells(runs)} | {gap} | {detection_cells(runs)} |")
     lines += [
         "",
         "R@5, and exact-caption retrieval (only the sample's own caption or image counts; "
@@ -324,12 +328,9 @@ def render(results: dict, a: argparse.Namespace, images: str) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for alpha, runs in results["alpha_sweep"].items():
-            tmp = {**main, "sweep": runs}
+            gap = fmt(gap_closed({**main, "sweep": runs}, "sweep"))
             lines.append(
-                f"| {float(alpha):.4f} | {fmt([r['label_i2t_R@1'] for r in runs])} | "
-                f"{fmt([r['label_t2i_R@1'] for r in runs])} | "
-                f"{fmt([r['zeroshot/top1'] for r in runs])} | {fmt(gap_closed(tmp, 'sweep'))} | "
-                f"{fmt([r['precision'] for r in runs])} | {fmt([r['recall'] for r in runs])} |"
+                f"| {float(alpha):.4f} | {concept_cells(runs)} | {gap} | {detection_cells(runs)} |"
             )
         lines += ["", f"![fnd.alpha sweep]({images}/fn_benefit_alpha.png)", ""]
     if results.get("concept_sweep"):
@@ -345,10 +346,7 @@ def render(results: dict, a: argparse.Namespace, images: str) -> str:
             for method, runs in by_method.items():
                 gap = fmt(gap_closed(by_method, method)) if method == GLO else "-"
                 lines.append(
-                    f"| {c} | {255 * rate:.0f} | {method} | "
-                    f"{fmt([r['label_i2t_R@1'] for r in runs])} | "
-                    f"{fmt([r['label_t2i_R@1'] for r in runs])} | "
-                    f"{fmt([r['zeroshot/top1'] for r in runs])} | {gap} |"
+                    f"| {c} | {255 * rate:.0f} | {method} | {concept_cells(runs)} | {gap} |"
                 )
         lines += ["", f"![concept-count sweep]({images}/fn_benefit_concepts.png)", ""]
     if results.get("digits"):
@@ -367,12 +365,7 @@ def render(results: dict, a: argparse.Namespace, images: str) -> str:
         ]
         for method, runs in dg.items():
             gap = fmt(gap_closed(dg, method)) if method == GLO else "-"
-            lines.append(
-                f"| {method} | {fmt([r['label_i2t_R@1'] for r in runs])} | "
-                f"{fmt([r['label_t2i_R@1'] for r in runs])} | "
-                f"{fmt([r['zeroshot/top1'] for r in runs])} | {gap} | "
-                f"{fmt([r['precision'] for r in runs])} | {fmt([r['recall'] for r in runs])} |"
-            )
+            lines.append(f"| {method} | {concept_cells(runs)} | {gap} | {detection_cells(runs)} |")
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
