@@ -61,6 +61,8 @@ def test_gap_closed_is_paired_by_seed(fb):
     assert fb.gap_closed(r["main"], "FastCLIP-v1") == pytest.approx([-0.25, 0.5])
     tied = {fb.BASELINE: [run(0.8)], fb.ORACLE: [run(0.8)], "x": [run(0.9)]}
     assert math.isnan(fb.gap_closed(tied, "x")[0])  # no gap to close: not a number, not a ratio
+    assert fb.fmt([0.5, float("nan"), 0.7]) == "0.600 ± 0.141 (2 of 3 seeds)"
+    assert fb.fmt([float("nan")]) == "no gap" and fb.fmt([None, None]) == "-"
 
 
 def test_same_label_rate_counts_pairs_of_distinct_samples(fb):
@@ -81,7 +83,8 @@ def test_report_writes_tables_plots_and_keeps_the_rest_of_the_file(fb, tmp_path)
     assert text.count(fb.BEGIN) == 1 and text.count(fb.END) == 1
     assert text.startswith("# vision tables\n\n<!-- notes -->\nmy notes\n\n" + fb.BEGIN)
     assert text.endswith("## Speed against open_clip's trainer\n\nspeed\n")
-    assert "closes 0.350 ± 0.212 of the gap" in text
+    assert "share of that gap CLIP + GloFND closes is 0.350 ± 0.212**" in text
+    assert "The oracle beats CLIP by 15.0 ± 7.1 points" in text
     assert (
         "| CLIP + GloFND (eliminate) | 0.710 ± 0.014 | 0.710 ± 0.014 | 0.710 ± 0.014 | 0.350 ± 0.212 | 0.450 ± 0.071 | 0.500 ± 0.000 |"
         in text
