@@ -252,7 +252,16 @@ def main() -> None:
 
 def render(results: dict, a) -> str:
     lines = [
-        "# Results: vision-only methods",
+        "# Results",
+        "",
+        "Three parts, each with the command that produces it: [vision-only methods]"
+        "(#vision-only-methods) (`benchmarks/vision_results.py`), [removing false negatives in "
+        "CLIP training](#removing-false-negatives-quality-on-data-with-known-false-negatives) "
+        "(`benchmarks/fn_benefit.py`) and [speed against open_clip's trainer]"
+        "(#speed-against-open_clips-trainer) (`benchmarks/vs_open_clip.py`). All figures so far "
+        "come from the shared 2-core VM, CPU only.",
+        "",
+        "## Vision-only methods",
         "",
         "Produced by `python benchmarks/vision_results.py "
         f"--seeds {' '.join(map(str, a.seeds))} --epochs {a.epochs}` "
@@ -266,7 +275,7 @@ def render(results: dict, a) -> str:
     ]
     for ds, methods in results["quality"].items():
         lines += [
-            f"## {ds}",
+            f"### {ds}",
             "",
             "| method | kNN top-1 | linear probe top-1 | detection precision | recall |",
             "|---|---|---|---|---|",
@@ -281,7 +290,7 @@ def render(results: dict, a) -> str:
         lines.append("")
     if results["cost"]:
         lines += [
-            "## Cost: IFND's clustering against GloFND's per-step work",
+            "### Cost: IFND's clustering against GloFND's per-step work",
             "",
             f"Batch {a.batch}, tiny encoder, 16 px generated images, 2 CPU cores. IFND: one "
             "clustering (embed the whole set, then k-means at 10, 25 and 50 clusters). GloFND: "
