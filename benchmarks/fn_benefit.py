@@ -285,6 +285,15 @@ def _errorbars(ax, xs, runs_per_x: list[list[dict]], key: str, **kw) -> None:
     ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, **kw)
 
 
+def _log_axis(ax, ticks: list, labels: list[str], xlabel: str, title: str) -> None:
+    """A log x axis ticked at the swept values only."""
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, labels)
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+
+
 def plot_alpha(results: dict, path: Path) -> None:
     sweep, main = results["alpha_sweep"], results["main"]
     rate = results["testbed"]["same_label_rate"]
@@ -295,11 +304,7 @@ def plot_alpha(results: dict, path: Path) -> None:
         for name, style in ((BASELINE, ":"), (ORACLE, "--")):
             ax.axhline(mean_sd([r[key] for r in main[name]])[0], ls=style, c="grey", label=name)
         ax.axvline(rate, c="#d62728", lw=0.8, label="true same-concept rate")
-        ax.set_xscale("log")
-        ax.set_xticks(xs, [f"{x:.3f}" for x in xs])
-        ax.minorticks_off()
-        ax.set_xlabel("fnd.alpha")
-        ax.set_title(TITLES[key])
+        _log_axis(ax, xs, [f"{x:.3f}" for x in xs], "fnd.alpha", TITLES[key])
     axes[0].legend(fontsize=7)
     fig.savefig(path)
 
@@ -318,11 +323,8 @@ def plot_concepts(results: dict, path: Path) -> None:
                 marker="o",
                 label=method,
             )
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([int(c) for c in counts], counts)
-        ax.minorticks_off()
-        ax.set_xlabel("concepts (fewer: more false negatives per batch)")
-        ax.set_title(TITLES[key])
+        xlabel = "concepts (fewer: more false negatives per batch)"
+        _log_axis(ax, [int(c) for c in counts], counts, xlabel, TITLES[key])
     axes[0].legend(fontsize=7)
     fig.savefig(path)
 
