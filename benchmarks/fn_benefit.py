@@ -553,9 +553,8 @@ def main() -> None:
             [],
             0,
         )
-    for needed in SWEEP_METHODS:
-        if needed not in a.methods:
-            a.methods.insert(0, needed) if needed == BASELINE else a.methods.append(needed)
+    # the gap needs CLIP and the oracle, and the sweeps need GloFND: always run them
+    a.methods = [m for m in METHODS if m in a.methods or m in SWEEP_METHODS]
     out = (
         Path(a.out)
         if a.out
