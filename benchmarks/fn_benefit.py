@@ -23,8 +23,9 @@ the mean of the three concept metrics (same-concept R@1 both ways, zero-shot top
 seed, with its spread.
 
     python benchmarks/fn_benefit.py [--seeds 0 1 2] [--epochs 8] [--out docs/results.md]
-    python benchmarks/fn_benefit.py --quick        # one seed, three methods, no sweeps (~4 min)
+    python benchmarks/fn_benefit.py --quick        # one seed, three methods, no sweeps (~2 min)
     python benchmarks/fn_benefit.py --explain      # what the nearest captions share (~3 min)
+    python benchmarks/fn_benefit.py --from-json docs/fn_benefit.json   # redraw from saved numbers
 
 Writes its section of ``--out`` (between the ``fn_benefit`` markers; the rest of the file is
 kept), the raw numbers as ``fn_benefit.json`` beside it, and the plots as PNG files in
@@ -72,8 +73,17 @@ TITLES = dict(
 BEGIN, END = "<!-- fn_benefit:begin -->", "<!-- fn_benefit:end -->"
 
 
-def recipe(data: Path, out_dir: Path, seed: int, epochs: int, alpha: float) -> list[str]:
+def fnd_starts(quick: bool) -> tuple[int, int]:
+    """Epochs from which thresholds learn and flags are used. An image's threshold gets one
+    update per epoch: the quick mode's 4 epochs start at 0 so that GloFND flags at all."""
+    return (0, 1) if quick else (1, 2)
+
+
+def recipe(
+    data: Path, out_dir: Path, seed: int, epochs: int, alpha: float, quick: bool = False
+) -> list[str]:
     """The shared recipe: the same model, batch, schedule and evaluation for every method."""
+    start_update, start_mask = fnd_starts(quick)
     return [
         "mode=clip",
         "model.name=clipfnd-tiny-vit",
@@ -87,13 +97,12 @@ def recipe(data: Path, out_dir: Path, seed: int, epochs: int, alpha: float) -> l
         "optim.warmup_steps=20",
         "loss.name=clip",
         f"train.epochs={epochs}",
-        # GloFND: thresholds learn from the second epoch, flags are used from the third; an
-        # image's threshold gets one update per epoch, so it needs a larger step than the
-        # paper's 200-epoch schedules to reach its quantile within this budget
+        # GloFND: an image's threshold gets one update per epoch, so it needs a larger step
+        # than the paper's 200-epoch schedules to reach its quantile within this budget
         f"fnd.alpha={alpha}",
         "fnd.lr=0.1",
-        "fnd.start_update=1",
-        "fnd.start_mask=2",
+        f"fnd.start_update={start_update}",
+        f"fnd.start_mask={start_mask}",
         "train.progress=false",
         "train.report_to=none",
         "train.plots=false",
@@ -105,11 +114,19 @@ def recipe(data: Path, out_dir: Path, seed: int, epochs: int, alpha: float) -> l
     ]
 
 
-def run_one(data: Path, overrides: list[str], seed: int, epochs: int, alpha: float, out: Path):
+def run_one(
+    data: Path,
+    overrides: list[str],
+    seed: int,
+    epochs: int,
+    alpha: float,
+    out: Path,
+    quick: bool = False,
+):
     from clipfnd.config import load_config
     from clipfnd.train.loop import train
 
-    cfg = load_config(None, [*recipe(data, out, seed, epochs, alpha), *overrides])
+    cfg = load_config(None, [*recipe(data, out, seed, epochs, alpha, quick), *overrides])
     t0 = time.perf_counter()
     summary = train(cfg)
     ev = summary["eval"]
@@ -134,11 +151,17 @@ def testbed(root: Path, concepts: int, n_train: int, n_val: int) -> tuple[Path, 
 
     d = root / f"testbed_{concepts}"
     spec = synthetic.preset_spec("fn-testbed", num_concepts=concepts)
-    labels = []
-    for split, n in (("train", n_train), ("val", n_val)):
-        samples = synthetic.generate(spec, n, split)
-        if split == "train":
-            samples = (labels.append(s.label) or s for s in samples)
+    labels: list[int] = []
+
+    def training_samples():  # the training labels, noted as the samples are written
+        for sample in synthetic.generate(spec, n_train, "train"):
+            labels.append(sample.label)
+            yield sample
+
+    for split, samples in (
+        ("train", training_samples()),
+        ("val", synthetic.generate(spec, n_val, "val")),
+    ):
         write_split(
             d / split,
             samples,
@@ -193,7 +216,8 @@ def nearest_captions(run_dir: Path, val: Path, alpha: float) -> dict[str, float]
     size = torch.tensor([[f"{z} " in c for z in synthetic.SIZES].index(True) for c in caps])
     sim = f.image @ f.text.T  # one caption per image, in the same order
     n = sim.shape[0]
-    top = sim.masked_fill(torch.eye(n, dtype=torch.bool), -2).topk(round(alpha * (n - 1))).indices
+    eye = torch.eye(n, dtype=torch.bool)
+    top = sim.masked_fill(eye, -2).topk(round(alpha * (n - 1))).indices
     same = {
         "concept": f.label[top] == f.label[:, None],
         "position": pos[top] == pos[:, None],
@@ -208,9 +232,7 @@ def nearest_captions(run_dir: Path, val: Path, alpha: float) -> dict[str, float]
         "top_same_size": same["size"].float().mean().item(),
         "wrong_same_size": same["size"][wrong].float().mean().item(),
         "wrong_same_position": same["position"][wrong].float().mean().item(),
-        "sim_same_concept_same_size": sim[concept & sz & ~torch.eye(n, dtype=torch.bool)]
-        .mean()
-        .item(),
+        "sim_same_concept_same_size": sim[concept & sz & ~eye].mean().item(),
         "sim_same_concept_other_size": sim[concept & ~sz].mean().item(),
         "sim_other_concept_same_size": sim[~concept & sz].mean().item(),
         "sim_other_concept_other_size": sim[~concept & ~sz].mean().item(),
@@ -229,7 +251,7 @@ def explain(a: argparse.Namespace) -> None:
         )
         for method in (BASELINE, ORACLE):
             out = root / method.replace(" ", "_")
-            run_one(data, METHODS[method], a.seeds[0], a.epochs, rate, out)
+            run_one(data, METHODS[method], a.seeds[0], a.epochs, rate, out, a.quick)
             w = nearest_captions(out, data / "val", rate)
             print(
                 f"{method}: same concept {w['top_same_concept']:.3f}, same position "
@@ -280,6 +302,14 @@ def _figure(n: int):
     return fig, fig.subplots(1, n, squeeze=False)[0]
 
 
+def _save(fig, legend_ax, path: Path) -> None:
+    """Save ``fig``, with a legend on ``legend_ax`` when it has something to name (the
+    detection plot has no curve when nothing was flagged)."""
+    if legend_ax.get_legend_handles_labels()[0]:
+        legend_ax.legend(fontsize=7)
+    fig.savefig(path)
+
+
 def _errorbars(ax, xs, runs_per_x: list[list[dict]], key: str, **kw) -> None:
     stats = [mean_sd([r[key] for r in runs]) for runs in runs_per_x]
     ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, **kw)
@@ -305,9 +335,7 @@ def plot_alpha(results: dict, path: Path) -> None:
             ax.axhline(mean_sd([r[key] for r in main[name]])[0], ls=style, c="grey", label=name)
         ax.axvline(rate, c="#d62728", lw=0.8, label="true same-concept rate")
         _log_axis(ax, xs, [f"{x:.3f}" for x in xs], "fnd.alpha", TITLES[key])
-    if axes[0].get_legend_handles_labels()[0]:  # no curve when nothing was flagged
-        axes[0].legend(fontsize=7)
-    fig.savefig(path)
+    _save(fig, axes[0], path)
 
 
 def plot_concepts(results: dict, path: Path) -> None:
@@ -326,9 +354,7 @@ def plot_concepts(results: dict, path: Path) -> None:
             )
         xlabel = "concepts (fewer: more false negatives per batch)"
         _log_axis(ax, [int(c) for c in counts], counts, xlabel, TITLES[key])
-    if axes[0].get_legend_handles_labels()[0]:  # no curve when nothing was flagged
-        axes[0].legend(fontsize=7)
-    fig.savefig(path)
+    _save(fig, axes[0], path)
 
 
 def plot_detection(results: dict, path: Path) -> None:
@@ -347,9 +373,7 @@ def plot_detection(results: dict, path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_title(f"GloFND detection {what} (mean over seeds)")
         ax.set_ylim(0, 1.02)
-    if axes[0].get_legend_handles_labels()[0]:  # no curve when nothing was flagged
-        axes[0].legend(fontsize=7)
-    fig.savefig(path)
+    _save(fig, axes[0], path)
 
 
 def concept_cells(runs: list[dict]) -> str:
@@ -363,7 +387,8 @@ def detection_cells(runs: list[dict]) -> str:
 
 def headline(main: dict[str, list[dict]]) -> str:
     """The testbed's gap (oracle - CLIP, paired by seed) and the share GloFND closes of it."""
-    share = [v for v in gap_closed(main, GLO) if not math.isnan(v)]
+    closed = gap_closed(main, GLO)
+    share = [v for v in closed if not math.isnan(v)]
     gap = [o["concept_mean"] - b["concept_mean"] for b, o in zip(main[BASELINE], main[ORACLE])]
     spread = max(mean_sd([r["concept_mean"] for r in main[m]])[1] for m in (BASELINE, ORACLE))
     m = statistics.mean(share) if share else float("nan")
@@ -378,7 +403,7 @@ def headline(main: dict[str, list[dict]]) -> str:
         f"The oracle beats CLIP by {points[0]:.1f} ± {points[1]:.1f} points on the mean of the "
         "three concept metrics (same-concept R@1 both ways, zero-shot top-1; paired by seed); "
         f"the larger seed spread of the two is {100 * spread:.1f} points. **Headline: the "
-        f"share of that gap CLIP + GloFND closes is {fmt(gap_closed(main, GLO))}** ({verdict}; "
+        f"share of that gap CLIP + GloFND closes is {fmt(closed)}** ({verdict}; "
         f"CLIP {fmt([r['concept_mean'] for r in main[BASELINE]])}, CLIP + GloFND "
         f"{fmt([r['concept_mean'] for r in main[GLO]])}, oracle "
         f"{fmt([r['concept_mean'] for r in main[ORACLE]])})."
@@ -391,6 +416,7 @@ def render(results: dict, a: argparse.Namespace, images: str) -> str:
     main, tb = results["main"], results["testbed"]
     seeds = ", ".join(map(str, cfg["seeds"]))
     cmd = "python benchmarks/fn_benefit.py" + (" --quick" if cfg["quick"] else "")
+    starts = fnd_starts(cfg["quick"])
     lines = [
         BEGIN,
         "## Removing false negatives: quality on data with known false negatives",
@@ -404,8 +430,8 @@ def render(results: dict, a: argparse.Namespace, images: str) -> str:
         f"tiny CLIP model (`clipfnd-tiny-vit`), same budget ({cfg['epochs']} epochs, batch "
         "256, AdamW, lr 2e-3) for every method; GloFND with `fnd.alpha` = the true rate "
         f"({tb['same_label_rate']:.4f}), `fnd.lr=0.1`, thresholds learned from epoch "
-        f"{0 if cfg['quick'] else 1} and used from epoch {1 if cfg['quick'] else 2}, as the "
-        f"oracle. Mean ± standard deviation over seeds {seeds}.",
+        f"{starts[0]} and used from epoch {starts[1]}, as the oracle. Mean ± standard "
+        f"deviation over seeds {seeds}.",
         "",
         headline(main),
         "",
@@ -571,8 +597,6 @@ def main() -> None:
     images_dir = out.parent / "images" if a.quick else ROOT / "docs" / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     a.json_name = "fn_benefit.json"
-    # the quick mode's 4 epochs give a threshold too few updates from epoch 1: start at 0
-    a.extra = ["fnd.start_update=0", "fnd.start_mask=1"] if a.quick else []
 
     if a.explain:
         explain(a)
@@ -601,7 +625,7 @@ def main() -> None:
 
     def go(label: str, data: Path, overrides: list[str], seed: int, epochs: int, alpha: float):
         nonlocal done
-        r = run_one(data, [*overrides, *a.extra], seed, epochs, alpha, root / "run")
+        r = run_one(data, overrides, seed, epochs, alpha, root / "run", a.quick)
         done += 1
         det = (
             ""

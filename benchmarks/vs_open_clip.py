@@ -2,6 +2,7 @@
 peak memory on the same model, shards, batch, precision and steps, runs alternating.
 
     python benchmarks/vs_open_clip.py [--samples 4096] [--batch 128] [--rounds 2] [--workers 1]
+                                      [--log-every N] [--compile]
 
 - The model: a small ViT (width 128, 4 + 4 layers, 64 px, patch 8), written as an
   ``open_clip_config.json`` that both trainers read as ``local-dir:DIR`` (random init).

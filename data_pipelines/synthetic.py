@@ -234,13 +234,13 @@ def generate(spec: SyntheticSpec, num_samples: int, split: str = "train") -> Ite
             image = render(drawn, spec, rng)
         else:
             image = render(objs, spec, rng)
-            caption = None
+            caption = caption_for(objs, rng)  # after the image: the draws keep their order
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=spec.jpeg_quality)
         yield RawSample(
             image=buf.getvalue(),
             image_ext="jpg",
-            caption=caption if caption is not None else caption_for(objs, rng),
+            caption=caption,
             label=label,
             source=f"synthetic:{split}:{i}",
         )
