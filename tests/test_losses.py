@@ -219,3 +219,28 @@ def test_gamma_schedule_cosine():
     assert gamma_schedule(30, 0.2, 10) == pytest.approx(0.2)
     vals = [gamma_schedule(e, 0.2, 10) for e in range(11)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.005])
+@pytest.mark.parametrize("mode", ["plain", "eliminate", "attract"])
+def test_clip_loss_float32_is_stable_at_small_temperatures(tau, mode):
+    """float32 at logit scale 200 against the float64 formula. The bound: float32 keeps about
+    7 digits of logits up to 1/t = 200, so each e^{l} carries a relative error near
+    200 * 6e-8 = 1.2e-5; 1e-4 of the value's scale allows that and nothing more."""
+    b, d = 16, 8
+    img0, txt0 = feats(b, d, 11).float(), feats(b, d, 12).float()
+    fn_i = fn_t = None
+    if mode != "plain":
+        eye = torch.eye(b, dtype=torch.bool)
+        fn_i, fn_t = random_mask(b, b, 0.3, 13) & ~eye, random_mask(b, b, 0.3, 14) & ~eye
+    removal = "attract" if mode == "attract" else "eliminate"
+    img, txt = img0.clone().requires_grad_(), txt0.clone().requires_grad_()
+    got = clip_loss(img, txt, img, txt, torch.tensor(1 / tau), 0, fn_i, fn_t, removal)
+    got.backward()
+    img2, txt2 = img0.double().requires_grad_(), txt0.double().requires_grad_()
+    want = naive_clip(img2, txt2, tau, fn_i, fn_t, removal)
+    want.backward()
+    for a, w in [(got, want), (img.grad, img2.grad), (txt.grad, txt2.grad)]:
+        w = w.detach()
+        scale = max(1.0, float(w.abs().max()))
+        torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-4 * scale)

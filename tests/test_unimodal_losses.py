@@ -67,12 +67,15 @@ def test_ntxent_matches_naive(B, d, tau, mode):
     torch.testing.assert_close(z.grad, z2.grad, rtol=1e-8, atol=1e-12)
 
 
-def naive_debiased(z, B, tau, tau_plus, beta, mixing: Mixing | None):
-    """The formula loop by loop: pool = N_i (+ synthetic), weights, debiasing, clamp."""
+def naive_debiased(
+    z, B, tau, tau_plus, beta, mixing: Mixing | None, not_negative=None, clamped=None
+):
+    """The formula loop by loop: pool = N_i (less ``not_negative``, + synthetic), weights,
+    debiasing, clamp. ``clamped``, a list, receives per anchor whether the clamp binds."""
     losses = []
     for i in range(2 * B):
         p = (i + B) % (2 * B)
-        negs = negatives(i, B)
+        negs = [j for j in negatives(i, B) if not_negative is None or not not_negative[i, j]]
         pool = [z[i] @ z[j] for j in negs]
         if mixing is not None:
             k = int(max(mixing.a.max(), mixing.b.max())) + 1
@@ -81,12 +84,18 @@ def naive_debiased(z, B, tau, tau_plus, beta, mixing: Mixing | None):
                 syn = m * z[hard[a]] + (1 - m) * z[hard[b]]
                 pool.append(z[i] @ (syn / syn.norm()))
         n = len(pool)
+        e_pos = torch.exp(z[i] @ z[p] / tau)
+        if n == 0:  # no negative: Ng = 0
+            losses.append(-torch.log(e_pos / e_pos))
+            continue
         imp = [torch.exp(beta * s / tau) for s in pool]
         mean_imp = sum(imp) / n
         weighted = sum(w / mean_imp * torch.exp(s / tau) for w, s in zip(imp, pool))
-        e_pos = torch.exp(z[i] @ z[p] / tau)
         ng = (weighted - tau_plus * n * e_pos) / (1 - tau_plus)
-        ng = torch.maximum(ng, torch.tensor(n * math.exp(-1 / tau), dtype=z.dtype))
+        floor = torch.tensor(n * math.exp(-1 / tau), dtype=z.dtype)
+        if clamped is not None:
+            clamped.append(bool(ng < floor))
+        ng = torch.maximum(ng, floor)
         losses.append(-torch.log(e_pos / (e_pos + ng)))
     return torch.stack(losses)
 
@@ -149,3 +158,118 @@ def test_empty_pool_is_finite():
     out = debiased_rows(z, z, pos, self_col, 0.5, 0.1, 1.0, not_negative=everything)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(z.grad).all()
+
+
+def flagged(B: int, share: float, seed: int) -> torch.Tensor:
+    """``[2B, 2B]``: a random ``share`` of each anchor's negatives flagged as false negatives."""
+    fn = torch.rand(2 * B, 2 * B, generator=torch.Generator().manual_seed(seed)) < share
+    for i in range(2 * B):
+        fn[i, i] = fn[i, (i + B) % (2 * B)] = False
+    return fn
+
+
+def assert_close_to_float64(got: torch.Tensor, want: torch.Tensor) -> None:
+    """float32 ``got`` against the float64 formula: the exponents reach ``(1 + beta) / t``
+    (400 at ``t = 0.005``, ``beta = 1``), of which float32 keeps about 7 digits, so every
+    weight ``e^z`` carries a relative error up to about ``400 * 6e-8 = 2.4e-5`` (measured: at
+    most 2.3e-5 over these cases). The bound, 1e-4 of the value's scale, leaves room for that
+    and still fails on any real difference (or on an overflow, which is inf or NaN)."""
+    want = want.detach()
+    scale = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("tau", [0.07, 0.01, 0.005])
+@pytest.mark.parametrize(
+    "name,tau_plus,beta,synth,fn_share",
+    [
+        ("dcl", 0.1, 0.0, False, 0.0),
+        ("hcl", 0.1, 1.0, False, 0.0),
+        ("hcl_flagged", 0.1, 1.0, False, 0.3),
+        ("sscl", 0.1, 1.0, True, 0.0),
+        ("sscl_flagged", 0.05, 0.5, True, 0.2),
+        ("hcl_no_debias", 0.0, 1.0, False, 0.0),
+    ],
+)
+def test_debiased_losses_are_stable_at_small_temperatures(
+    tau, name, tau_plus, beta, synth, fn_share
+):
+    B = 8
+    z0 = views(B, 6, 60).float()
+    fn = flagged(B, fn_share, 61) if fn_share else None
+    mixing = draw_mixing(2 * B, 4, 5, torch.Generator().manual_seed(9)) if synth else None
+    pos, self_col = view_columns(B, B, 0)
+    z = z0.clone().requires_grad_()
+    got = debiased_rows(z, z, pos, self_col, tau, tau_plus, beta, mixing, not_negative=fn)
+    got.mean().backward()
+    z2 = z0.double().requires_grad_()
+    want = naive_debiased(z2, B, tau, tau_plus, beta, mixing, not_negative=fn)
+    want.mean().backward()
+    assert torch.isfinite(got).all() and torch.isfinite(z.grad).all()
+    assert_close_to_float64(got, want)
+    assert_close_to_float64(z.grad, z2.grad)
+
+
+@pytest.mark.parametrize("tau", [0.2, 0.01])
+def test_debiasing_clamp_binds_for_some_anchors_and_matches(tau):
+    """A strong prior (tau_plus 0.6) makes the debiased sum negative for the anchors whose
+    positive is close: the clamp |M| e^{-1/t} binds there and not elsewhere, in both dtypes."""
+    B = 8
+    z0 = views(B, 6, 70)
+    pos, self_col = view_columns(B, B, 0)
+    clamped: list[bool] = []
+    z2 = z0.clone().requires_grad_()
+    want = naive_debiased(z2, B, tau, 0.6, 1.0, None, clamped=clamped)
+    want.mean().backward()
+    assert any(clamped) and not all(clamped)
+    z = z0.clone().requires_grad_()
+    got = debiased_rows(z, z, pos, self_col, tau, 0.6, 1.0)
+    got.mean().backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-8, atol=1e-10)
+    z32 = z0.float().requires_grad_()
+    got32 = debiased_rows(z32, z32, pos, self_col, tau, 0.6, 1.0)
+    got32.mean().backward()
+    assert_close_to_float64(got32, want)
+    assert_close_to_float64(z32.grad, z2.grad)
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.01, 0.005])
+def test_empty_pools_give_zero_and_finite_gradients(tau):
+    """Anchors whose every negative is flagged lose 0 and pass no NaN back, beside anchors
+    that keep theirs."""
+    B = 4
+    z0 = views(B, 5, 80).float()
+    pos, self_col = view_columns(B, B, 0)
+    fn = torch.zeros(2 * B, 2 * B, dtype=torch.bool)
+    fn[:2] = True  # anchors 0 and 1: nothing left
+    z = z0.clone().requires_grad_()
+    got = debiased_rows(z, z, pos, self_col, tau, 0.1, 1.0, not_negative=fn)
+    got.sum().backward()
+    assert torch.isfinite(got).all() and torch.isfinite(z.grad).all()
+    assert got[:2].tolist() == [0.0, 0.0]
+    z2 = z0.double().requires_grad_()
+    want = naive_debiased(z2, B, tau, 0.1, 1.0, None, not_negative=fn)
+    want.sum().backward()
+    assert_close_to_float64(got, want)
+    assert_close_to_float64(z.grad, z2.grad)
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.005])
+@pytest.mark.parametrize("mode", ["plain", "eliminate", "attract"])
+def test_ntxent_is_stable_at_small_temperatures(tau, mode):
+    """NT-Xent is a cross-entropy of the logits (log-sum-exp inside): float32 at t = 0.005
+    matches the float64 formula."""
+    B = 8
+    z0 = views(B, 6, 90).float()
+    fn = flagged(B, 0.3, 91) if mode != "plain" else None
+    removal = "attract" if mode == "attract" else "eliminate"
+    pos, self_col = view_columns(B, B, 0)
+    z = z0.clone().requires_grad_()
+    got = ntxent_rows(z, z, pos, self_col, tau, fn, removal)
+    got.mean().backward()
+    z2 = z0.double().requires_grad_()
+    want = naive_ntxent(z2, B, tau, fn, removal)
+    want.mean().backward()
+    assert_close_to_float64(got, want)
+    assert_close_to_float64(z.grad, z2.grad)

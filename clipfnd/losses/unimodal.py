@@ -136,6 +136,27 @@ def synthetic_similarities(
     return (anchors.unsqueeze(1) * synthetic).sum(-1)
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - e^x)`` for ``x < 0``, accurate near 0 and far below it (log1p or expm1,
+    whichever is exact there); each branch sees only inputs where it is finite."""
+    cut = -math.log(2.0)
+    far = torch.log1p(-torch.exp(x.clamp(max=cut)))
+    near = torch.log(-torch.expm1(x.clamp(min=cut)))
+    return torch.where(x < cut, far, near)
+
+
+def _log_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(e^a - e^b)`` where ``a > b``, ``-inf`` elsewhere (the difference is <= 0 there)."""
+    above = a > b
+    gap = torch.where(above, b - a, torch.full_like(a, -1.0))  # < 0 in every branch taken
+    return torch.where(above, a + _log1mexp(gap), torch.full_like(a, float("-inf")))
+
+
+def _masked_logsumexp(x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``log sum_j e^{x_ij}`` over the columns not ``hidden`` (a row must keep one)."""
+    return torch.logsumexp(x.masked_fill(hidden, float("-inf")), dim=1)
+
+
 def debiased_rows(
     anchors: torch.Tensor,
     others: torch.Tensor,
@@ -151,6 +172,15 @@ def debiased_rows(
 
     ``mixing`` None: no synthesis (DCL with ``beta = 0``, HCL with ``beta > 0``).
     ``not_negative`` ``[n, M]``: columns left out of ``M_i`` (flagged false negatives, copies).
+    An anchor with an empty pool has loss 0.
+
+    Computed in log space, so that no ``e^{s/t}`` is ever formed (at ``t = 0.01`` it
+    overflows float32), with ``z = s / t``::
+
+        log sum_j w_j e^{z_j} = LSE_j((1 + beta) z_j) - LSE_j(beta z_j) + log|M_i|
+        log Ng                = max( log(e^{that} - tau_plus |M_i| e^{z_p}) - log(1 - tau_plus),
+                                     log|M_i| - 1/t )
+        L_i                   = log(1 + e^{log Ng - z_p})
     """
     if not 0 <= tau_plus < 1:
         raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus}")
@@ -165,14 +195,17 @@ def debiased_rows(
         s_syn = synthetic_similarities(anchors, others, sim, valid, mixing)
         pool = torch.cat([sim, s_syn], dim=1)
         pool_valid = torch.cat([valid, torch.ones_like(s_syn, dtype=torch.bool)], dim=1)
-    count = pool_valid.sum(1).to(sim.dtype)
-    z = pool.masked_fill(~pool_valid, 0.0) / tau
-    e = torch.exp(z) * pool_valid
-    imp = torch.exp(beta * z) * pool_valid
-    mean_imp = imp.sum(1) / count.clamp(min=1)
-    # an empty pool gives 0 here, not 0/0
-    weighted = (imp * e).sum(1) / mean_imp.clamp(min=torch.finfo(sim.dtype).tiny)
-    e_pos = torch.exp(s_pos / tau)
-    ng = (weighted - tau_plus * count * e_pos) / (1 - tau_plus)
-    ng = torch.maximum(ng, count * math.exp(-1.0 / tau))
-    return torch.log(e_pos + ng) - s_pos / tau
+    count = pool_valid.sum(1)
+    empty = count == 0
+    hidden = ~pool_valid & ~empty[:, None]  # an empty row keeps its columns: no LSE of -infs
+    z, z_pos = pool / tau, s_pos / tau
+    log_count = torch.log(count.clamp(min=1).to(sim.dtype))
+    log_ng = (
+        _masked_logsumexp((1 + beta) * z, hidden) - _masked_logsumexp(beta * z, hidden) + log_count
+    )
+    if tau_plus > 0:
+        log_bias = math.log(tau_plus) + log_count + z_pos
+        log_ng = _log_difference(log_ng, log_bias) - math.log1p(-tau_plus)
+    log_ng = torch.maximum(log_ng, log_count - 1.0 / tau)
+    log_ng = log_ng.masked_fill(empty, float("-inf"))  # no negatives: Ng = 0, L_i = 0
+    return torch.logaddexp(log_ng - z_pos, torch.zeros_like(z_pos))
