@@ -5,6 +5,9 @@ this test fills itself (no network), and a clear message for what is missing."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -85,7 +88,7 @@ def test_what_is_missing_is_said(hf_cache):
         UserError, match=r"HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
     ) as e:
         create_clip("hf-hub:clipfnd-test/absent")
-    assert "huggingface-cli download clipfnd-test/absent" in str(e.value)
+    assert "`hf download clipfnd-test/absent`" in str(e.value)
     with pytest.raises(UserError, match=r"its tags: .*laion2b_s34b_b79k"):
         create_clip("ViT-B-32", pretrained="no-such-tag")
     with pytest.raises(UserError, match="no such file"):
@@ -98,7 +101,14 @@ def test_what_is_missing_is_said(hf_cache):
 
 def test_a_cached_tag_that_is_missing_names_the_repo(hf_cache):
     # a real open_clip tag, never in this test's cache: offline, the message names the repo
-    with pytest.raises(
-        UserError, match=r"huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
-    ):
+    with pytest.raises(UserError, match=r"`hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K`"):
         create_clip("ViT-B-32", pretrained="laion2b_s34b_b79k")
+
+
+def test_the_suggested_download_command_is_installed():
+    """The miss message suggests huggingface_hub's ``hf`` CLI (2.x has no ``huggingface-cli``):
+    it is installed beside this Python and has a ``download`` command."""
+    hf = Path(sys.executable).parent / "hf"
+    assert hf.is_file(), hf
+    out = subprocess.run([str(hf), "download", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "REPO_ID" in out.stdout, out.stdout + out.stderr

@@ -8,18 +8,28 @@ them: ``pretrained`` a local file or one of open_clip's pretrained tags for the 
 (``ViT-B-32`` + ``laion2b_s34b_b79k``, fetched into the Hugging Face cache); or the model
 named ``hf-hub:org/repo`` or ``local-dir:DIR`` (config and weights from there). With
 ``HF_HUB_OFFLINE=1`` only what is cached is used, and a miss says what to fetch.
+
+Weights files are never unpickled unrestricted: open_clip is asked for ``weights_only=True``,
+and a local ``pretrained`` file is first opened here the same safe way (safetensors, or
+``torch.load(weights_only=True)``, which rebuilds tensors and plain containers only), so that
+a file that is not weights is refused in one line before open_clip sees it.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import pickle
+import warnings
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
 
@@ -40,6 +50,11 @@ def available_models() -> list[str]:
 
 
 SCHEMAS = ("hf-hub:", "local-dir:")  # model names open_clip loads config and weights from
+EXPECTED_WEIGHTS = (
+    "expected a state dict as .safetensors, or a torch file loadable with weights_only=True"
+)
+# what open_clip's loading raises on a user's input: weights missing, unreachable or broken
+LOAD_ERRORS = (pickle.UnpicklingError, SafetensorError, EOFError, OSError, RuntimeError, ValueError)
 
 
 def check_model_name(name: str) -> None:
@@ -82,9 +97,9 @@ def create_clip(
     check_pretrained(name, pretrained)
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, output_dict=True
+            name, pretrained=pretrained, device=device, output_dict=True, weights_only=True
         )
-    except (OSError, RuntimeError, ValueError) as e:
+    except LOAD_ERRORS as e:
         if pretrained is None and not name.startswith(SCHEMAS):
             raise
         raise UserError(_not_loaded(name, pretrained, e)) from e
@@ -105,6 +120,7 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
             f"{name.split(':', 1)[0]}; leave model.pretrained unset"
         )
     if Path(pretrained).is_file():
+        check_weights_file(pretrained)
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained in tags:
@@ -113,6 +129,52 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
     what = "no such file" if looks_like_path else "neither a file nor a pretrained tag"
     known = f"its tags: {', '.join(tags)}" if tags else "open_clip has no pretrained tags for it"
     raise UserError(f"model.pretrained={pretrained!r} for model {name!r}: {what} ({known})")
+
+
+def check_weights_file(path: str) -> None:
+    """Open a local weights file the way open_clip will, but safely, and refuse in one line
+    one that is not weights: ``.safetensors`` by its header, anything else with
+    ``torch.load(weights_only=True)`` (memory-mapped where the format allows). It must hold a
+    state dict, or a checkpoint with one under ``state_dict``. numpy's ``.npz``/``.npy``
+    (big_vision weights) are left to open_clip, which reads them without pickle."""
+    suffix = Path(path).suffix
+    if suffix in (".npz", ".npy"):
+        return
+    if Path(path).stat().st_size == 0:
+        raise UserError(f"model.pretrained={path}: the file is empty; {EXPECTED_WEIGHTS}")
+    try:
+        if suffix == ".safetensors":
+            with safe_open(path, framework="pt") as f:
+                found = "no tensors" if not list(f.keys()) else None
+        else:
+            with warnings.catch_warnings():  # e.g. on the pickle protocol: the verdict is ours
+                warnings.simplefilter("ignore")
+                obj = torch.load(
+                    path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+                )
+            found = _not_a_state_dict(obj)
+    except Exception as e:  # on garbage the unpickler raises anything (IndexError, ...)
+        found = f"unreadable: {_reason(e)}"
+    if found is not None:
+        raise UserError(f"model.pretrained={path}: {found}; {EXPECTED_WEIGHTS}")
+
+
+def _not_a_state_dict(obj: Any) -> str | None:
+    """What ``obj`` holds when it is no state dict (None when it is one)."""
+    state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
+    if not isinstance(state, Mapping):
+        return f"it holds a {type(state).__name__}, not a state dict"
+    if not state or not all(torch.is_tensor(v) for v in state.values()):
+        return "it holds a dict that is not a state dict (names -> tensors)"
+    return None
+
+
+def _reason(e: Exception) -> str:
+    """The first line of ``e``; for torch's weights-only refusal, of its cause (the pickle
+    instruction or global it refused), which torch keeps as the context."""
+    if isinstance(e, pickle.UnpicklingError) and e.__context__ is not None:
+        e = e.__context__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _not_loaded(name: str, pretrained: str | None, e: Exception) -> str:
@@ -127,13 +189,14 @@ def _not_loaded(name: str, pretrained: str | None, e: Exception) -> str:
         repo = name[len("hf-hub:") :]
     elif pretrained and not Path(pretrained).is_file():
         repo = (open_clip.get_pretrained_cfg(name, pretrained) or {}).get("hf_hub", "").strip("/")
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    first = first.split(" Last error:")[0].rstrip(".")[:300]  # open_clip's wrapper, not the cause
+    first = _reason(e).split(" Last error:")[0].rstrip(".")  # open_clip's wrapper, not the cause
     msg = f"could not load {what}: {first}"
+    if isinstance(e, (pickle.UnpicklingError, SafetensorError)):
+        return f"{msg}; {EXPECTED_WEIGHTS}"
     if name.startswith("local-dir:"):
         return msg + " (local-dir: needs open_clip_config.json and the weights in that folder)"
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    fetch = f" (e.g. `huggingface-cli download {repo}`)" if repo else ""
+    fetch = f" (e.g. `hf download {repo}`)" if repo else ""
     if offline:
         return (
             msg + f". HF_HUB_OFFLINE is set and it is not in the Hugging Face cache "
