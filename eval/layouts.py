@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 
 from data_pipelines import DataError
+from data_pipelines.splits import find_parquet
 
 from .datasets import EvalDataset
-from .table_layouts import CsvTable, HFTable, find_parquet, is_saved_hf_dataset
+from .table_layouts import CsvTable, HFTable, is_saved_hf_dataset
 from .tar_layouts import ClipBenchmarkWds, ClipfndShards, is_clip_benchmark_root
 
 

@@ -4,14 +4,15 @@ Columns are found by name (``--image-column``/``--caption-column``/``--label-col
 an image column (a path, relative to the table's folder, or a ``datasets.Image``), a caption
 column (a string, or a list of strings for several captions per image), an optional label
 column (integers, strings, or a ``datasets.ClassLabel``) and an optional ``image_id`` column.
-In a CSV, rows that name the same image are one item with several captions.
+In a CSV, rows that name the same image are one item with several captions. The parquet files
+of one split are found by their names (``data_pipelines.splits``, the rule ``clipfnd data build``
+follows too).
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import re
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from data_pipelines import DataError
 from data_pipelines.images import to_rgb
 from data_pipelines.labels import label_map
+from data_pipelines.splits import choose_split
 
 from .datasets import (
     CAPTION_COLUMNS,
@@ -33,7 +35,6 @@ from .datasets import (
 )
 
 ROWS_PER_PART = 1000
-SPLIT_PREFERENCE = ("test", "validation", "val", "valid")
 
 
 def _pick(
@@ -132,40 +133,6 @@ def is_saved_hf_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _split_of(file: Path) -> str | None:
-    for name in (file.parent.name, file.name):
-        m = re.match(r"(train|test|validation|valid|val)(?:[-_.]|$)", name)
-        if m:
-            return m.group(1)
-    return None
-
-
-def _choose_split(splits: list[str], split: str | None, default: str, where: str) -> str:
-    if split is not None:
-        if split not in splits:
-            raise DataError(f"{where}: no split {split!r} (splits: {splits})")
-        return split
-    if len(splits) == 1:
-        return splits[0]
-    for name in (default, *SPLIT_PREFERENCE):
-        if name in splits:
-            return name
-    raise DataError(f"{where}: several splits {splits}; choose one with --split")
-
-
-def find_parquet(root: Path, split: str | None, default_split: str) -> list[Path]:
-    """The parquet files of one split under ``root`` (split from file or folder names)."""
-    files = sorted(root.rglob("*.parquet"))
-    if not files:
-        return []
-    by_split: dict[str, list[Path]] = {}
-    for f in files:
-        by_split.setdefault(_split_of(f) or "", []).append(f)
-    if list(by_split) == [""]:
-        return files
-    return by_split[_choose_split(sorted(by_split), split, default_split, str(root))]
-
-
 def _image_loader(value: Any, root: Path):
     """A loader for whatever a datasets row holds as its image."""
     if hasattr(value, "convert"):  # already a PIL image
@@ -233,7 +200,7 @@ class HFTable(EvalDataset):
 
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
-            split = _choose_split(list(loaded), split, default_split, str(path))
+            split = choose_split(list(loaded), split, default_split, str(path))
             loaded = loaded[split]
         return cls(loaded, path, split=split, **columns)
 

@@ -433,3 +433,66 @@ def test_captions_that_are_not_utf8_are_skipped_and_named_the_same_way_everywher
     assert ss.num_samples == 1 and _samples(tmp_path / "out2")[0]["caption"] == "fine"
     assert _manifest(tmp_path / "out2")["skipped"] == {"caption not UTF-8": 1}
     assert "y.txt" in caplog.text
+
+
+# --- splits of a folder of parquet files --------------------------------------------------------
+def _split_folder(root: Path, hf_dataset, layout: str) -> Path:
+    """train (rows 0, 1) and test (row 3) as the Hub names them, or flat; the flat folder's own
+    name is a split name, which says nothing about the files in it."""
+    pattern = {"hub": "data/{}-00000-of-00001.parquet", "flat": "{}.parquet"}[layout]
+    for split, rows in (("train", [0, 1]), ("test", [3])):
+        file = root / pattern.format(split)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        hf_dataset.select(rows).to_parquet(str(file))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["hub", "flat"])
+def test_hf_split_takes_only_that_splits_parquet_files(tmp_path, hf_dataset, layout):
+    root = _split_folder(tmp_path / "test_set", hf_dataset, layout)
+    build_shards("hf", str(root), str(tmp_path / "test"), hf_split="test", progress=False)
+    assert [s["caption"] for s in _samples(tmp_path / "test")] == ["photo"]
+    build_shards("hf", str(root), str(tmp_path / "train"), progress=False)  # the default: train
+    assert [s["caption"] for s in _samples(tmp_path / "train")] == ["zero", "one"]
+    with pytest.raises(DataError) as e:
+        build_shards("hf", str(root), str(tmp_path / "v"), hf_split="validation", progress=False)
+    assert str(e.value) == (
+        f"{root} has no split 'validation'; its splits are: test, train "
+        "(choose one with --hf-split)"
+    )
+
+
+def test_hf_split_on_the_command_line(tmp_path, hf_dataset, capsys):
+    from clipfnd.cli.main import main
+
+    root = _split_folder(tmp_path / "hub", hf_dataset, "hub")
+    args = ["data", "build", "--from", "hf", "--input", str(root), "--hf-split"]
+    assert main([*args, "test", "--out", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 1
+    assert main([*args, "val", "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no split 'val'; its splits are: test, train" in err[0], err
+    assert not (tmp_path / "o2" / "manifest.json").exists()
+
+
+def test_parquet_without_split_names_is_read_whole_and_another_split_is_named(
+    tmp_path, hf_dataset, caplog
+):
+    (tmp_path / "pq").mkdir()
+    hf_dataset.select([0, 1]).to_parquet(str(tmp_path / "pq" / "part-0.parquet"))
+    hf_dataset.select([3]).to_parquet(str(tmp_path / "pq" / "part-1.parquet"))
+    with caplog.at_level(logging.WARNING):
+        build_shards("hf", str(tmp_path / "pq"), str(tmp_path / "o1"), progress=False)
+    assert caplog.text == ""  # the default split: nothing to say
+    with caplog.at_level(logging.WARNING):
+        ss = build_shards(
+            "hf", str(tmp_path / "pq"), str(tmp_path / "o2"), hf_split="test", progress=False
+        )
+    assert ss.num_samples == 3
+    assert "the names of its 2 .parquet file(s) carry no split; read whole (--hf-split test" in (
+        caplog.text
+    )
+
+    hf_dataset.select([2]).to_parquet(str(tmp_path / "pq" / "test.parquet"))  # some named
+    with pytest.raises(DataError, match=r"split name \(test\) and others none \(e.g. part-0"):
+        build_shards("hf", str(tmp_path / "pq"), str(tmp_path / "o3"), progress=False)

@@ -30,6 +30,14 @@ indices and a ``manifest.json`` (see :mod:`data_pipelines.shards`). Samples that
     holds a string, or a list of strings, which gives one sample per caption, all with the same
     ``"image_id"``.
 
+    Splits: ``hf_split`` is taken from a ``DatasetDict``, or from a folder of parquet files by
+    their names (the Hub's ``data/train-00000-of-00001.parquet``, ``data/test-...``, or flat
+    ``train.parquet`` and ``test.parquet``; the rule is ``data_pipelines.splits``, shared with
+    evaluation). A split the data lacks is refused, naming the splits it has. Data that offers
+    no choice of split (a saved ``Dataset``, a single ``.parquet`` file, a folder whose parquet
+    file names carry no split) is read whole; when ``hf_split`` is not the default ``train``
+    (nor the split the data names itself), a warning says it selected nothing.
+
 Labels (optional, all sources; the rule is ``data_pipelines.labels``, shared with evaluation):
 integer labels are used as they are, with label names
 ``"0" .. "max"``; text that is an integer in every row (``"3"``) counts as an integer. Other
@@ -44,7 +52,7 @@ from pathlib import Path
 
 from ..shards import DataError, ShardSet, write_split
 from .from_csv import read_csv
-from .from_hf import read_hf
+from .from_hf import DEFAULT_SPLIT, read_hf
 from .from_imagefolder import read_imagefolder
 
 SOURCES = ("csv", "imagefolder", "hf")
@@ -60,7 +68,7 @@ def build_shards(
     caption_column: str = "caption",
     label_column: str | None = None,
     separator: str | None = None,
-    hf_split: str = "train",
+    hf_split: str = DEFAULT_SPLIT,
     progress: bool = True,
     images_only: bool = False,
 ) -> ShardSet:
@@ -77,7 +85,8 @@ def build_shards(
             (e.g. ``"folder"``) means: label every image with its parent folder's name.
         separator: csv: the field separator (one character; ``"\\t"`` or ``"tab"`` mean a tab).
             Default: a tab for ``.tsv`` files, else a comma.
-        hf_split: hf: the split to take from a ``DatasetDict``.
+        hf_split: hf: the split to take from a ``DatasetDict`` or a folder of parquet files
+            named by split (see the module docstring).
         progress: show a tqdm progress bar.
         images_only: vision-only data: captions are neither needed nor read (no caption column
             for csv/hf, no sidecar ``.txt`` for imagefolder); the shards hold images, indices
@@ -86,8 +95,9 @@ def build_shards(
     Raises:
         ValueError: ``source`` is not one of ``csv``, ``imagefolder``, ``hf``.
         DataError: ``input`` does not exist or is not of the expected kind, a named column is
-            missing (the message lists the columns there are), a label is empty, or no usable
-            sample was found.
+            missing (the message lists the columns there are), ``hf_split`` is not among the
+            data's splits (the message lists them), a label is empty, or no usable sample was
+            found.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}: choose one of {', '.join(SOURCES)}")

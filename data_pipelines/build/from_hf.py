@@ -4,6 +4,7 @@ parquet), read offline; images kept as their original bytes where a shard can ho
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,16 @@ from PIL import Image
 from ..labels import label_map
 from ..offline import stay_offline
 from ..shards import DataError, RawSample, SkippedInput
+from ..splits import choose_split, parquet_splits, split_of
 from .common import Item, missing_column, read_image_file
 
+DEFAULT_SPLIT = "train"  # build_shards' and the command line's default hf_split
 # PIL format name -> shard extension for the formats a shard may hold as they are
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 # image modes PIL can write as PNG; others (CMYK, YCbCr, F, ...) are converted to RGB first
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+
+log = logging.getLogger(__name__)
 
 
 def _import_datasets() -> Any:
@@ -30,32 +35,46 @@ def _import_datasets() -> Any:
 
 
 def _load_hf(path: Path, hf_split: str) -> tuple[Any, Path]:
-    """Load a local HF dataset; return it and the folder relative image paths start from."""
+    """Load ``hf_split`` of a local HF dataset; return it and the folder relative image paths
+    start from. Data that offers no choice of split is read whole (see the package docstring)."""
     datasets = _import_datasets()
 
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
-            if hf_split not in ds:
-                raise DataError(
-                    f"{path} has no split {hf_split!r}; its splits are: {', '.join(ds)}"
-                )
-            ds = ds[hf_split]
+            return ds[choose_split(list(ds), hf_split, hf_split, str(path), "--hf-split")], path
+        split = str(ds.split) if ds.split is not None else None
+        _read_whole(path, "a saved Dataset, not a DatasetDict of splits", split, hf_split)
         return ds, path
     if path.is_dir():
-        files = sorted(path.rglob("*.parquet"), key=lambda p: p.relative_to(path).as_posix())
-        if not files:
+        by_split = parquet_splits(path)
+        if not by_split:
             raise DataError(
                 f"{path} is neither a save_to_disk folder (no dataset_dict.json or state.json) "
                 "nor a folder of .parquet files"
             )
+        if list(by_split) == [""]:
+            files = by_split[""]
+            what = f"the names of its {len(files)} .parquet file(s) carry no split"
+            _read_whole(path, what, None, hf_split)
+        else:
+            split = choose_split(sorted(by_split), hf_split, hf_split, str(path), "--hf-split")
+            files = by_split[split]
         base = path
     elif path.suffix.lower() == ".parquet":
         files, base = [path], path.parent
+        _read_whole(path, "a single .parquet file", split_of(path), hf_split)
     else:
         raise DataError(f"hf input {path} must be a save_to_disk folder or .parquet file(s)")
     ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
     return ds, base
+
+
+def _read_whole(path: Path, what: str, split: str | None, hf_split: str) -> None:
+    """Say that ``hf_split`` selects nothing in data without a choice of split, unless it is
+    the default or the split the data says it is."""
+    if hf_split != DEFAULT_SPLIT and split != hf_split:
+        log.warning("%s: %s; read whole (--hf-split %s selects nothing here)", path, what, hf_split)
 
 
 def _image_bytes(data: bytes) -> tuple[bytes, str]:
