@@ -450,8 +450,9 @@ def unusable_reason(
     The one rule shared by ``clipfnd data index`` (which sees image sizes, not bytes) and the
     loader, so both count the same usable samples: an image member with bytes, a caption
     unless ``images_only``, and, when the ``.json`` has img2dataset's ``status``, "success".
-    Nothing is decoded: an image that turns out unreadable keeps its index and is skipped by
-    the loader like any bad sample.
+    Nothing is decoded: an image that turns out unreadable, or a caption that is not UTF-8,
+    keeps its index and is skipped by the loader like any bad sample (``clipfnd data verify``
+    lists such captions).
     """
     if meta is not None:
         try:
@@ -470,6 +471,11 @@ def unusable_reason(
     if not images_only and not (caption or b"").decode("utf-8", errors="replace").strip():
         return "empty caption"
     return None
+
+
+def caption_not_utf8(error: UnicodeDecodeError) -> str:
+    """Why a caption whose bytes are not UTF-8 is not used (its kind, then where it fails)."""
+    return f"caption not UTF-8 ({error.reason} at byte {error.start})"
 
 
 def image_ext(sample: dict[str, Any]) -> str | None:

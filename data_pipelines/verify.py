@@ -1,10 +1,11 @@
 """``clipfnd data verify DIR``: check a split against its manifest, reading tar headers and
-the small ``.json`` members only (no image is decoded).
+the small ``.json`` and ``.txt`` members (no image is decoded).
 
-For every shard: the sample count against the manifest's, samples without an image, and
-each sample's dataset index (present, an integer, inside ``[0, N)``, unique over the split,
-and all of ``[0, N)`` covered); labels inside the manifest's label names. Returns a report
-and lists every problem, naming the shard and sample.
+For every shard: the sample count against the manifest's, samples without an image, captions
+that are not UTF-8 (the loader skips them; not checked for images-only data), and each
+sample's dataset index (present, an integer, inside ``[0, N)``, unique over the split, and
+all of ``[0, N)`` covered); labels inside the manifest's label names. Returns a report and
+lists every problem, naming the shard and sample.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .shards import IMAGE_EXTENSIONS, DataError, iter_tar_samples, load_shard_set
+from .shards import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    ShardSet,
+    caption_not_utf8,
+    iter_tar_samples,
+    load_shard_set,
+)
 
 
 @dataclass
@@ -37,6 +45,7 @@ def verify_split(path: str | Path, max_problems: int = 50, progress: bool = True
         return _verify_in_place(shard_set, max_problems, progress)
     n = shard_set.num_samples
     labels = len(shard_set.label_names or [])
+    captions = _with_captions(shard_set)
     report = VerifyReport(shard_set.root, shards=shard_set.num_shards)
     seen: dict[int, str] = {}
 
@@ -53,6 +62,8 @@ def verify_split(path: str | Path, max_problems: int = 50, progress: bool = True
                 where = f"{shard.path} sample {key}"
                 if not any(e in s for e in IMAGE_EXTENSIONS):
                     problem(f"{where}: no image")
+                if captions and (bad := _caption_problem(s)):
+                    problem(f"{where}: {bad}")
                 try:
                     meta = json.loads(s["json"]) if "json" in s else {}
                 except (json.JSONDecodeError, UnicodeDecodeError):
@@ -80,29 +91,52 @@ def verify_split(path: str | Path, max_problems: int = 50, progress: bool = True
     return report
 
 
-def _verify_in_place(shard_set, max_problems: int, progress: bool) -> VerifyReport:
+def _verify_in_place(shard_set: ShardSet, max_problems: int, progress: bool) -> VerifyReport:
     """Shards indexed in place: read each shard the way the loader does (webdataset's tar
     reader, ``ShardSet.unusable``) and compare its counts with the manifest's."""
     from tqdm.auto import tqdm
 
     report = VerifyReport(shard_set.root, shards=shard_set.num_shards)
+    captions = _with_captions(shard_set)
+
+    def problem(text: str) -> None:
+        if len(report.problems) < max_problems:
+            report.problems.append(text)
+
     for shard in tqdm(shard_set.shards, desc="verify", unit="shard", disable=not progress):
         raw = usable = 0
         try:
             for s in iter_tar_samples(shard.path):
                 raw += 1
-                usable += shard_set.unusable(s) is None
+                if shard_set.unusable(s) is not None:
+                    continue
+                usable += 1
+                if captions and (bad := _caption_problem(s)):
+                    problem(f"{shard.path} sample {s['__key__']}: {bad}")
         except (OSError, EOFError, ValueError, tarfile.TarError) as e:
-            report.problems.append(f"{shard.path}: unreadable after {raw} samples ({e})")
+            problem(f"{shard.path}: unreadable after {raw} samples ({e})")
             continue
         if (raw, usable) != (shard.num_raw, shard.num_samples):
-            report.problems.append(
+            problem(
                 f"{shard.path}: manifest says {shard.num_samples} usable of {shard.num_raw} "
                 f"samples, the shard holds {usable} of {raw}"
             )
         report.samples += usable
-    del report.problems[max_problems:]
     return report
+
+
+def _with_captions(shard_set: ShardSet) -> bool:
+    """Whether the split's captions are read for training (not for images-only data)."""
+    return not (shard_set.images_only or shard_set.meta.get("images_only"))
+
+
+def _caption_problem(sample: dict) -> str | None:
+    """Why the loader would skip the sample's caption, or None."""
+    try:
+        sample.get("txt", b"").decode("utf-8")
+    except UnicodeDecodeError as e:
+        return caption_not_utf8(e)
+    return None
 
 
 __all__ = ["DataError", "VerifyReport", "verify_split"]

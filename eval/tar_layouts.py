@@ -1,12 +1,15 @@
 """Tar-based evaluation layouts: clipfnd's shard folders and clip_benchmark's WebDataset root.
 
 Both are read shard by shard with :func:`data_pipelines.shards.iter_tar_samples` (members
-grouped by key, nothing decoded until an image is used).
+grouped by key, nothing decoded until an image is used). A caption whose bytes are not UTF-8 is
+left out rather than evaluated as replacement characters (the item keeps its image and its
+other captions); each shard's are counted and named in one warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from functools import partial
@@ -20,9 +23,47 @@ from .datasets import EvalDataset, Item, decode_image, read_lines
 # clip_benchmark reads images from these keys, in this order
 CLIP_BENCHMARK_IMAGE_KEYS = ("webp", "png", "jpg", "jpeg", "0.webp")
 
+log = logging.getLogger(__name__)
+
 
 def _image_key(sample: dict, keys: tuple[str, ...]) -> str | None:
     return next((k for k in keys if k in sample), None)
+
+
+class _Captions:
+    """Decodes one shard's captions; those that are not UTF-8 are left out, counted, and
+    named in one warning when the shard ends (``report``)."""
+
+    def __init__(self, shard: str):
+        self.shard = shard
+        self.dropped: list[str] = []  # "KEY (where decoding failed)", one per caption left out
+
+    def text(self, data: bytes, key: str) -> str | None:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.dropped.append(f"{key} ({e.reason} at byte {e.start})")
+            return None
+
+    def lines(self, data: bytes, key: str) -> list[str]:
+        """One caption a line; only the lines that are not UTF-8 are left out."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            parts = (self.text(line, key) for line in data.splitlines())
+            text = "\n".join(t for t in parts if t is not None)
+        return [c.strip() for c in text.splitlines() if c.strip()]
+
+    def report(self) -> None:
+        if self.dropped:
+            more = f" and {len(self.dropped) - 3} more" if len(self.dropped) > 3 else ""
+            log.warning(
+                "%s: left out %d caption(s) that are not UTF-8: sample %s%s",
+                self.shard,
+                len(self.dropped),
+                ", sample ".join(self.dropped[:3]),
+                more,
+            )
 
 
 class ClipfndShards(EvalDataset):
@@ -48,6 +89,13 @@ class ClipfndShards(EvalDataset):
         return str(self.shards[part])
 
     def read_part(self, part: int) -> Iterator[Item]:
+        captions = _Captions(self.shards[part])
+        try:
+            yield from self._items(part, captions)
+        finally:
+            captions.report()
+
+    def _items(self, part: int, captions: _Captions) -> Iterator[Item]:
         ss = self.shard_set
         offset = ss.shards[part].offset
         usable = 0
@@ -60,7 +108,7 @@ class ClipfndShards(EvalDataset):
             except (json.JSONDecodeError, UnicodeDecodeError):
                 meta = {}
             meta = meta if isinstance(meta, dict) else {}
-            caption = s.get("txt", b"").decode("utf-8", errors="replace").strip()
+            caption = (captions.text(s.get("txt", b""), s["__key__"]) or "").strip()
             if ss.in_place:
                 index = offset + usable
                 usable += 1
@@ -128,12 +176,16 @@ class ClipBenchmarkWds(EvalDataset):
         return str(self.shards[part])
 
     def read_part(self, part: int) -> Iterator[Item]:
+        captions = _Captions(str(self.shards[part]))
+        try:
+            yield from self._items(part, captions)
+        finally:
+            captions.report()
+
+    def _items(self, part: int, captions: _Captions) -> Iterator[Item]:
         for pos, s in enumerate(iter_tar_samples(str(self.shards[part]))):
             ext = _image_key(s, CLIP_BENCHMARK_IMAGE_KEYS)
-            captions = []
-            if "txt" in s:
-                text = s["txt"].decode("utf-8", errors="replace")
-                captions = [c.strip() for c in text.splitlines() if c.strip()]
+            texts = captions.lines(s["txt"], s["__key__"]) if "txt" in s else []
             label = -1
             if "cls" in s:
                 try:
@@ -143,7 +195,7 @@ class ClipBenchmarkWds(EvalDataset):
             yield Item(
                 position=pos,
                 load_image=partial(decode_image, s[ext]) if ext else _missing(s["__key__"]),
-                captions=captions,
+                captions=texts,
                 label=label,
                 image_id=f"{part}/{s['__key__']}",
             )

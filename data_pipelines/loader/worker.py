@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..images import to_rgb
-from ..shards import DataError, ShardInfo, image_ext
+from ..shards import DataError, ShardInfo, caption_not_utf8, image_ext
 from .state import BadSample, Chunk, LoaderState, mix_seed
 
 if TYPE_CHECKING:
@@ -128,10 +128,14 @@ class RankStream(IterableDataset):
         ext = image_ext(sample)
         if ext is None:
             return BadSample(url, key, "no image in sample")
-        raw_caption = sample.get("txt")
-        caption = raw_caption.decode("utf-8", errors="replace").strip() if raw_caption else ""
-        if not caption and o.tokenize is not None:  # image-only streams ignore captions
-            return BadSample(url, key, "empty caption")
+        caption = ""
+        if o.tokenize is not None:  # image-only streams ignore captions
+            try:
+                caption = sample.get("txt", b"").decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                return BadSample(url, key, caption_not_utf8(e))
+            if not caption:
+                return BadSample(url, key, "empty caption")
         meta: dict[str, Any] = {}
         if "json" in sample:
             try:
