@@ -137,6 +137,12 @@ class EvalDataset(ABC):
         """What a message calls part ``part`` (a shard's path, by default its number)."""
         return f"part {part}"
 
+    def item_name(self, part: int, item: Item) -> str:
+        """What a message calls an item of part ``part``: the part, the item's position in it
+        and its ``image_id`` (a file path for CSV, a dataset index for clipfnd shards)."""
+        image_id = f" (image_id {item.image_id})" if item.image_id else ""
+        return f"{self.part_name(part)} item {item.position}{image_id}"
+
     def describe(self) -> dict[str, Any]:
         return {"path": self.path, "layout": self.layout, "split": self.split}
 

@@ -4,6 +4,9 @@ Each process reads its slice of the dataset (and each DataLoader worker a slice 
 :meth:`eval.datasets.EvalDataset.iter_slice`), encodes images (and captions, when asked) under
 ``torch.no_grad``, and the rows of all processes are gathered, sorted by item key and
 de-duplicated. The result is the same on any number of processes and workers.
+
+An image that cannot be decoded is skipped and counted; the first few (in dataset order) are
+named with the reason in one warning on the main process and in ``Features.skipped_examples``.
 """
 
 from __future__ import annotations
@@ -20,17 +23,20 @@ from clipfnd.distributed import gather_objects, gather_uneven
 from data_pipelines import DataError
 from data_pipelines.loader import worker_context
 
-from .datasets import BadPart, EvalDataset
+from .datasets import KEY_SHIFT, BadPart, EvalDataset
 from .processes import Processes
 
 log = logging.getLogger(__name__)
+
+NUM_EXAMPLES = 5  # unreadable images named in the results (the warning names 3)
 
 
 @dataclass
 class Features:
     """Normalised embeddings of a dataset's items, sorted by key.
 
-    ``text[j]`` is a caption of item ``text_item[j]`` (a row of ``image``).
+    ``text[j]`` is the embedding of caption ``captions[j]`` of item ``text_item[j]`` (a row of
+    ``image``).
     """
 
     image: torch.Tensor  # [N, d]
@@ -42,6 +48,9 @@ class Features:
     skipped: int  # items whose image could not be read
     index: torch.Tensor | None = None  # [N] dense dataset indices (-1: the layout has none)
     bad_parts: list[str] = field(default_factory=list)  # shards that could not be read to the end
+    captions: list[str] | None = None  # [M] the text of each caption
+    # the first unreadable images in dataset order: {"item": name, "reason": "Type: message"}
+    skipped_examples: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def num_items(self) -> int:
@@ -75,9 +84,10 @@ class _Reader(IterableDataset):
                 continue
             try:
                 image = self.transform(item.load_image())
-            except Exception as e:  # unreadable image: counted, not fatal
-                log.debug("item %s: %s", key, e)
-                yield {"bad": True}
+            except Exception as e:  # unreadable image: counted and named, not fatal
+                name = self.dataset.item_name(key >> KEY_SHIFT, item)
+                reason = f"{type(e).__name__}: {' '.join(str(e).split())}"  # on one line
+                yield {"bad": True, "unreadable": (key, name, reason)}
                 continue
             out = {
                 "bad": False,
@@ -90,13 +100,15 @@ class _Reader(IterableDataset):
             if self.tokenize is not None:
                 out["text"] = self.tokenize(item.captions) if item.captions else None
                 out["num_captions"] = len(item.captions)
+                out["captions"] = item.captions
             yield out
 
 
 def _collate(items: list[dict]) -> dict:
     good = [i for i in items if not i["bad"]]
     parts = [i["bad_part"] for i in items if "bad_part" in i]
-    out = {"skipped": len(items) - len(good) - len(parts), "n": len(good), "bad_parts": parts}
+    unreadable = [i["unreadable"] for i in items if "unreadable" in i]
+    out = {"skipped": len(unreadable), "n": len(good), "bad_parts": parts, "unreadable": unreadable}
     if not good:
         return out
     out["image"] = torch.stack([g["image"] for g in good])
@@ -110,6 +122,7 @@ def _collate(items: list[dict]) -> dict:
         counts = torch.tensor([g["num_captions"] for g in good])
         out["text_owner"] = torch.repeat_interleave(out["key"], counts)
         out["text_position"] = torch.cat([torch.arange(int(c)) for c in counts])
+        out["captions"] = [c for g in good for c in g["captions"]]
     return out
 
 
@@ -141,6 +154,8 @@ def encode_dataset(
         k: [] for k in ("image", "key", "label", "index", "text", "owner", "pos")
     }
     image_ids: list[tuple[int, str]] = []
+    captions: list[tuple[int, int, str]] = []  # (owner key, position, text)
+    unreadable: list[tuple[int, str, str]] = []  # the first few: (key, name, reason)
     skipped = 0
     bad_parts: list[str] = []
     total = None
@@ -149,6 +164,7 @@ def encode_dataset(
     bar = tqdm(total=total, desc=desc, unit="image", disable=not (progress and processes.is_main))
     for batch in loader:
         skipped += batch["skipped"]
+        unreadable = sorted(unreadable + batch["unreadable"])[:NUM_EXAMPLES]
         for bad in batch["bad_parts"]:
             log.warning("%s: skipped the rest of %s", desc, bad)
             bad_parts.append(bad)
@@ -165,10 +181,40 @@ def encode_dataset(
             parts["text"].append(text.float())
             parts["owner"].append(batch["text_owner"].to(device))
             parts["pos"].append(batch["text_position"].to(device))
+            captions.extend(
+                zip(
+                    batch["text_owner"].tolist(),
+                    batch["text_position"].tolist(),
+                    batch["captions"],
+                    strict=True,
+                )
+            )
     bar.close()
-    return _gather_sorted(
-        parts, image_ids, skipped, device, with_text=tokenize is not None, bad_parts=bad_parts
+    feats = _gather_sorted(
+        parts,
+        image_ids,
+        (skipped, unreadable),
+        device,
+        captions if tokenize is not None else None,
+        bad_parts=bad_parts,
     )
+    if feats.skipped and processes.is_main:
+        log.warning(
+            "%s: skipped %d of %d images that could not be read, e.g. %s",
+            desc,
+            feats.skipped,
+            feats.skipped + feats.num_items,
+            _examples(feats.skipped_examples[:3]),
+        )
+    return feats
+
+
+def _examples(examples: list[dict[str, str]]) -> str:
+    """``A, B: reason; C: other reason``: the items named once per reason."""
+    by_reason: dict[str, list[str]] = {}
+    for e in examples:
+        by_reason.setdefault(e["reason"], []).append(e["item"])
+    return "; ".join(f"{', '.join(items)}: {reason}" for reason, items in by_reason.items())
 
 
 def _cat(chunks: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
@@ -178,11 +224,15 @@ def _cat(chunks: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
 def _gather_sorted(
     parts: dict[str, list],
     image_ids: list[tuple[int, str]],
-    skipped: int,
+    skips: tuple[int, list[tuple[int, str, str]]],
     device: torch.device,
-    with_text: bool,
+    captions: list[tuple[int, int, str]] | None,
     bad_parts: list[str] | None = None,
 ) -> Features:
+    """Every process's rows, sorted by item key, each item once. ``skips``: this process's
+    count of unreadable images and its first few; ``captions``: (owner key, position, text)
+    of each caption encoded here (None: no captions)."""
+    skipped, unreadable = skips
     dim = parts["image"][0].shape[1] if parts["image"] else 0
     # every rank must agree on the width of empty tensors before gathering
     dim = int(gather_uneven(torch.tensor([dim], device=device)).max().item())
@@ -195,9 +245,14 @@ def _gather_sorted(
     skipped = int(gather_uneven(torch.tensor([skipped], device=device)).sum().item())
     ids = dict(gather_objects(image_ids))
     bad = sorted(gather_objects(list(bad_parts or [])))
+    examples = [
+        {"item": name, "reason": reason}
+        for _, name, reason in sorted(gather_objects(unreadable))[:NUM_EXAMPLES]
+    ]
     if key.numel() == 0:
-        unreadable = f"; unreadable: {'; '.join(bad[:3])}" if bad else ""
-        raise DataError(f"no readable image in the dataset (skipped {skipped}{unreadable})")
+        why = f", e.g. {_examples(examples[:3])}" if examples else ""
+        parts_note = f"; unreadable: {'; '.join(bad[:3])}" if bad else ""
+        raise DataError(f"no readable image in the dataset (skipped {skipped}{why}{parts_note})")
     order = torch.argsort(key, stable=True)
     key, image, label, index = key[order], image[order], label[order], index[order]
     keep = torch.ones_like(key, dtype=torch.bool)
@@ -205,8 +260,9 @@ def _gather_sorted(
     if not bool(keep.all()):
         log.warning("dropped %d duplicate rows while gathering", int((~keep).sum()))
     key, image, label, index = key[keep], image[keep], label[keep], index[keep]
-    text = text_item = None
-    if with_text:
+    text = text_item = texts = None
+    if captions is not None:
+        text_of = {(o, p): t for o, p, t in gather_objects(captions)}
         text = gather_uneven(_cat(parts["text"], no_rows)).cpu()
         owner = gather_uneven(_cat(parts["owner"], no_ids)).cpu()
         pos = gather_uneven(_cat(parts["pos"], no_ids)).cpu()
@@ -216,8 +272,19 @@ def _gather_sorted(
         text, owner, pos = text[order], owner[order], pos[order]
         first = torch.ones_like(owner, dtype=torch.bool)
         first[1:] = (owner[1:] != owner[:-1]) | (pos[1:] != pos[:-1])
-        text, owner = text[first], owner[first]
+        text, owner, pos = text[first], owner[first], pos[first]
         text_item = torch.searchsorted(key, owner)
+        texts = [text_of[o, p] for o, p in zip(owner.tolist(), pos.tolist(), strict=True)]
     return Features(
-        image, key, label, [ids[k] for k in key.tolist()], text, text_item, skipped, index, bad
+        image,
+        key,
+        label,
+        [ids[k] for k in key.tolist()],
+        text,
+        text_item,
+        skipped,
+        index,
+        bad,
+        texts,
+        examples,
     )

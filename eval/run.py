@@ -7,13 +7,18 @@ Tasks (definitions in docs/methods.md, "Evaluation definitions"):
 - ``linear-probe``: logistic regression on frozen features of ``train_data``; top-1;
 - ``knn``: weighted 20-NN on frozen features of ``train_data``; top-1.
 
+The linear probe and kNN read each evaluation label as the training label of the same class
+name where both datasets name their classes (each numbers its own labels; ``label_mapping``).
+
 Every check that can fail on the user's input (task, data layout, class names, templates,
 labels) runs before any image is encoded.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +43,10 @@ from .zeroshot import (
     zeroshot_metrics,
 )
 
+log = logging.getLogger(__name__)
+
 TASKS = ("retrieval", "zeroshot", "linear-probe", "knn")
+_warned_by_number: set[tuple[str, str]] = set()  # (data, train data) pairs warned about
 
 
 @dataclass
@@ -119,6 +127,73 @@ def _labelled(f: Features, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     return f.image[keep], f.label[keep], int((~keep).sum())
 
 
+@dataclass
+class LabelMapping:
+    """How the evaluation labels are read as training labels (kNN, linear probe)."""
+
+    rule: str  # "by name" or "by number"
+    lookup: list[int] | None = None  # by name: the training label of each evaluation label
+    num_names: int = 0  # by name: how many class names the evaluation data has
+
+    def apply(self, labels: torch.Tensor, ds: EvalDataset) -> torch.Tensor:
+        if self.lookup is None:
+            return labels
+        beyond = labels[labels >= self.num_names]
+        if beyond.numel():
+            raise UserError(
+                f"{ds.path}: label {int(beyond[0])} has no class name (the data names "
+                f"{self.num_names} classes), so it cannot be matched with the training labels"
+            )
+        return torch.tensor(self.lookup, dtype=labels.dtype)[labels]
+
+
+def _repeated(names: list[str]) -> list[str]:
+    return sorted(n for n, c in Counter(names).items() if c > 1)
+
+
+def label_mapping(ds: EvalDataset, train_ds: EvalDataset) -> LabelMapping:
+    """Match the labels of ``ds`` with those of ``train_ds`` by class name (each dataset
+    numbers its own labels). Refuses an evaluation class the training data lacks (a classifier
+    fit on it can never predict that class) and class lists with repeated names that differ;
+    where only one dataset names its classes the labels are compared by number."""
+    names, train_names = ds.classnames, train_ds.classnames
+    if not (names and train_names):
+        return LabelMapping("by number")
+    if list(names) == list(train_names):
+        return LabelMapping("by name")
+    for which, listed in ((ds, names), (train_ds, train_names)):
+        if _repeated(listed):
+            raise UserError(
+                f"{which.path}: class names repeat ({', '.join(map(repr, _repeated(listed)[:5]))})"
+                f", so the labels of {ds.path} cannot be matched with those of {train_ds.path} "
+                "by name: give both the same class list"
+            )
+    position = {n: i for i, n in enumerate(train_names)}
+    missing = [n for n in names if n not in position]
+    if missing:
+        shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise UserError(
+            f"{ds.path}: {len(missing)} of its {len(names)} classes are not in the training "
+            f"data {train_ds.path} ({shown}); a classifier fit on it can never predict them"
+        )
+    return LabelMapping("by name", [position[n] for n in names], len(names))
+
+
+def _warn_by_number(ds: EvalDataset, train_ds: EvalDataset) -> None:
+    """Once per pair of datasets: only one of them names its classes."""
+    pair = (ds.path, train_ds.path)
+    if pair in _warned_by_number or not (ds.classnames or train_ds.classnames):
+        return
+    _warned_by_number.add(pair)
+    named, unnamed = (ds, train_ds) if ds.classnames else (train_ds, ds)
+    log.warning(
+        "%s names its classes and %s does not: their labels are compared by number "
+        "(label i is taken as the same class in both)",
+        named.path,
+        unnamed.path,
+    )
+
+
 def run_eval(
     model: EvalModel | str | os.PathLike, opts: EvalOptions, processes: Processes | None = None
 ) -> dict[str, Any]:
@@ -136,6 +211,7 @@ def run_eval(
             "captions for retrieval; try --task zeroshot"
         )
     train_ds = _open(opts, opts.train_data, opts.train_split, "train") if needs_train else None
+    mapping = label_mapping(ds, train_ds) if train_ds else None
     prompts = _prompts(opts, ds) if opts.task == "zeroshot" else None
     evaluated = (
         model if isinstance(model, EvalModel) else EvalModel.from_checkpoint(load_checkpoint(model))
@@ -170,11 +246,9 @@ def run_eval(
     results: dict[str, Any] = {
         "task": opts.task,
         "model": evaluated.info,
-        "data": {**ds.describe(), "num_images": feats.num_items, "skipped": feats.skipped},
+        "data": _describe(ds, feats),
         "processes": processes.world,
     }
-    if feats.bad_parts:
-        results["data"]["unreadable_parts"] = feats.bad_parts
     if opts.task == "retrieval":
         results["metrics"] = _retrieval(feats, results["data"])
     elif opts.task == "zeroshot":
@@ -186,13 +260,12 @@ def run_eval(
         results["metrics"] = zeroshot_metrics(image, labels, classes)
     else:
         image, labels, results["data"]["unlabelled"] = _labelled(feats, "evaluation")
+        labels = mapping.apply(labels, ds)
+        results["data"]["label_mapping"] = mapping.rule
+        if mapping.rule == "by number":
+            _warn_by_number(ds, train_ds)
         train_image, train_labels, train_unlabelled = _labelled(train, "training")
-        results["train_data"] = {
-            **train_ds.describe(),
-            "num_images": train.num_items,
-            "skipped": train.skipped,
-            "unlabelled": train_unlabelled,
-        }
+        results["train_data"] = {**_describe(train_ds, train), "unlabelled": train_unlabelled}
         if opts.task == "linear-probe":
             results["metrics"] = linear_probe(train_image, train_labels, image, labels)
         else:
@@ -203,10 +276,20 @@ def run_eval(
     return results
 
 
+def _describe(ds: EvalDataset, feats: Features) -> dict[str, Any]:
+    """What the results say of a dataset: where it is, what was read and what was not."""
+    out = {**ds.describe(), "num_images": feats.num_items, "skipped": feats.skipped}
+    if feats.skipped_examples:
+        out["skipped_examples"] = feats.skipped_examples
+    if feats.bad_parts:
+        out["unreadable_parts"] = feats.bad_parts
+    return out
+
+
 def _retrieval(feats: Features, data_info: dict[str, Any]) -> dict[str, float]:
     """Retrieval metrics; concept-level ones too when each image has one caption and a label."""
     metrics, counts = grouped_retrieval_metrics(
-        feats.image, feats.image_id, feats.text, feats.text_item
+        feats.image, feats.image_id, feats.text, feats.text_item, captions=feats.captions
     )
     data_info.update(counts)
     one_caption_each = torch.equal(feats.text_item, torch.arange(feats.num_items))

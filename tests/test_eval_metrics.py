@@ -10,7 +10,13 @@ import torch
 
 from clipfnd_eval.knn import knn_classify, knn_metrics
 from clipfnd_eval.linear_probe import linear_probe
-from clipfnd_eval.retrieval import first_positive_rank, grouped_retrieval_metrics, retrieval_metrics
+from clipfnd_eval.retrieval import (
+    caption_matches,
+    duplicate_captions,
+    first_positive_rank,
+    grouped_retrieval_metrics,
+    retrieval_metrics,
+)
 from clipfnd_eval.zeroshot import as_callable, class_embeddings, classification_metrics
 
 
@@ -34,9 +40,10 @@ def test_retrieval_one_caption_each_known_ranks():
 
 
 def test_retrieval_exact_ties_count_against_the_query():
-    """Four images whose captions are the same text (identical embeddings): every image ties
-    with all four captions. Pessimistic ranking puts the three wrong captions first, so no
-    image->text query is a hit at R@1 (counting ties for the query would give 1.0)."""
+    """Four images whose captions are different texts with identical embeddings (texts are
+    all different when no strings are given): every image ties with three captions.
+    Pessimistic ranking puts the two wrong ones first, so no image->text query among them is
+    a hit at R@1 (counting ties for the query would give 1.0)."""
     image = unit([1, 0, 0], [0.9, 0.1, 0], [0.8, 0.2, 0], [0, 0, 1])
     text = unit([1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 0, 1])  # captions 0-2 identical
     m = retrieval_metrics(image, text, torch.tensor([0, 1, 2, 3]))
@@ -50,6 +57,95 @@ def test_retrieval_exact_ties_count_against_the_query():
         torch.tensor([[0.5, 0.5, 0.5]]), torch.tensor([[False, True, False]])
     )
     assert ranks.tolist() == [2]  # both tied wrong candidates come first
+    # the same with strings: distinct texts keep pessimistic ties ...
+    distinct = ["a dog", "A dog", "a dog.", "a cat"]
+    assert retrieval_metrics(image, text, torch.tensor([0, 1, 2, 3]), captions=distinct) == m
+    # ... one text written for three images matches each of them
+    same = ["a dog", "a dog", "a dog", "a cat"]
+    m = retrieval_metrics(image, text, torch.tensor([0, 1, 2, 3]), captions=same)
+    assert m["i2t_R@1"] == 1.0 and m["i2t_mean_rank"] == 1.0
+    assert m["t2i_R@1"] == 1.0  # caption 1 ("a dog") finds image 0 first: a true match too
+
+
+def reference_ranks(image, text, text_to_image, captions):
+    """The rule written out in float64 loops: a caption matches an image when its text is one
+    of the image's captions; a rank counts the non-matching candidates scoring at least as
+    high as the best match (0-based). Returns (t2i ranks, i2t ranks)."""
+    s = text.double() @ image.double().T
+    texts_of = [set() for _ in range(image.shape[0])]
+    for j, i in enumerate(text_to_image.tolist()):
+        texts_of[i].add(captions[j])
+
+    def rank(scores: list[float], match: list[bool]) -> int:
+        best = max(x for x, m in zip(scores, match, strict=True) if m)
+        return sum(1 for x, m in zip(scores, match, strict=True) if not m and x >= best)
+
+    images, texts = range(image.shape[0]), range(text.shape[0])
+    t2i = [
+        rank([float(s[j, i]) for i in images], [captions[j] in texts_of[i] for i in images])
+        for j in texts
+    ]
+    i2t = [
+        rank([float(s[j, i]) for j in texts], [captions[j] in texts_of[i] for j in texts])
+        for i in images
+    ]
+    return t2i, i2t
+
+
+def summary(ranks: list[int], prefix: str) -> dict[str, float]:
+    out = {f"{prefix}R@{k}": sum(r < k for r in ranks) / len(ranks) for k in (1, 5, 10)}
+    one_based = sorted(r + 1 for r in ranks)
+    out[f"{prefix}mean_rank"] = sum(one_based) / len(ranks)
+    out[f"{prefix}median_rank"] = float(one_based[(len(ranks) - 1) // 2])  # torch's lower median
+    return out
+
+
+def test_retrieval_shared_caption_texts_equal_a_float64_loop():
+    """30 images, 45 captions drawn from 10 texts (texts 8 and 9 differ but share an
+    embedding). Small integer vectors: float32 scores are exact, so ties are real ties."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randint(-3, 4, (10, 4), generator=gen).float()
+    table[9] = table[8]
+    words = [f"text {t}" for t in range(10)]
+    text_to_image = torch.cat([torch.arange(30), torch.randint(0, 30, (15,), generator=gen)])
+    which = torch.randint(0, 10, (45,), generator=gen)
+    # an image looks like its first caption, give or take
+    image = 2 * table[which[:30]] + torch.randint(-2, 3, (30, 4), generator=gen).float()
+    captions = [words[t] for t in which.tolist()]
+    got = retrieval_metrics(image, table[which], text_to_image, captions=captions)
+    t2i, i2t = reference_ranks(image, table[which], text_to_image, captions)
+    scores, pos = table[which] @ image.T, caption_matches(text_to_image, 30, captions)
+    assert first_positive_rank(scores, pos).tolist() == t2i
+    assert first_positive_rank(scores.T, pos.T).tolist() == i2t
+    want = {**summary(t2i, "t2i_"), **summary(i2t, "i2t_")}
+    for k, v in want.items():  # means of float32 values
+        assert got[k] == pytest.approx(v, rel=1e-6), k
+    assert 0 < want["i2t_R@1"] < 1 and 0 < want["t2i_R@1"] < 1, want
+
+
+def test_one_caption_text_for_many_images_perfect_model_and_clip_benchmark():
+    """400 images of 24 classes, each captioned "a photo of a CLASS" (24 distinct texts), and a
+    model that embeds an image and its caption identically. Every retrieved caption of the
+    image's text is right: R@1 is 1.0 both ways. clip_benchmark's figure (own caption only,
+    topk's order among the 16-17 tied captions) is its own function's on the same scores."""
+    from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
+
+    label = torch.arange(400) % 24
+    image = torch.eye(24)[label]
+    text = torch.eye(24)[label]
+    captions = [f"a photo of a class {c}" for c in label.tolist()]
+    m = retrieval_metrics(image, text, torch.arange(400), captions=captions)
+    for direction in ("i2t", "t2i"):
+        assert [m[f"{direction}_R@{k}"] for k in (1, 5, 10)] == [1.0, 1.0, 1.0]
+        assert m[f"{direction}_mean_rank"] == m[f"{direction}_median_rank"] == 1.0
+    assert duplicate_captions(captions) == {"texts": 24, "captions": 400}
+    scores = text @ image.T
+    own = torch.eye(400, dtype=torch.bool)
+    for k in (1, 5, 10):
+        for key, s, p in (("t2i", scores, own), ("i2t", scores.T, own.T)):
+            theirs = (batchify(recall_at_k, s, p, 64, "cpu", k=k) > 0).float().mean().item()
+            assert m[f"{key}_R@{k}_clip_benchmark"] == theirs, (key, k)
+    assert m["i2t_R@1_clip_benchmark"] < 0.1  # its tie-break finds the own caption rarely
 
 
 def test_retrieval_several_captions_per_image_best_caption_counts():
@@ -75,6 +171,11 @@ def test_grouped_retrieval_pools_captions_and_drops_captionless_images():
     text_item = torch.tensor([0, 1, 2])  # caption 0 belongs to "a" but looks like "b"
     m, counts = grouped_retrieval_metrics(image, image_id, text, text_item)
     assert counts == {"images": 2, "texts": 3, "images_without_caption": 1}
+    captions = ["a square", "a circle", "a square"]  # "a" and "b" share the text "a square"
+    shared, counts = grouped_retrieval_metrics(image, image_id, text, text_item, captions=captions)
+    assert counts["duplicate_captions"] == {"texts": 1, "captions": 2}
+    assert shared["i2t_R@1"] == 1.0  # "b" now finds a caption of its own text first
+    assert shared["t2i_R@1"] == 1.0  # caption 0 finds "b", which has its text
     assert m["i2t_R@1"] == 0.5  # "a" finds caption 1 first; "b" finds caption 0 before 2
     assert m["i2t_R@5"] == 1.0
     assert m["t2i_R@1"] == pytest.approx(2 / 3)
