@@ -97,6 +97,57 @@ def test_cli_export_errors_are_one_clear_line(tmp_path, capsys, args, message):
     assert err.startswith("clipfnd: error:") and message in err, err
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("export") / "run")
+
+
+def _unwritable(tmp_path: Path, shape: str, monkeypatch) -> tuple[Path, str]:
+    """An ``--out`` of the given shape and what its one-line refusal says."""
+    (tmp_path / "a_file").write_text("")
+    if shape == "under a file":
+        return tmp_path / "a_file" / "sub", "cannot write a folder there (Not a directory)"
+    if shape == "a file":
+        return tmp_path / "a_file", "exists and is not a folder"
+    if shape == "unwritable place":  # refused even to root
+        return Path("/proc/self/export"), "cannot write a folder there"
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: the system's refusal is simulated
+        for method in ("mkdir", "write_text"):
+            real = getattr(Path, method)
+
+            def refuse(self, *a, _real=real, **k):
+                if readonly in self.parents:
+                    raise PermissionError(13, "Permission denied", str(self))
+                return _real(self, *a, **k)
+
+            monkeypatch.setattr(Path, method, refuse)
+    out = readonly / "export" if shape == "in a read-only folder" else readonly
+    return out, "cannot write a folder there (Permission denied)"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["under a file", "a file", "unwritable place", "in a read-only folder", "a read-only folder"],
+)
+def test_cli_export_out_that_cannot_be_a_folder_is_one_line(
+    tiny_run, tmp_path, capsys, monkeypatch, shape
+):
+    out, message = _unwritable(tmp_path, shape, monkeypatch)
+    try:
+        args = ["export", "--checkpoint", str(tiny_run), "--format", "open_clip"]
+        rc = main([*args, "--out", str(out)])
+    finally:
+        if (tmp_path / "readonly").exists():
+            (tmp_path / "readonly").chmod(0o755)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"clipfnd: error: --out {out}") and message in err, err
+    assert err.count("\n") == 1, err
+
+
 def test_mismatched_weights_name_the_shapes(tmp_path):
     run = write_checkpoint(tmp_path / "run", "clipfnd-tiny-vit", "clipfnd-small-vit")
     with pytest.raises(ValueError, match=r"shape mismatches, e\.g\. .*checkpoint \[") as e:

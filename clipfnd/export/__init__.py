@@ -21,7 +21,7 @@ from typing import Any
 
 from ..checkpoints import LoadedCheckpoint, load_checkpoint
 from ..errors import UserError
-from .common import DEFAULT_TOLERANCE, Comparison, prepare_out_dir, write_record
+from .common import DEFAULT_TOLERANCE, Comparison, out_errors, prepare_out_dir, write_record
 
 FORMATS = ("open_clip", "hf", "timm", "torchvision")
 
@@ -70,9 +70,11 @@ def export_checkpoint(
     module = _format_module(fmt, loaded)
     module.check(loaded)  # refuses an unrepresentable model before anything is written
     out_dir = prepare_out_dir(out, overwrite)
-    files = module.export(loaded, out_dir)
+    with out_errors(out_dir, "cannot write the export"):  # e.g. the disk is full
+        files = module.export(loaded, out_dir)
     comparison = module.verify(loaded, out_dir, tolerance) if verify else None
-    record = write_record(out_dir, fmt, loaded, files, comparison)
+    with out_errors(out_dir, "cannot write the export"):
+        record = write_record(out_dir, fmt, loaded, files, comparison)
     if comparison is not None:
         comparison.check(fmt)
     return ExportResult(out_dir, fmt, sorted({*files, record.name}), comparison, loaded.describe())

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -117,7 +119,9 @@ def our_embeddings(
 
 
 def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """An empty output folder. An existing non-empty one is replaced only if it is an export."""
+    """An empty, writable output folder. An existing non-empty one is replaced only if it is an
+    export. A path that cannot be a folder (under a file, in a read-only place) is refused in
+    one line."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
@@ -132,9 +136,23 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
                 f"--out {out} is not empty and holds no {EXPORT_RECORD}: refusing "
                 "to delete a folder that clipfnd did not write"
             )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        with out_errors(out, "cannot replace the earlier export"):
+            shutil.rmtree(out)
+    with out_errors(out, "cannot write a folder there"):
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".{EXPORT_RECORD}.probe"
+        probe.write_text("")
+        probe.unlink()
     return out
+
+
+@contextmanager
+def out_errors(out: Path, what: str) -> Iterator[None]:
+    """An ``OSError`` in the block as one line naming ``--out`` and the system's reason."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"--out {out}: {what} ({e.strerror or e})") from e
 
 
 def _versions() -> dict[str, str]:
