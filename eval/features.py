@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from clipfnd.distributed import gather_objects, gather_uneven
 from data_pipelines import DataError
 from data_pipelines.loader import worker_context
+from data_pipelines.loader.batcher import worker_message
+from data_pipelines.loader.worker import share_from_worker
 
 from .datasets import KEY_SHIFT, BadPart, EvalDataset
 from .processes import Processes
@@ -123,6 +125,8 @@ def _collate(items: list[dict]) -> dict:
         out["text_owner"] = torch.repeat_interleave(out["key"], counts)
         out["text_position"] = torch.cat([torch.arange(int(c)) for c in counts])
         out["captions"] = [c for g in good for c in g["captions"]]
+    if get_worker_info() is not None:  # a failure to share is raised, not a hang
+        share_from_worker([v for v in out.values() if torch.is_tensor(v)], "evaluation worker")
     return out
 
 
@@ -162,7 +166,7 @@ def encode_dataset(
     if dataset.num_items is not None:
         total = (dataset.num_items + processes.world - 1) // processes.world
     bar = tqdm(total=total, desc=desc, unit="image", disable=not (progress and processes.is_main))
-    for batch in loader:
+    for batch in _unwrapped(loader):
         skipped += batch["skipped"]
         unreadable = sorted(unreadable + batch["unreadable"])[:NUM_EXAMPLES]
         for bad in batch["bad_parts"]:
@@ -215,6 +219,15 @@ def _examples(examples: list[dict[str, str]]) -> str:
     for e in examples:
         by_reason.setdefault(e["reason"], []).append(e["item"])
     return "; ".join(f"{', '.join(items)}: {reason}" for reason, items in by_reason.items())
+
+
+def _unwrapped(loader: DataLoader) -> Iterator[dict]:
+    """The loader's batches; a ``DataError`` raised in a worker keeps its one-line message
+    (the DataLoader would wrap it in the worker's traceback)."""
+    try:
+        yield from loader
+    except DataError as e:
+        raise DataError(worker_message(e)) from None
 
 
 def _cat(chunks: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:

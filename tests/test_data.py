@@ -238,11 +238,90 @@ def test_resume_fast_forwards_without_decoding_and_counts_each_bad_sample_once(
         if k == n_full // 2:
             break
     head_bad = sum(it.bad.values())
-    rest = stream(ss, rank=0, world=1, num_workers=num_workers, chunk_size=5).epoch(0, it.state())
+    state = LoaderState.from_dict(json.loads(json.dumps(it.state().to_dict())))
+    rest = stream(ss, rank=0, world=1, num_workers=num_workers, chunk_size=5).epoch(0, state)
     n_rest = sum(1 for _ in rest)
     assert n_full // 2 + n_rest == n_full
-    assert head_bad + sum(rest.bad.values()) == sum(full.bad.values()) == 3
+    # the resumed epoch carries the counts of the part before the checkpoint: its totals are
+    # the whole epoch's, and each bad sample was counted once
+    assert sum(rest.bad.values()) == sum(full.bad.values()) == 3
+    assert rest.bad == full.bad
     assert head_bad > 0  # some bad samples lie before the resume point (seeded order)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resampled_resume_mid_epoch_gives_the_same_batches(shapes, num_workers):
+    """With shards drawn with replacement, repeats of a dataset index within an epoch are
+    common and dropped; a resumed epoch must drop the same ones, so it needs the indices
+    used before the checkpoint (they used to be forgotten: the batches after it differed)."""
+    ss = load_shard_set(shapes / "train")
+
+    def make():
+        return stream(
+            ss, num_workers=num_workers, chunk_size=5, resampled=True, samples_per_epoch=320
+        )
+
+    full = make().epoch(2)
+    batches = list(full)
+    assert sum(full.bad.values()) > 0  # repeats were dropped in this epoch
+    for cut in (3, 6):
+        it = make().epoch(2)
+        head = [b for _, b in zip(range(cut), it)]
+        state = LoaderState.from_dict(json.loads(json.dumps(it.state().to_dict())))
+        assert len(state.seen) == cut * 32
+        rest = make().epoch(2, state)
+        again = head + list(rest)
+        assert len(again) == len(batches)
+        for a, b in zip(again, batches):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
+        assert rest.bad == full.bad
+
+
+def test_a_repeated_dataset_index_is_named_by_shard_and_key(shapes, tmp_path):
+    """Two samples with one dataset index: the second is skipped as a bad sample named by its
+    shard and key (it used to read "skipped sample 'index 5' in ?")."""
+    dst = tmp_path / "dup"
+    shutil.copytree(shapes / "train", dst)
+    src = dst / "shard-000001.tar"
+    samples = list(iter_tar_samples(str(src)))
+    samples[2]["json"] = json.dumps({**json.loads(samples[2]["json"]), "index": 5}).encode()
+    with tarfile.open(src, "w") as tf:
+        for smp in samples:
+            for ext in ("jpg", "json", "txt"):
+                info = tarfile.TarInfo(f"{smp['__key__']}.{ext}")
+                info.size = len(smp[ext])
+                tf.addfile(info, io.BytesIO(smp[ext]))
+    key = samples[2]["__key__"]
+    ss = load_shard_set(dst)
+    shards = {}
+    for first in (True, False):  # whichever of the two comes second in the epoch is named
+        it = stream(ss, num_workers=0, shuffle_buffer=0 if first else 50).epoch(0)
+        for _ in it:
+            pass
+        dup = {k: n for k, n in it.bad.items() if k[1].startswith("duplicate dataset index 5")}
+        assert sum(dup.values()) == 1, it.bad
+        shards.update(dup)
+    assert any(shard.endswith("shard-000001.tar") for shard, _ in shards)
+    with pytest.raises(DataError, match=rf"sample '{key}' in .*shard-000001.tar: duplicate"):
+        for _ in stream(ss, num_workers=0, shuffle_buffer=0, on_error="raise").epoch(0):
+            pass
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [],
+        {"epoch": "1"},
+        {"epoch": 0, "consumed": [-1]},
+        {"epoch": 0, "consumed": [0], "next_worker": 3},
+        {"epoch": 0, "seen": {"count": 2, "gaps_i64_zlib_b64": "not base64!"}},
+        {"epoch": 0, "bad": [["shard", 3]]},
+        {"epoch": 0, "colour": "red"},
+    ],
+)
+def test_a_malformed_loader_state_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="loader state"):
+        LoaderState.from_dict(bad)
 
 
 def test_fn_testbed_preset_states_and_draws_each_images_position_and_size():

@@ -46,15 +46,42 @@ class EpochIterator:
             )
         self._state = LoaderState(epoch, state.batches, list(state.consumed), state.next_worker)
         self.steps = owner.steps_per_epoch(epoch)
-        self.bad: Counter[tuple[str, str]] = Counter()
+        self.bad: Counter[tuple[str, str]] = Counter(state.bad)  # the epoch's, resumed ones too
         self.bad_examples: list[BadSample] = []
         self._seen = torch.zeros(owner.num_samples, dtype=torch.bool)
+        if state.seen:
+            seen = torch.tensor(state.seen, dtype=torch.long)
+            if int(seen.max()) >= owner.num_samples:
+                raise DataError(
+                    f"loader state holds dataset index {int(seen.max())}, outside this data's "
+                    f"[0, {owner.num_samples})"
+                )
+            self._seen[seen] = True
+        self._pending: list[Chunk] = []  # chunks arrived (and marked seen) but not yet used
         self._n_workers = n_workers
 
     def state(self) -> LoaderState:
+        """The position after the last batch handed out. Its ``seen`` holds the indices of the
+        samples that batches used: those of chunks that arrived but wait unused are left out,
+        since a resumed epoch reads them again."""
+        seen = self._seen.clone()
+        for chunk in self._pending:
+            if chunk.index is not None:
+                seen[chunk.index] = False
         return LoaderState(
-            self.epoch, self._state.batches, list(self._state.consumed), self._state.next_worker
+            self.epoch,
+            self._state.batches,
+            list(self._state.consumed),
+            self._state.next_worker,
+            seen=torch.nonzero(seen).flatten().tolist(),
+            bad=dict(self.bad),
         )
+
+    @property
+    def batches(self) -> int:
+        """Batches handed out in this epoch so far (resumed ones included); ``state()``'s
+        ``batches`` without building the whole state."""
+        return self._state.batches
 
     def __len__(self) -> int:
         return self.steps - self._state.batches
@@ -72,7 +99,10 @@ class EpochIterator:
             prefetch_factor=self.o.prefetch_factor,
             multiprocessing_context=worker_context(),
         )
-        yield from loader
+        try:
+            yield from loader
+        except DataError as e:  # raised in a worker: the DataLoader wraps it in its traceback
+            raise DataError(worker_message(e)) from None
 
     def _drop_duplicates(self, chunk: Chunk) -> None:
         """Drop samples whose dataset index this rank already saw in this epoch.
@@ -95,10 +125,11 @@ class EpochIterator:
             return
         for i in torch.nonzero(dup).flatten().tolist():
             n = int(idx[i])
-            msg = f"duplicate dataset index {n}"
+            shard, key = chunk.where[i] if chunk.where else ("?", f"index {n}")
+            msg = f"duplicate dataset index {n} (already used in this epoch)"
             if self.o.on_error == "raise":
-                raise DataError(f"{msg} (worker {chunk.worker}, raw position {int(chunk.pos[i])})")
-            chunk.bad.append(BadSample("?", f"index {n}", msg, int(chunk.pos[i])))
+                raise DataError(f"sample {key!r} in {shard}: {msg}")
+            chunk.bad.append(BadSample(shard, key, msg, int(chunk.pos[i])))
         chunk.keep(~dup)
 
     def _note_bad(self, bad: list[BadSample]) -> None:
@@ -114,14 +145,14 @@ class EpochIterator:
         b = self.o.local_batch_size
         if self._state.batches >= self.steps:
             return
-        pending: list[Chunk] = []  # chunks (or their unused tails), in order
+        self._pending = []  # chunks (or their unused tails), in order
         have = 0
         for chunk in self._chunks():
             self._drop_duplicates(chunk)
-            pending.append(chunk)
+            self._pending.append(chunk)
             have += len(chunk)
             while have >= b:
-                batch, pending = self._take(pending, b)
+                batch, self._pending = self._take(self._pending, b)
                 have -= b
                 self._state.batches += 1
                 yield batch
@@ -130,8 +161,9 @@ class EpochIterator:
         # The stream ran dry before `steps` batches: the caller sees fewer batches (the
         # training loop stops every rank together when any rank runs out). What is left was
         # read to the end, so its bad samples count too.
-        for chunk in pending:
+        for chunk in self._pending:
             self._note_bad(chunk.bad)
+        self._pending = []
 
     def _take(self, pending: list[Chunk], b: int) -> tuple[dict[str, torch.Tensor], list[Chunk]]:
         """Cut the first ``b`` usable samples off ``pending``; update the resume state."""
@@ -170,3 +202,15 @@ class EpochIterator:
         # image-only streams (no tokenizer) carry no ``text``
         batch = {k: torch.cat(v) for k, v in parts.items() if v}
         return batch, rest
+
+
+def worker_message(e: Exception) -> str:
+    """The message of an exception raised in a DataLoader worker, without the traceback
+    PyTorch writes into it ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ...": the original message is its last line)."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1] == type(e).__name__ else last

@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..images import to_rgb
 from ..shards import DataError, ShardInfo, caption_not_utf8, image_ext
-from .state import BadSample, Chunk, LoaderState, mix_seed
+from .state import SAMPLE_FIELDS, BadSample, Chunk, LoaderState, mix_seed
 
 if TYPE_CHECKING:
     from .stream import ShardStream
@@ -80,6 +80,27 @@ def _shard_samples(sh: ShardInfo, errors: _ErrorLog, shard_set) -> Iterator[dict
         if errors.on_error == "raise":
             raise DataError(f"{url}: {msg}; rebuild the manifest or check the shard")
         errors.errors.append(BadSample(url, "", f"sample count ({msg})"))
+
+
+def share_from_worker(tensors: list[torch.Tensor], who: str) -> None:
+    """Move tensors a DataLoader worker returns to shared memory here, in the worker's own
+    thread.
+
+    PyTorch does it when its queue's feeder thread pickles them, and a failure there
+    (``/dev/shm`` full: Docker gives containers 64 MB by default) is only printed: the batch
+    is lost and the process that waits for it waits forever. Done here, the failure is
+    raised, and the DataLoader hands it to that process. Tensors already in shared memory are
+    not copied again when pickled."""
+    try:
+        for t in tensors:
+            t.share_memory_()
+    except RuntimeError as e:
+        why = (str(e).strip().splitlines() or ["RuntimeError"])[0]
+        raise DataError(
+            f"{who} cannot hand its samples over through shared memory ({why}): /dev/shm is "
+            "full or too small (in Docker, run with --shm-size=2g or more), or load in the "
+            "main process (data.num_workers=0, or --num-workers 0 for clipfnd eval)"
+        ) from e
 
 
 class RankStream(IterableDataset):
@@ -175,6 +196,15 @@ class RankStream(IterableDataset):
     def _make_chunk(
         self, items: list, bad: list[BadSample], worker: int, start: int, end: int
     ) -> Chunk:
+        chunk = self._assemble(items, bad, worker, start, end)
+        if get_worker_info() is not None:
+            fields = [getattr(chunk, f) for f in ("pos", *SAMPLE_FIELDS)]
+            share_from_worker([t for t in fields if t is not None], f"loader worker {worker}")
+        return chunk
+
+    def _assemble(
+        self, items: list, bad: list[BadSample], worker: int, start: int, end: int
+    ) -> Chunk:
         good = [it for it in items if it is not None]
         chunk = Chunk(
             worker, start, end, list(bad), torch.tensor([p for p, *_ in good], dtype=torch.long)
@@ -185,6 +215,7 @@ class RankStream(IterableDataset):
                 chunk.text = self.o.tokenize([g[2] for g in good])
             chunk.index = torch.tensor([g[3] for g in good], dtype=torch.long)
             chunk.label = torch.tensor([g[4] for g in good], dtype=torch.long)
+            chunk.where = [(g[5], g[6]) for g in good]
         return chunk
 
     def __iter__(self) -> Iterator[Chunk]:
@@ -211,7 +242,7 @@ class RankStream(IterableDataset):
                 out.pos = pos
                 bad.append(out)
             else:
-                items.append((pos, *out))
+                items.append((pos, *out, sample.get("__url__", "?"), sample.get("__key__", "?")))
             for e in errors.errors:
                 e.pos = pos
             bad.extend(errors.errors)
