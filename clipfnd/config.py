@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
@@ -195,6 +195,15 @@ MODES = ("clip", "simclr")
 DEFAULT_MODEL = {"clip": "clipfnd-tiny-vit", "simclr": "tiny"}
 DEFAULT_LOSS = {"clip": "clip", "simclr": "simclr"}
 EVAL_TASKS = {"clip": ("retrieval", "zeroshot"), "simclr": ("knn", "linear-probe")}
+# keys whose default depends on ``mode`` (``clipfnd train --help`` says so)
+BY_MODE = {
+    "model.name": DEFAULT_MODEL,
+    "loss.name": DEFAULT_LOSS,
+    "eval.tasks": {m: f"[{t[0]}]" for m, t in EVAL_TASKS.items()},
+}
+# the global losses keep exp((s_ij - s_ip) / tau) in float32 (their u estimators): below this
+# temperature it overflows as soon as a negative is 88.7 tau more similar than the positive
+GLOBAL_LOSS_MIN_TAU = 0.01
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": MODES,
     "data.on_error": ("skip", "raise"),
@@ -212,6 +221,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fnd.state": ("replicated", "sharded"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
+
+
+# keys that hold a list; a bare value given for one (eval.tasks=zeroshot) is read as a list
+LIST_KEYS = ("eval.tasks", "fnd.num_clusters", "optim.betas")
 
 
 def _friendly(e: OmegaConfBaseException, where: str) -> ConfigError:
@@ -243,6 +256,10 @@ def load_config(
                 f"{p}: the top level must be a mapping of keys (model:, data:, ...), not a "
                 f"{type(file_cfg).__name__.replace('Config', '').lower() or 'value'}"
             )
+        for key in LIST_KEYS:  # a bare value where a list goes: a list of that one value
+            node = OmegaConf.select(file_cfg, key, default=None)
+            if node is not None and not isinstance(node, ListConfig):
+                OmegaConf.update(file_cfg, key, [node], merge=False)
         try:
             cfg = OmegaConf.merge(cfg, file_cfg)
         except OmegaConfBaseException as e:
@@ -252,6 +269,9 @@ def load_config(
             raise ConfigError(
                 f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)"
             )
+        key, value = item.split("=", 1)
+        if key.strip() in LIST_KEYS and value.strip() and not value.strip().startswith("["):
+            item = f"{key}=[{value}]"  # eval.tasks=zeroshot means [zeroshot]; a,b means [a,b]
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
@@ -363,8 +383,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.tau must be in (0, 1], got {cfg.loss.tau}")
     if not 0 < cfg.loss.gamma_min <= 1:
         raise ConfigError(f"loss.gamma_min must be in (0, 1], got {cfg.loss.gamma_min}")
-    if not 0 < cfg.loss.tau_min <= cfg.loss.tau:
-        raise ConfigError(f"loss.tau_min must be in (0, loss.tau], got {cfg.loss.tau_min}")
+    if not cfg.loss.tau_min > 0:
+        raise ConfigError(f"loss.tau_min must be > 0, got {cfg.loss.tau_min}")
+    if cfg.loss.name == "fastclip_v3" and cfg.loss.tau_min > cfg.loss.tau:
+        raise ConfigError(
+            f"loss.tau_min={cfg.loss.tau_min} is above loss.tau={cfg.loss.tau}, the learned "
+            "temperature's start: lower loss.tau_min"
+        )
+    low = {"sogclr": "loss.tau", "fastclip_v3": "loss.tau_min"}.get(cfg.loss.name)
+    if low is not None and get(low) < GLOBAL_LOSS_MIN_TAU:
+        raise ConfigError(
+            f"{low}={get(low)} with loss.name={cfg.loss.name}: below {GLOBAL_LOSS_MIN_TAU} the "
+            "global loss's u estimator overflows float32 once a negative is 88.7 x tau more "
+            f"similar than its positive; use {low} >= {GLOBAL_LOSS_MIN_TAU}"
+        )
     if cfg.optim.grad_clip is not None and not cfg.optim.grad_clip > 0:
         raise ConfigError(
             f"optim.grad_clip must be > 0 (the largest gradient norm) or null (no clipping), "
@@ -527,8 +559,14 @@ def describe_keys() -> list[tuple[str, str, str]]:
                 continue
             if f.name == "tensorboard":  # the deprecated key
                 continue
-            text = "(required)" if default is MISSING else repr(default)
-            rows.append((f"{prefix}{f.name}", text.replace("'", ""), notes.get(f.name, "")))
+            key = f"{prefix}{f.name}"
+            if key in BY_MODE:
+                text = (
+                    "(by mode: " + ", ".join(f"{m} -> {v}" for m, v in BY_MODE[key].items()) + ")"
+                )
+            else:
+                text = "(required)" if default is MISSING else repr(default).replace("'", "")
+            rows.append((key, text, notes.get(f.name, "")))
         return rows
 
     return walk(Config, "")

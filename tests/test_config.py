@@ -128,3 +128,23 @@ def test_every_package_is_installed_and_eval_under_its_own_name():
     import clipfnd_eval
 
     assert Path(clipfnd_eval.__file__).parent == root / "eval"
+
+
+def test_a_bare_value_for_a_list_key_is_a_list_of_it(tmp_path):
+    """eval.tasks=zeroshot used to fail with OmegaConf's "AnyNode is not a ListConfig"."""
+    assert load_config(None, ["data.train=x", "eval.tasks=zeroshot"]).eval.tasks == ["zeroshot"]
+    got = load_config(None, ["data.train=x", "eval.tasks=retrieval,zeroshot"]).eval.tasks
+    assert got == ["retrieval", "zeroshot"]
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  train: x\neval:\n  tasks: zeroshot\n")
+    assert load_config(p).eval.tasks == ["zeroshot"]
+
+
+def test_temperatures_the_global_losses_cannot_hold_are_refused_by_key():
+    with pytest.raises(ConfigError, match=r"loss.tau=0.005 with loss.name=sogclr: below 0.01"):
+        load_config(None, ["data.train=x", "loss.name=sogclr", "loss.tau=0.005"])
+    with pytest.raises(ConfigError, match=r"loss.tau_min=0.005 with loss.name=fastclip_v3"):
+        load_config(None, ["data.train=x", "loss.name=fastclip_v3", "loss.tau_min=0.005"])
+    # losses computed in log space take small temperatures; loss.tau_min is FastCLIP-v3's own
+    cfg = load_config(None, ["data.train=x", "mode=simclr", "loss.name=hcl", "loss.tau=0.005"])
+    assert cfg.loss.tau == 0.005
