@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 from ..checkpoints import LoadedCheckpoint
 from ..errors import UserError
@@ -148,11 +149,15 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
 
 @contextmanager
 def out_errors(out: Path, what: str) -> Iterator[None]:
-    """An ``OSError`` in the block as one line naming ``--out`` and the system's reason."""
+    """An ``OSError`` in the block (or safetensors' error for the same causes: a full disk) as
+    one line naming ``--out`` and the system's reason."""
     try:
         yield
     except OSError as e:
         raise UserError(f"--out {out}: {what} ({e.strerror or e})") from e
+    except SafetensorError as e:
+        why = (str(e).strip().splitlines() or ["SafetensorError"])[0][:300]
+        raise UserError(f"--out {out}: {what} ({why})") from e
 
 
 def _versions() -> dict[str, str]:
