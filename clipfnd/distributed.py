@@ -118,3 +118,15 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
 def label_offset(local_batch: int) -> int:
     """Index of this rank's first sample in the gathered global batch."""
     return rank() * local_batch
+
+
+def failures(error: str | None) -> list[str]:
+    """Every rank's failure message, in rank order; empty when no rank failed.
+
+    Each rank passes its own (None: it succeeded) after a piece of work that can fail on some
+    ranks only (a file one rank reads or writes), so that all ranks learn of it and take the
+    same branch: no rank is left waiting in a collective for a rank that stopped. Messages
+    are prefixed with the rank when there are several."""
+    if not is_distributed():
+        return [] if error is None else [error]
+    return gather_objects([] if error is None else [f"rank {rank()}: {error}"])

@@ -154,12 +154,32 @@ def assert_same_losses(run: Path, reference: Path, steps: range) -> None:
         assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
 
 
+def file_size_limit(limit: int):
+    """A ``preexec_fn`` that caps the size of any file the process (and its children) writes
+    at ``limit`` bytes: a write past it fails with EFBIG ("File too large"), as a full disk
+    fails one; SIGXFSZ is ignored so that the write fails instead of killing the process."""
+
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
 def launch_machines(
-    config: Path, *overrides: str, machines: int = 2, timeout: int = 400
+    config: Path,
+    *overrides: str,
+    machines: int = 2,
+    timeout: int = 400,
+    expect_ok: bool = True,
+    preexec: dict | None = None,
 ) -> list[subprocess.CompletedProcess]:
     """``machines`` launches of one process each, as on separate machines
     (``--num_machines/--machine_rank``, rendezvous on 127.0.0.1): one group of ``machines``
-    processes, each its machine's only (local rank 0) process."""
+    processes, each its machine's only (local rank 0) process. ``preexec``: a
+    ``preexec_fn`` per rank (e.g. ``file_size_limit`` on one rank only)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     port = str(free_port())
     procs = []
@@ -191,7 +211,12 @@ def launch_machines(
         ]
         procs.append(
             subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                preexec_fn=(preexec or {}).get(rank),
             )
         )
     done = []
@@ -199,5 +224,6 @@ def launch_machines(
         out, err = p.communicate(timeout=timeout)
         done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     for i, d in enumerate(done):
-        assert d.returncode == 0, f"machine {i}:\n{d.stdout[-2000:]}\n{d.stderr[-6000:]}"
+        if expect_ok:
+            assert d.returncode == 0, f"machine {i}:\n{d.stdout[-2000:]}\n{d.stderr[-6000:]}"
     return done

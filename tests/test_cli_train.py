@@ -128,3 +128,76 @@ def test_train_help_lists_every_config_key_with_its_default(capsys):
         assert any(k == section or k.startswith(section + ".") for k, _, _ in rows), section
     assert "data.batch_size is the GLOBAL batch" in out and "--batch-size is per GPU" in out
     assert "optim.accum_mode" in out and "open_clip's --accum-freq" in out
+
+
+def test_a_missing_val_split_is_refused_at_start_up(shapes, tmp_path, capsys):
+    """data.val is checked before anything is built or written (it used to be found missing
+    after training, the checkpoint written)."""
+    run = tmp_path / "run"
+    rc = main(_args(shapes, run, f"data.val={tmp_path / 'nowhere' / 'val'}"))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"data.val='{tmp_path / 'nowhere' / 'val'}': no dataset at" in err, err
+    assert not run.exists()
+
+
+def test_help_names_every_command_and_the_defaults_that_depend_on_the_mode(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("data synthetic", "data digits", "data build", "data index", "data verify"):
+        assert f"clipfnd {command}" in out, command
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for key, value in (
+        ("model.name", "(by mode: clip -> clipfnd-tiny-vit, simclr -> tiny)"),
+        ("loss.name", "(by mode: clip -> clip, simclr -> simclr)"),
+        ("eval.tasks", "(by mode: clip -> [retrieval], simclr -> [knn])"),
+    ):
+        (row,) = [line for line in lines if line.startswith(f"  {key} ")]
+        assert row.split(None, 1)[1] == value, row
+
+
+def test_the_run_folder_has_a_log_timestamps_and_a_line_per_epoch(shapes, tmp_path):
+    """RUN/train.log holds the console's log lines (rank 0) and the summary; every metrics
+    line and the summary carry the wall-clock time and the seconds trained; each epoch has a
+    line; a progress bar never writes carriage returns into a redirected log."""
+    import datetime
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    args = _args(shapes, run, "train.max_steps=12", "train.log_every=4", "train.progress=true")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "console.log", "w") as console:  # redirected: not a terminal
+        proc = subprocess.run(
+            [sys.executable, "-m", "clipfnd", *args], stdout=console, stderr=console, env=env
+        )
+    text = (tmp_path / "console.log").read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    log = (run / "train.log").read_text()
+    assert "\r" not in log and log.startswith("=== ") and f"clipfnd train in {run}" in log
+    for needle in (
+        "epoch 0 [256/512 samples, 50%] step 4/12: loss ",
+        "epoch 0 done: 512 samples in ",
+        "epoch 1: the run reached its last step (12; train.max_steps=12) after 4 of",
+        "epoch 1 done: 256 samples in ",
+        "=== clipfnd run summary ===",
+        "image->text R@1/5 : ",
+    ):
+        assert needle in log, needle
+        assert needle in text, needle  # what the console showed
+    assert "WARNING" not in log  # a run cut by train.max_steps is no false alarm
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_seconds"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    for r in records:
+        datetime.datetime.fromisoformat(r["time"])
+    epochs = [r for r in records if "data/used" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert all(r["epoch_seconds"] > 0 and r["epoch_samples_per_sec"] > 0 for r in epochs)
+    summary = json.loads((run / "summary.json").read_text())
+    datetime.datetime.fromisoformat(summary["time"])
+    assert summary["elapsed_seconds"] >= elapsed[-2]

@@ -103,6 +103,7 @@ def test_grad_checkpointing_refused_where_the_model_has_none(digits, tmp_path):
         [
             f"output_dir={tmp_path / 'r'}",
             f"data.train={digits / 'train'}",
+            f"data.val={digits / 'val'}",
             "train.grad_checkpointing=true",
         ],
     )

@@ -100,4 +100,4 @@ def test_a_bit_flip_is_caught_on_resume_eval_and_export(shapes, tmp_path, caplog
     assert not (tmp_path / "export").exists()
     with caplog.at_level("WARNING"):
         summary = train(_cfg(shapes, run, "resume=latest", "train.max_steps=3"))
-    assert f"falling back to {first}" in caplog.text and summary["steps"] == 3
+    assert f"every process falls back to {first}" in caplog.text and summary["steps"] == 3

@@ -3,7 +3,9 @@
 clipfnd data synthetic --out DIR --num-samples N [--num-val M] [--seed S] [--shard-size K]
 clipfnd data digits --out DIR
 clipfnd data build --from csv|imagefolder|hf --input PATH --out DIR
-clipfnd train CONFIG.yaml [key=value ...]
+clipfnd data index SOURCE... --out MANIFEST.json     (shards made elsewhere, e.g. img2dataset)
+clipfnd data verify DIR_OR_MANIFEST
+clipfnd train CONFIG.yaml [key=value ...]            (clipfnd train --help: every config key)
 accelerate launch [flags] -m clipfnd train CONFIG.yaml [key=value ...]
 clipfnd eval --checkpoint RUN_OR_CHECKPOINT --task retrieval --data PATH
 clipfnd export --checkpoint RUN_OR_CHECKPOINT --format open_clip|hf|timm --out DIR
@@ -16,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -205,20 +208,60 @@ def cmd_data_build(a: argparse.Namespace) -> int:
 
 # --- train ---------------------------------------------------------------------------------
 def cmd_train(a: argparse.Namespace) -> int:
+    from .. import distributed
     from ..config import load_config
     from ..train.loop import train
 
     cfg = load_config(a.config, a.overrides)
-    summary = train(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, _stopped_by_signal)
+    try:
+        summary = train(cfg)
+    except Exception as e:
+        if distributed.is_distributed() and _peer_gone(e):
+            # another process stopped (its own message says why): say so in one line
+            raise PeerStopped(
+                f"rank {distributed.rank()}: another process of the group stopped (its own "
+                "message says why); stopping too"
+            ) from e
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
-        print_summary(summary)
-    from .. import distributed
-
+        text = print_summary(summary)
+        with open(Path(summary["run_dir"]) / "train.log", "a", encoding="utf-8") as f:
+            f.write(text + "\n")  # the log holds what the console showed
     distributed.shutdown()
     return 0
 
 
-def print_summary(summary: dict) -> None:
+class PeerStopped(RuntimeError):
+    """Another process of the group stopped; this one stops too, in one line."""
+
+
+class Stopped(BaseException):
+    """SIGTERM (the launcher stops the others when one process fails; schedulers preempt).
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no handler of errors takes it for
+    a failure of what it interrupted."""
+
+
+def _stopped_by_signal(signum, frame) -> None:
+    raise Stopped(
+        f"rank {os.environ.get('RANK', '0')}: stopped by SIGTERM (the launcher stops every "
+        "process when one fails, whose own message says why; or a scheduler ended the job); "
+        "resume=latest continues from the newest checkpoint"
+    )
+
+
+def _peer_gone(e: BaseException) -> bool:
+    """Whether ``e`` is a collective failing because another process left the group (gloo:
+    "Connection closed by peer", "Connection reset by peer"; NCCL: a remote process exited)."""
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    gone = ("closed by peer", "reset by peer", "broken pipe", "remote process exited")
+    return isinstance(e, (dist.DistBackendError, RuntimeError)) and any(g in text for g in gone)
+
+
+def print_summary(summary: dict) -> str:
     ev = summary.get("eval") or {}
     lines = [
         "",
@@ -241,7 +284,9 @@ def print_summary(summary: dict) -> None:
             f"repeated samples  : {summary['duplicate_samples']} (drawn twice into one batch)"
         )
     lines += eval_lines(ev)
-    print("\n".join(lines), flush=True)
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
 
 
 def eval_lines(ev: dict) -> list[str]:
@@ -416,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"clipfnd: error: {e}", file=sys.stderr)
         return 3
+    except PeerStopped as e:
+        print(f"clipfnd: error: {e}", file=sys.stderr)
+        return 1
+    except Stopped as e:
+        print(f"clipfnd: error: {e}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
     except (UserError, DataError, FileNotFoundError) as e:
         # one readable line for what the user can fix; anything else is a bug and keeps its
         # traceback

@@ -25,6 +25,7 @@ import logging
 import os
 import pickle
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,66 +124,137 @@ def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
     return out
 
 
-def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
-    """Load the checkpoint ``cfg.resume`` names; return (step, epoch, this rank's loader state).
+@dataclass
+class Resumed:
+    """Where a resumed run stands: the step and epoch to continue from, this rank's loader
+    state (None: the epoch starts fresh), and the run's counters as the checkpoint kept
+    them (``COUNTERS``; zero for a fresh run or an older checkpoint)."""
 
-    With ``resume=latest`` the newest complete checkpoint is used; one that fails to load
-    (corrupt files) is skipped with a warning in favour of the one before it.
-    """
-    if cfg.resume is None:
-        return 0, 0, None
-    if cfg.resume == "latest":
-        candidates = []
-        for p in reversed(list_checkpoints(s.run_dir)):
+    step: int = 0
+    epoch: int = 0
+    loader: LoaderState | None = None
+    counters: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+
+
+# What a run counts from its start and a resume continues (trainer_state.json "counters"):
+# bad samples of finished epochs (all ranks), samples repeated in a batch, non-finite steps
+# skipped, and the seconds spent training.
+COUNTERS = ("skipped_samples", "duplicate_samples", "nonfinite_steps_skipped", "elapsed_seconds")
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, pickle.UnpicklingError):
+        return (
+            "a file holds objects beyond plain tensors, which clipfnd will not unpickle (it "
+            "could run code)"
+        )
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _on_every_rank(work, expected: tuple[type[Exception], ...] = (Exception,)):
+    """Run ``work()`` on every rank and agree on the outcome: ``(result, failures, config)``,
+    with every rank's failure message (rank-prefixed with several processes) and whether one
+    of them is a ``ConfigError`` (a resume that cannot go on with this config). An exception
+    that is not ``expected`` is a bug: its traceback is logged on the rank where it happened."""
+    result, error, config = None, None, False
+    try:
+        result = work()
+    except Exception as e:
+        if isinstance(e, expected):
+            error = _one_line(e)
+        else:
+            log.exception("unexpected error")
+            error = f"{type(e).__name__}: {_one_line(e)}"
+        config = isinstance(e, ConfigError)
+    failures = distributed.failures(error)
+    config = not distributed.all_true(not config)
+    return result, failures, config
+
+
+def _candidates(cfg: Config, run_dir: Path) -> list[Path]:
+    """The checkpoints ``resume=`` may load, best first; rank 0's view, on every rank."""
+    if cfg.resume != "latest":
+        return [Path(cfg.resume)]
+    found = None
+    if distributed.rank() == 0:
+        found = []
+        for p in reversed(list_checkpoints(run_dir)):
             if is_valid(p):
-                candidates.append(p)
+                found.append(str(p))
             else:
                 log.warning("resume=latest: %s is incomplete or corrupt; skipping it", p)
-        if not candidates:
-            log.info("resume=latest: no checkpoint in %s, starting from scratch", s.run_dir)
-            return 0, 0, None
-    else:
-        candidates = [Path(cfg.resume)]
-        if not is_valid(candidates[0]):
-            raise CheckpointError(
-                f"resume={cfg.resume!r}: {candidates[0]} is not a complete checkpoint"
-            )
+    return [Path(p) for p in distributed.broadcast_object(found)]
+
+
+def _check(path: Path, cfg: Config, s: Setup) -> tuple[dict[str, Any], LoaderState]:
+    """Everything about checkpoint ``path`` that this rank can check without changing any
+    state: it is complete, of this run's config, its files match their checksums (this rank's
+    share of them), this rank's RNG states load as plain tensors and its loader state reads."""
+    rank, world = s.accelerator.process_index, s.accelerator.num_processes
+    if not is_valid(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint")
+    state = read_trainer_state(path)
+    diffs = config_differences(state.get("config", {}), cfg)
+    if diffs:
+        raise ConfigError(
+            f"resume: {path} belongs to a run with another config ({'; '.join(diffs)}); "
+            "resume with the same settings, or start over with overwrite=true"
+        )
+    verify_checksums(path, state, share=(rank, world))
+    check_no_pickled_state(path, rank)
+    loader_file = path / f"loader_rank{rank}.json"
+    try:
+        loader = LoaderState.from_dict(json.loads(loader_file.read_text()))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError among them
+        raise CheckpointError(f"{loader_file} is not a loader state: {_one_line(e)}") from e
+    return state, loader
+
+
+def _load(path: Path, s: Setup) -> None:
+    """Load checkpoint ``path`` into the run (weights, optimiser, RNG, tables, schedule)."""
+    s.accelerator.load_state(str(path))
+    load_tables(s.tables, path)
+    s.scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+
+
+def resume(cfg: Config, s: Setup) -> Resumed:
+    """Load the checkpoint ``cfg.resume`` names (``latest``: the newest complete one).
+
+    Every rank checks the checkpoint (its share of the checksums, its own RNG and loader
+    files), then every rank loads it, and after each part all ranks agree: one checkpoint
+    for all, or none. A checkpoint that fails on any rank is skipped by every rank in favour
+    of the one before it (``latest``, with a warning naming the rank and the file), or
+    refused on every rank (a named checkpoint, or the last candidate).
+    """
+    if cfg.resume is None:
+        return Resumed()
+    candidates = _candidates(cfg, s.run_dir)
+    if not candidates:
+        log.info("resume=latest: no checkpoint in %s, starting from scratch", s.run_dir)
+        return Resumed()
     for i, path in enumerate(candidates):
-        state = read_trainer_state(path)
-        diffs = config_differences(state.get("config", {}), cfg)
-        if diffs:
-            raise ConfigError(
-                f"resume: {path} belongs to a run with another config ({'; '.join(diffs)}); "
-                "resume with the same settings, or start over with overwrite=true"
-            )
-        try:
-            verify_checksums(path, state)
-            check_no_pickled_state(path, s.accelerator.process_index)
-            s.accelerator.load_state(str(path))
-            load_tables(s.tables, path)
-            s.scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
-            loader = json.loads(
-                (path / f"loader_rank{s.accelerator.process_index}.json").read_text()
-            )
-        except Exception as e:
-            if i + 1 == len(candidates):
-                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                if isinstance(e, pickle.UnpicklingError):
-                    why = (
-                        "a file holds objects beyond plain tensors, which clipfnd will not "
-                        "unpickle (it could run code)"
-                    )
-                raise CheckpointError(f"cannot load checkpoint {path}: {why}") from e
+        checked, failures, config = _on_every_rank(lambda p=path: _check(p, cfg, s))
+        if not failures:
+            _, failures, config = _on_every_rank(lambda p=path: _load(p, s))
+        if not failures:
+            break
+        why = "; ".join(failures)
+        if config:  # the same on every process: say it once, without the rank
+            first = failures[0]
+            raise ConfigError(first.split(": ", 1)[1] if distributed.is_distributed() else first)
+        if i + 1 == len(candidates):
+            if cfg.resume != "latest" and why.endswith("is not a complete checkpoint"):
+                raise CheckpointError(f"resume={cfg.resume!r}: {why}")
+            raise CheckpointError(f"cannot load checkpoint {path}: {why}")
+        if distributed.rank() == 0:  # every rank knows it (the failures are gathered)
             log.warning(
-                "checkpoint %s cannot be loaded (%s: %s); falling back to %s",
+                "checkpoint %s cannot be loaded (%s); every process falls back to %s",
                 path,
-                type(e).__name__,
-                e,
+                why,
                 candidates[i + 1],
             )
-            continue
-        break
-    loader_state = LoaderState.from_dict(loader)
+    state, loader_state = checked
     if state["world_size"] != s.accelerator.num_processes:
         k = cfg.optim.accum_steps
         if loader_state.batches < optimizer_steps_in_epoch(s.stream, loader_state.epoch, k) * k:
@@ -193,12 +265,76 @@ def resume(cfg: Config, s: Setup) -> tuple[int, int, LoaderState | None]:
             )
         loader_state = None
     log.info("resumed from %s (step %d, epoch %d)", path, state["step"], state["epoch"])
+    apply_changed_settings(s)
     epoch = state["epoch"] if loader_state is not None else state["epoch"] + 1
-    return int(state["step"]), int(epoch), loader_state
+    saved = state.get("counters") if isinstance(state.get("counters"), dict) else {}
+    counters = {
+        k: saved[k]
+        for k in COUNTERS
+        if isinstance(saved.get(k), (int, float)) and not isinstance(saved.get(k), bool)
+    }
+    return Resumed(int(state["step"]), int(epoch), loader_state, counters, path)
+
+
+def apply_changed_settings(s: Setup) -> None:
+    """Settings of the optimiser that a checkpoint carries, changed on resume: the new values
+    are used, and each change is said in one line. The optimiser state (loaded) holds every
+    parameter group's hyperparameters and the scheduler its base learning rates; without
+    this they would silently override ``optim.lr``, ``optim.weight_decay``, ``optim.betas``,
+    ``optim.eps``, ``optim.momentum`` and ``loss.tau_lr`` while ``config.yaml`` recorded the
+    new values. Every rank runs it (the change is the same everywhere)."""
+    groups = s.optimizer.param_groups
+    fresh = s.fresh_hyperparameters  # each group's, as this run's config built them
+    for key in ("weight_decay", "betas", "eps", "momentum"):
+        changed = [
+            (i, g[key], want[key])
+            for i, (g, want) in enumerate(zip(groups, fresh))
+            if key in g and key in want and _differs(g[key], want[key])
+        ]
+        for i, _, want in changed:
+            groups[i][key] = want
+        if changed:
+            log.info(
+                "resume: optimizer %s changes from %s (checkpoint) to %s (this run's config)",
+                key,
+                " / ".join(str(old) for _, old, _ in changed),
+                " / ".join(str(new) for _, _, new in changed),
+            )
+    base = [w["initial_lr"] for w in fresh]
+    if any(_differs(a, b) for a, b in zip(s.scheduler.base_lrs, base)):
+        old = list(s.scheduler.base_lrs)
+        s.scheduler.base_lrs = base
+        step = s.scheduler.last_epoch
+        for g, lr, rule in zip(groups, base, s.scheduler.lr_lambdas):
+            g["initial_lr"] = lr
+            g["lr"] = lr * rule(step)
+        log.info(
+            "resume: the base learning rate changes from %s (checkpoint) to %s (optim.lr, and "
+            "loss.tau_lr for a learned temperature); the schedule continues from step %d with it",
+            _fmt(old),
+            _fmt(base),
+            step,
+        )
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b)) > 1e-12 * max(abs(float(a)), abs(float(b)), 1e-300)
+    return a != b
+
+
+def _fmt(values: list[float]) -> str:
+    return "/".join(f"{v:g}" for v in values)
 
 
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (disk full, read-only folder)."""
+
+
+# what a write that fails for want of space or permission raises (torch.save: RuntimeError)
+WRITE_ERRORS = (OSError, RuntimeError, safetensors.SafetensorError)
 
 
 TABLES_FILE = "tables.safetensors"
@@ -359,9 +495,23 @@ def all_finite(s: Setup) -> bool:
     return distributed.all_true(finite, s.accelerator.device)
 
 
-def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState) -> Path | None:
-    """Write and publish a checkpoint of step ``step``; None (with a warning) when the weights
-    or the optimiser state hold non-finite values: such a checkpoint is never published."""
+def save(
+    cfg: Config,
+    s: Setup,
+    step: int,
+    epoch: int,
+    loader_state: LoaderState,
+    counters: dict[str, float] | None = None,
+) -> Path | None:
+    """Write and publish a checkpoint of step ``step`` (every process calls it); None (with a
+    warning) when the weights or the optimiser state hold non-finite values: such a
+    checkpoint is never published. ``counters``: the run's ``COUNTERS``, kept in
+    ``trainer_state.json`` for a resume to continue them.
+
+    A write that fails on any process (a full disk, a folder where a file goes) stops every
+    process with the same one-line ``CheckpointWriteError`` naming the rank and the cause; the
+    half-written ``step_N.tmp`` is removed and the newest complete checkpoint stays the newest.
+    """
     acc = s.accelerator
     if not all_finite(s):
         log.warning(
@@ -371,10 +521,14 @@ def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState
         )
         return None
     tmp = tmp_path(s.run_dir, step)
-    if acc.is_main_process and tmp.exists():  # a save of this step that crashed: start clean
-        shutil.rmtree(tmp)
-    acc.wait_for_everyone()
-    try:
+
+    def write() -> None:
+        if acc.is_main_process:
+            if tmp.exists():  # a save of this step that crashed
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+
+    def write_parts() -> None:
         acc.save_state(str(tmp), safe_serialization=True)
         if isinstance(s.tables, ShardedTables):  # every rank its own rows
             save_tables(s.tables, tmp / shard_file(s.tables.rank, s.tables.world))
@@ -383,27 +537,31 @@ def save(cfg: Config, s: Setup, step: int, epoch: int, loader_state: LoaderState
         if acc.is_main_process:
             write_json(tmp / SCHEDULER_FILE, s.scheduler.state_dict())
         write_json(tmp / f"loader_rank{acc.process_index}.json", loader_state.to_dict())
-    except (OSError, RuntimeError) as e:  # a full disk, a folder gone read-only
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointWriteError(
-            f"cannot write the checkpoint of step {step} to {tmp} ({why}); is the disk full "
-            "or the folder read-only? The newest complete checkpoint is "
-            f"{find_latest(s.run_dir)}; free space, then resume with resume=latest"
-        ) from e
-    acc.wait_for_everyone()
-    final = final_path(s.run_dir, step)
-    if acc.is_main_process:
-        publish(
-            s.run_dir,
-            step,
-            {
-                "step": step,
-                "epoch": epoch,
-                "world_size": acc.num_processes,
-                "model_name": cfg.model.name,
-                "config": to_dict(cfg),
-            },
-            cfg.train.keep_checkpoints,
-        )
-    acc.wait_for_everyone()
-    return final
+
+    def publish_it() -> None:
+        if acc.is_main_process:
+            publish(
+                s.run_dir,
+                step,
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "world_size": acc.num_processes,
+                    "model_name": cfg.model.name,
+                    "config": to_dict(cfg),
+                    "counters": dict(counters or {}),
+                },
+                cfg.train.keep_checkpoints,
+            )
+
+    for part in (write, write_parts, publish_it):  # each agreed on by every rank
+        _, failures, _ = _on_every_rank(part, WRITE_ERRORS)
+        if failures:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # give back the space it took
+            raise CheckpointWriteError(
+                f"cannot write the checkpoint of step {step} to {tmp} ({'; '.join(failures)}); "
+                "is the disk full or the folder read-only? The newest complete checkpoint is "
+                f"{find_latest(s.run_dir)}; free space, then resume with resume=latest"
+            )
+    return final_path(s.run_dir, step)

@@ -14,10 +14,13 @@ checkpoints, ``save`` and ``resume`` in ``checkpoint.py``; the metrics line and 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +30,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from clipfnd_eval.features import encode_dataset
 from clipfnd_eval.layouts import open_dataset
 from clipfnd_eval.processes import Processes
 from clipfnd_eval.run import EvalModel, EvalOptions, run_eval
-from data_pipelines import load_shard_set
+from data_pipelines import DataError, load_shard_set
 from data_pipelines.loader import EpochIterator, LoaderState, ShardStream
 
 from .. import distributed
@@ -41,12 +45,13 @@ from ..config import Config, ConfigError, eval_tasks, report_to, to_dict, to_yam
 from ..errors import UserError
 from ..methods import Method
 from ..models import check_model_name, create_clip, lock_towers, set_grad_checkpointing
+from ..models.factory import SCHEMAS
 from ..models.vision import Projections, vision_from_config
 from ..plots import PlotWriter
 from ..state import ShardedTables, StateTables
 from . import checkpoint as ckpt
 from .lock import RunLock, RunLocked
-from .metrics import LogWindow, MetricsWriter, log_record
+from .metrics import LogWindow, MetricsWriter, log_record, now
 from .objective import OBJECTIVES, Objective
 from .schedule import build_scheduler, optimizer_steps_in_epoch
 from .step import FaultCounter, NonFiniteError, StepResult, optimizer_step
@@ -115,6 +120,9 @@ class Setup:
     total_steps: int
     tau_group: int | None = None  # the temperature's own parameter group, if the method has one
     lock: RunLock | None = None  # the run folder's lock (main process)
+    # every parameter group's hyperparameters as this run's config built them (a resume
+    # applies those that changed: ``checkpoint.apply_changed_settings``)
+    fresh_hyperparameters: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None:
@@ -132,22 +140,38 @@ def _check_run_dir(cfg: Config, run_dir: Path, accelerator: Accelerator) -> None
     accelerator.wait_for_everyone()
 
 
-def main_process_first(accelerator: Accelerator, build):
+def main_process_first(accelerator: Accelerator, build, what: str, user_input: bool = True):
     """``build()`` on process 0 first (a pretrained download lands in the cache once), then on
-    the others; a failure on process 0 is raised on every process, so none waits alone.
-    Accelerate's ``main_process_first`` would leave the others waiting at its barrier for a
-    process 0 that raised."""
-    err = None
-    out = None
+    the others. A failure on any process is raised on every process as one ``UserError``
+    naming the process and the cause, so that none waits alone in a collective (Accelerate's
+    ``main_process_first`` would leave the others waiting at its barrier for a process 0 that
+    raised). ``what`` names the thing built; ``user_input``: whatever fails in it comes from
+    the user's files (a model config of theirs), else the traceback of an error that is not a
+    ``UserError`` is logged too (a bug)."""
+    out, error = None, None
     if accelerator.is_main_process:
-        try:
-            out = build()
-        except UserError as e:
-            err = str(e)
-    err = distributed.broadcast_object(err)
-    if err is not None:
-        raise UserError(err)
-    return out if accelerator.is_main_process else build()
+        out, error = _attempt(build, what, user_input)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise UserError(f"rank 0: {error}" if accelerator.num_processes > 1 else error)
+    if not accelerator.is_main_process:
+        out, error = _attempt(build, what, user_input)
+    failures = distributed.failures(error)
+    if failures:
+        raise UserError("; ".join(failures))
+    return out
+
+
+def _attempt(build, what: str, user_input: bool) -> tuple[Any, str | None]:
+    try:
+        return build(), None
+    except UserError as e:
+        return None, str(e)
+    except Exception as e:
+        if not user_input:
+            log.exception("building %s failed", what)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return None, f"cannot build {what}: {type(e).__name__}: {first}"
 
 
 def trackers(cfg: Config) -> list:
@@ -171,6 +195,17 @@ def trackers(cfg: Config) -> list:
                 )
             )
     return out
+
+
+def check_eval_data(cfg: Config) -> None:
+    """``data.val`` opens as an evaluation dataset (the layout is recognised, a manifest's
+    shards exist): checked at start-up rather than found missing after training."""
+    if not cfg.data.val:
+        return
+    try:
+        open_dataset(cfg.data.val)
+    except (FileNotFoundError, DataError, UserError) as e:
+        raise ConfigError(f"data.val={cfg.data.val!r}: {e}") from e
 
 
 def setup(cfg: Config) -> Setup:
@@ -209,6 +244,7 @@ def setup(cfg: Config) -> Setup:
     set_seed(cfg.seed)
 
     shard_set = load_shard_set(cfg.data.train)
+    check_eval_data(cfg)
     if cfg.mode == "clip":
         bundle = main_process_first(
             accelerator,
@@ -217,6 +253,8 @@ def setup(cfg: Config) -> Setup:
                 pretrained=cfg.model.pretrained,
                 init_logit_scale=cfg.model.init_logit_scale,
             ),
+            f"model {cfg.model.name}",
+            user_input=cfg.model.name.startswith(SCHEMAS) or cfg.model.pretrained is not None,
         )
     else:
         bundle = vision_from_config(to_dict(cfg))
@@ -284,6 +322,9 @@ def setup(cfg: Config) -> Setup:
         tau_group=tau_group,
         tau_schedule=method.temperature_schedule,
     )
+    fresh = [
+        {k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+    ]
 
     # Everything the user could have got wrong has been checked: now the run folder.
     run_dir = Path(cfg.output_dir)
@@ -336,6 +377,7 @@ def setup(cfg: Config) -> Setup:
         total_steps,
         tau_group,
         lock,
+        fresh,
     )
 
 
@@ -359,7 +401,7 @@ def evaluate(cfg: Config, s: Setup, step: int, epoch: int) -> dict[str, float]:
             train_data=cfg.data.train if task in ("knn", "linear-probe") else None,
             batch_size=cfg.eval.batch_size,
             num_workers=cfg.eval.num_workers,
-            progress=cfg.train.progress,
+            progress=show_progress(cfg, s),
         )
         out = run_eval(live, opts, processes)
         prefix = "" if task == "retrieval" else f"{task}/"
@@ -383,7 +425,7 @@ def embed_training_set(cfg: Config, s: Setup) -> tuple[torch.Tensor, torch.Tenso
         processes=Processes(acc.process_index, acc.num_processes, acc.device),
         batch_size=cfg.eval.batch_size,
         num_workers=cfg.eval.num_workers,
-        progress=cfg.train.progress,
+        progress=show_progress(cfg, s),
         desc=f"IFND: embedding {ds.num_items} training images",
     )
     model.train()
@@ -392,58 +434,147 @@ def embed_training_set(cfg: Config, s: Setup) -> tuple[torch.Tensor, torch.Tenso
 
 @dataclass
 class Progress:
-    """Counters of a run, carried from step to step."""
+    """Counters of a run, carried from step to step (and, through the checkpoint's
+    ``counters``, from an interrupted attempt to its resume)."""
 
     step: int
     start_step: int
     faults: FaultCounter = field(default_factory=FaultCounter)
     window: LogWindow = field(default_factory=LogWindow)
-    bad_samples: int = 0  # this process's, in finished epochs
+    bad_samples: int = 0  # this process's, in finished epochs (rank 0: plus those resumed)
     duplicates: int = 0
     last_record: dict[str, Any] = field(default_factory=dict)
     last_eval: tuple[int, dict[str, float]] = (-1, {})  # (step, results) of the latest eval
     started: float = field(default_factory=time.perf_counter)
+    elapsed_before: float = 0.0  # seconds the run trained before this attempt (resumed)
+
+    @classmethod
+    def resumed(cls, r: ckpt.Resumed, main: bool) -> Progress:
+        c = r.counters
+        run = cls(step=r.step, start_step=r.step)
+        run.bad_samples = int(c.get("skipped_samples", 0)) if main else 0
+        run.duplicates = int(c.get("duplicate_samples", 0))
+        run.faults.total = int(c.get("nonfinite_steps_skipped", 0))
+        run.elapsed_before = float(c.get("elapsed_seconds", 0.0))
+        return run
+
+    def elapsed(self) -> float:
+        """Seconds spent training, over every attempt of the run."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+
+def show_progress(cfg: Config, s: Setup) -> bool:
+    """Progress bars on rank 0, and only on a terminal: redirected to a file, a bar's
+    carriage-return updates would fill the log (the log lines say the same there)."""
+    return bool(cfg.train.progress and s.accelerator.is_main_process and sys.stderr.isatty())
 
 
 def train(cfg: Config) -> dict[str, Any]:
+    """Run the recipe of ``cfg``: build, resume, train, finish. From the moment the run folder
+    is claimed, rank 0 also writes every log line to ``RUN/train.log`` (and, when the run
+    stops on an error, the error)."""
     s = setup(cfg)
-    step, start_epoch, loader_state = ckpt.resume(cfg, s)
-    run = Progress(step=step, start_step=step)
-    metrics = MetricsWriter(s.run_dir, s.accelerator, fresh=step == 0, keep_until=step)
+    run_log = RunLog(s.run_dir, enabled=s.accelerator.is_main_process)
+    try:
+        return _train(cfg, s)
+    except BaseException as e:
+        run_log.line(f"clipfnd: error: {e}" if str(e) else f"clipfnd: {type(e).__name__}")
+        raise
+    finally:
+        run_log.close()
+
+
+def _train(cfg: Config, s: Setup) -> dict[str, Any]:
+    resumed = ckpt.resume(cfg, s)
+    run = Progress.resumed(resumed, s.accelerator.is_main_process)
+    metrics = MetricsWriter(
+        s.run_dir, s.accelerator, fresh=run.step == 0, keep_until=run.step, clock=run.elapsed
+    )
     plots = PlotWriter(s.run_dir, enabled=cfg.train.plots and s.accelerator.is_main_process)
     bar = tqdm(
         total=s.total_steps,
-        initial=step,
+        initial=run.step,
         desc="train",
         unit="step",
-        disable=not (cfg.train.progress and s.accelerator.is_main_process),
+        disable=not show_progress(cfg, s),
     )
+    start_epoch = resumed.epoch
     epoch, it = start_epoch, None
     last_epoch = cfg.train.epochs if run.step < s.total_steps else start_epoch
-    for epoch in range(start_epoch, last_epoch):
-        state = loader_state if epoch == start_epoch else None
-        started = start_epoch_hooks(cfg, s, epoch, fresh=state is None or state.batches == 0)
-        if started:
-            metrics.write({"step": run.step, "epoch": epoch, **started})
-        it = s.stream.epoch(epoch, state)
-        train_epoch(cfg, s, run, it, epoch, metrics, bar)
-        report_bad_samples(s, run, it, epoch)
-        metrics.write(epoch_data_record(cfg, s, run, it, epoch))
-        every = cfg.eval.every_epochs
-        if every and (epoch + 1) % every == 0 and cfg.data.val and run.last_eval[0] != run.step:
-            run.last_eval = (run.step, evaluate(cfg, s, run.step, epoch))
-            metrics.write(
-                {
-                    "step": run.step,
-                    "epoch": epoch,
-                    **{f"val/{k}": v for k, v in run.last_eval[1].items()},
-                }
-            )
-        plots.request()  # drawn in the background on rank 0
-        if run.step >= s.total_steps:
-            break
+    with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
+        for epoch in range(start_epoch, last_epoch):
+            state = resumed.loader if epoch == start_epoch else None
+            started = start_epoch_hooks(cfg, s, epoch, fresh=state is None or state.batches == 0)
+            if started:
+                metrics.write({"step": run.step, "epoch": epoch, **started})
+            it = s.stream.epoch(epoch, state)
+            epoch_start, batches_before = time.perf_counter(), it.batches
+            train_epoch(cfg, s, run, it, epoch, metrics, bar)
+            report_bad_samples(s, run, it, epoch)
+            record = epoch_data_record(cfg, s, run, it, epoch)
+            seconds = time.perf_counter() - epoch_start
+            samples = (it.batches - batches_before) * cfg.data.batch_size
+            record["epoch_seconds"] = seconds
+            record["epoch_samples_per_sec"] = samples / max(seconds, 1e-9)
+            metrics.write(record)
+            if s.accelerator.is_main_process:
+                log.info(
+                    "epoch %d done: %d samples in %.1f s (%.1f samples/s), %d skipped as bad; "
+                    "step %d of %d",
+                    epoch,
+                    samples,
+                    seconds,
+                    record["epoch_samples_per_sec"],
+                    record["data/skipped"],
+                    run.step,
+                    s.total_steps,
+                )
+            every = cfg.eval.every_epochs
+            if every and (epoch + 1) % every == 0 and cfg.data.val and run.last_eval[0] != run.step:
+                run.last_eval = (run.step, evaluate(cfg, s, run.step, epoch))
+                metrics.write(
+                    {
+                        "step": run.step,
+                        "epoch": epoch,
+                        **{f"val/{k}": v for k, v in run.last_eval[1].items()},
+                    }
+                )
+            plots.request()  # drawn in the background on rank 0
+            if run.step >= s.total_steps:
+                break
     bar.close()
     return finish(cfg, s, run, epoch, it, metrics, plots)
+
+
+class RunLog:
+    """``RUN/train.log``: the run's log lines as the console shows them (rank 0; progress bars
+    never go there), appended to across resumes, with a line that marks each start."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.handler: logging.Handler | None = None
+        if not enabled:
+            return
+        self.handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        console = next((h for h in logging.getLogger().handlers if h.formatter is not None), None)
+        self.handler.setFormatter(
+            console.formatter
+            if console is not None
+            else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        logging.getLogger().addHandler(self.handler)
+        self.line(f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')}: clipfnd train in {run_dir} ===")
+
+    def line(self, text: str) -> None:
+        """Write ``text`` to the file only (what the console shows by other means)."""
+        if self.handler is not None:
+            self.handler.stream.write(text.rstrip("\n") + "\n")
+            self.handler.flush()
+
+    def close(self) -> None:
+        if self.handler is not None:
+            logging.getLogger().removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
 
 
 def start_epoch_hooks(cfg: Config, s: Setup, epoch: int, fresh: bool) -> dict[str, float]:
@@ -470,7 +601,7 @@ def train_epoch(
     usable = optimizer_steps_in_epoch(s.stream, epoch, k) * k  # micro-batches this epoch uses
     batches = iter(it)
     s.model.train()
-    while it.state().batches + k <= usable and run.step < s.total_steps:
+    while it.batches + k <= usable and run.step < s.total_steps:
         logged = (run.step + 1) % cfg.train.log_every == 0 or run.step + 1 == s.total_steps
         r = optimizer_step(cfg, s, batches, epoch, logged)
         if r.status == "no_data":
@@ -478,7 +609,9 @@ def train_epoch(
         if r.status == "skipped":
             run.faults.skip(run.step, epoch)
             if run.faults.in_a_row >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteError(run.faults.give_up(cfg, s, run.step, epoch, it))
+                # the weights are still those of the last good step: keep them if none is kept
+                latest = find_latest(s.run_dir) or save_checkpoint(cfg, s, run, epoch, it)
+                raise NonFiniteError(run.faults.message(cfg, run.step, latest))
             continue
         run.faults.ok()
         s.objective.method.clamp_temperature(s.accelerator.unwrap_model(s.model).logit_scale)
@@ -487,6 +620,21 @@ def train_epoch(
         run.duplicates += sum(o.duplicates for o in r.outputs)
         bar.update(1)
         after_step(cfg, s, run, it, epoch, r, metrics, bar)
+
+
+def save_checkpoint(
+    cfg: Config, s: Setup, run: Progress, epoch: int, it: EpochIterator | None
+) -> Path | None:
+    """A checkpoint of the run as it stands, with its counters (every process calls it)."""
+    state = it.state() if it is not None else LoaderState(epoch=epoch)
+    finished_bad = distributed.all_reduce_sum(torch.tensor(run.bad_samples)).item()
+    counters = {
+        "skipped_samples": int(finished_bad),
+        "duplicate_samples": run.duplicates,
+        "nonfinite_steps_skipped": run.faults.total,
+        "elapsed_seconds": run.elapsed(),
+    }
+    return ckpt.save(cfg, s, run.step, epoch, state, counters)
 
 
 def after_step(
@@ -515,13 +663,29 @@ def after_step(
         )
         metrics.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if s.accelerator.is_main_process:
+            B = cfg.data.batch_size * cfg.optim.accum_steps
+            planned = optimizer_steps_in_epoch(s.stream, epoch, cfg.optim.accum_steps) * B
+            seen = it.batches * cfg.data.batch_size
+            log.info(
+                "epoch %d [%d/%d samples, %.0f%%] step %d/%d: loss %.4f, lr %.3g, %.1f samples/s",
+                epoch,
+                seen,
+                planned,
+                100.0 * seen / max(planned, 1),
+                step,
+                s.total_steps,
+                record["loss"],
+                record["lr"],
+                record["samples_per_sec"],
+            )
         run.last_record, run.window = record, LogWindow()
     if (
         cfg.train.checkpoint_every
         and step % cfg.train.checkpoint_every == 0
         and step < s.total_steps
     ):
-        ckpt.save(cfg, s, step, epoch, it.state())
+        save_checkpoint(cfg, s, run, epoch, it)
     if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and cfg.data.val:
         run.last_eval = (step, evaluate(cfg, s, step, epoch))
         metrics.write(
@@ -548,9 +712,11 @@ def epoch_data_record(
 ) -> dict[str, Any]:
     """What became of the epoch's samples, over all processes: used in batches, skipped as bad
     (a shard that cannot be read counts once per read error), and not used (unreadable parts
-    of shards, the last partial batch, and samples left out to keep processes equal). Logged
-    as a warning when more were lost than the epoch's plan leaves out."""
-    used = it.state().batches * s.stream.local_batch_size
+    of shards, the last partial batch, micro-batches that fill no optimiser step, and samples
+    left out to keep processes equal). Logged as a warning when more were lost than the
+    epoch's plan leaves out; an epoch that ``train.max_steps`` cut short says so in a line of
+    its own instead."""
+    used = it.batches * s.stream.local_batch_size
     totals = distributed.all_reduce_sum(
         torch.tensor([used, sum(it.bad.values())], dtype=torch.float64)
     ).tolist()
@@ -559,11 +725,26 @@ def epoch_data_record(
     if not cfg.data.resampled:
         not_used = s.stream.num_samples - used - skipped
         record["data/not_used"] = not_used
-        planned = s.stream.dropped_in_epoch(epoch)
-        if s.accelerator.is_main_process and (skipped or not_used > planned):
+        k = cfg.optim.accum_steps
+        usable = optimizer_steps_in_epoch(s.stream, epoch, k) * k
+        planned = s.stream.num_samples - usable * cfg.data.batch_size
+        cut = run.step >= s.total_steps and it.batches < usable
+        if s.accelerator.is_main_process and cut:
+            log.info(
+                "epoch %d: the run reached its last step (%d; train.max_steps=%s) after %d of "
+                "the epoch's %d batches; %d samples were not used",
+                epoch,
+                s.total_steps,
+                cfg.train.max_steps,
+                it.batches,
+                usable,
+                not_used,
+            )
+        if s.accelerator.is_main_process and (skipped or (not cut and not_used > planned)):
             log.warning(
                 "epoch %d: %d of %d samples used, %d skipped as bad, %d not used (the plan "
-                "leaves out %d: the last partial batch and uneven shards across processes)",
+                "leaves out %d: the last partial batch, micro-batches that fill no optimiser "
+                "step, and uneven shards across processes)",
                 epoch,
                 used,
                 s.stream.num_samples,
@@ -586,9 +767,8 @@ def finish(
     """The final checkpoint and evaluation, the final plots, and ``RUN/summary.json``."""
     acc = s.accelerator
     train_time = time.perf_counter() - run.started
-    final_state = it.state() if it is not None else LoaderState(epoch=epoch)
     final = (
-        ckpt.save(cfg, s, run.step, epoch, final_state)
+        save_checkpoint(cfg, s, run, epoch, it)
         if run.step > run.start_step
         else find_latest(s.run_dir)
     )
@@ -620,6 +800,8 @@ def finish(
         "nonfinite_steps_skipped": run.faults.total,
         "duplicate_samples": run.duplicates,
         "eval": results,
+        "time": now(),
+        "elapsed_seconds": run.elapsed(),
     }
     if acc.is_main_process:
         ckpt.write_json(s.run_dir / "summary.json", summary)

@@ -3,8 +3,10 @@ since the last log line, and the record written for a logged step."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +36,11 @@ class MetricsWriter:
         accelerator: Accelerator,
         fresh: bool = False,
         keep_until: int | None = None,
+        clock: Callable[[], float] | None = None,
     ):
         self.path = run_dir / "metrics.jsonl"
         self.accelerator = accelerator
+        self.clock = clock  # seconds the run has trained (over every attempt), for each line
         if not accelerator.is_main_process:
             return
         if fresh:
@@ -52,12 +56,23 @@ class MetricsWriter:
             tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` with the wall-clock ``time`` (ISO 8601, local time with its UTC
+        offset) and, given a clock, ``elapsed_seconds`` of training."""
         if not self.accelerator.is_main_process:
             return
+        record = {**record, "time": now()}
+        if self.clock is not None:
+            record["elapsed_seconds"] = round(self.clock(), 3)
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         self.accelerator.log(scalars, step=record.get("step"))
+
+
+def now() -> str:
+    """The wall-clock time as metrics lines and summaries give it: ISO 8601, to the second,
+    local time with its UTC offset."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def _step_of(line: str) -> int | None:

@@ -12,14 +12,13 @@ import contextlib
 import dataclasses
 import logging
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .. import distributed
-from ..checkpoints import find_latest
 from ..config import Config
-from . import checkpoint as ckpt
 from .objective import StepOutput
 from .schedule import apply_tau_rule
 
@@ -140,22 +139,22 @@ class FaultCounter:
     def ok(self) -> None:
         self.in_a_row = 0
 
-    def give_up(self, cfg: Config, s: Setup, step: int, epoch: int, it) -> str:
-        """Make sure a checkpoint from before the fault exists; return the message."""
-        latest = find_latest(s.run_dir)
-        if latest is None:  # the weights are still those of the last good step, if finite
-            latest = ckpt.save(cfg, s, step, epoch, it.state())
-        if latest is None:
-            return (
-                f"{self.in_a_row} optimiser steps in a row had a non-finite loss or gradient "
-                f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}) after step "
-                f"{step}; stopping. No checkpoint holds finite weights from before the fault "
-                "(none is written with non-finite weights): start over with overwrite=true and "
-                "a lower optim.lr, or check the data"
-            )
-        return (
+    def message(self, cfg: Config, step: int, latest: Path | None) -> str:
+        """Why the run stops, and what to do: go back to ``latest``, the newest checkpoint
+        from before the fault, or (None: no checkpoint holds finite weights) start over."""
+        head = (
             f"{self.in_a_row} optimiser steps in a row had a non-finite loss or gradient "
             f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}) after step {step}; "
-            f"stopping. The newest checkpoint from before the fault is {latest}: lower optim.lr "
-            "or check the data, then resume with resume=latest"
+            "stopping."
+        )
+        if latest is None:
+            return (
+                f"{head} No checkpoint holds finite weights from before the fault (none is "
+                "written with non-finite weights): start over with overwrite=true and a lower "
+                "optim.lr, or check the data"
+            )
+        return (
+            f"{head} The newest checkpoint from before the fault is {latest}: lower optim.lr or "
+            "check the data, then resume with resume=latest (a changed optim.lr is applied on "
+            "resume)"
         )
