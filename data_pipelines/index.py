@@ -36,6 +36,7 @@ from typing import Any
 import webdataset as wds
 
 from .labels import label_map
+from .progress import bar_disable
 from .shards import FORMAT_NAME, IMAGE_EXTENSIONS, USABLE_RULE, DataError, unusable_reason
 
 FORMAT_VERSION_IN_PLACE = 2
@@ -226,7 +227,9 @@ def index_shards(
     jobs = [(f, images_only, label_field) for f, _ in files]
     scans: list[ShardScan] = []
     if workers == 1:
-        with tqdm(total=len(jobs), desc="index", unit="shard", disable=not progress) as bar:
+        with tqdm(
+            total=len(jobs), desc="index", unit="shard", disable=bar_disable(progress)
+        ) as bar:
             for job in jobs:
                 scans.append(_scan(job))
                 bar.update()
@@ -236,7 +239,9 @@ def index_shards(
         ctx = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             results = pool.map(_scan, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
-            with tqdm(total=len(jobs), desc="index", unit="shard", disable=not progress) as bar:
+            with tqdm(
+                total=len(jobs), desc="index", unit="shard", disable=bar_disable(progress)
+            ) as bar:
                 for scan in results:
                     scans.append(scan)
                     bar.update()

@@ -28,6 +28,8 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from .progress import bar_disable
+
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 FORMAT_NAME = "clipfnd-shards"
@@ -512,7 +514,7 @@ def write_split(
     from tqdm.auto import tqdm
 
     writer = ShardWriter(out_dir, shard_size, images_only=images_only)
-    for s in tqdm(samples, total=total, desc=desc, unit="sample", disable=not progress):
+    for s in tqdm(samples, total=total, desc=desc, unit="sample", disable=bar_disable(progress)):
         if isinstance(s, SkippedInput):
             writer.skip(s.reason, s.source)
         else:

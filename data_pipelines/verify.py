@@ -15,6 +15,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .progress import bar_disable
 from .shards import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -53,7 +54,7 @@ def verify_split(path: str | Path, max_problems: int = 50, progress: bool = True
         if len(report.problems) < max_problems:
             report.problems.append(text)
 
-    for shard in tqdm(shard_set.shards, desc="verify", unit="shard", disable=not progress):
+    for shard in tqdm(shard_set.shards, desc="verify", unit="shard", disable=bar_disable(progress)):
         count = 0
         try:
             for s in iter_tar_samples(shard.path):
@@ -103,7 +104,7 @@ def _verify_in_place(shard_set: ShardSet, max_problems: int, progress: bool) -> 
         if len(report.problems) < max_problems:
             report.problems.append(text)
 
-    for shard in tqdm(shard_set.shards, desc="verify", unit="shard", disable=not progress):
+    for shard in tqdm(shard_set.shards, desc="verify", unit="shard", disable=bar_disable(progress)):
         raw = usable = 0
         try:
             for s in iter_tar_samples(shard.path):

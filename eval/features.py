@@ -24,6 +24,7 @@ from data_pipelines import DataError
 from data_pipelines.loader import worker_context
 from data_pipelines.loader.batcher import worker_message
 from data_pipelines.loader.worker import share_from_worker
+from data_pipelines.progress import bar_disable
 
 from .datasets import KEY_SHIFT, BadPart, EvalDataset
 from .processes import Processes
@@ -165,7 +166,9 @@ def encode_dataset(
     total = None
     if dataset.num_items is not None:
         total = (dataset.num_items + processes.world - 1) // processes.world
-    bar = tqdm(total=total, desc=desc, unit="image", disable=not (progress and processes.is_main))
+    bar = tqdm(
+        total=total, desc=desc, unit="image", disable=bar_disable(progress and processes.is_main)
+    )
     for batch in _unwrapped(loader):
         skipped += batch["skipped"]
         unreadable = sorted(unreadable + batch["unreadable"])[:NUM_EXAMPLES]

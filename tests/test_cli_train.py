@@ -174,6 +174,15 @@ def test_the_run_folder_has_a_log_timestamps_and_a_line_per_epoch(shapes, tmp_pa
         proc = subprocess.run(
             [sys.executable, "-m", "clipfnd", *args], stdout=console, stderr=console, env=env
         )
+    with open(tmp_path / "console.log", "a") as console:  # the data commands' bars too
+        subprocess.run(
+            [sys.executable, "-m", "clipfnd", "data", "synthetic", "--out", str(tmp_path / "d")]
+            + ["--num-samples", "64", "--num-val", "0", "--shard-size", "32"],
+            stdout=console,
+            stderr=console,
+            env=env,
+            check=True,
+        )
     text = (tmp_path / "console.log").read_text()
     assert proc.returncode == 0, text[-3000:]
     assert "\r" not in text

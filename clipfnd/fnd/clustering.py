@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from data_pipelines.progress import bar_disable
+
 __all__ = [
     "BACKENDS",
     "MATCHES",
@@ -213,7 +215,9 @@ def kmeans(
     centroids = _kmeanspp(x, k, generator)
     assign = _assign(x, centroids)
     converged = False
-    bar = tqdm(range(iters), desc=desc or f"k-means k={k}", disable=not progress, leave=False)
+    bar = tqdm(
+        range(iters), desc=desc or f"k-means k={k}", disable=bar_disable(progress), leave=False
+    )
     for _ in bar:
         centroids = _update(x, assign, k)
         new = _assign(x, centroids)
@@ -254,7 +258,7 @@ def cluster_hierarchy(
         raise ValueError("cluster_hierarchy needs at least one granularity in num_clusters")
     xn = F.normalize(x.detach().float(), dim=1)
     assigns, confidences = [], []
-    bar = tqdm(num_clusters, disable=not progress, leave=False)
+    bar = tqdm(num_clusters, disable=bar_disable(progress), leave=False)
     for g, k in enumerate(bar):
         bar.set_description(f"IFND k-means k={k}")
         centroids, assign = kmeans(xn, int(k), seed=seed + g, iters=iters, backend=backend)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from clipfnd_eval.datasets import EvalDataset, Item
 from clipfnd_eval.layouts import open_dataset
+from data_pipelines.progress import bar_disable
 
 from ..checkpoints import LoadedCheckpoint, checkpoint_dir, final_path, load_checkpoint
 from ..config import Config, from_dict
@@ -159,7 +160,9 @@ def encode(
     feats: dict[str, list[torch.Tensor]] = {}
     kept: list[Sample] = []
     bad = 0
-    bar = tqdm(total=len(samples), desc="report: encoding", unit="sample", disable=not progress)
+    bar = tqdm(
+        total=len(samples), desc="report: encoding", unit="sample", disable=bar_disable(progress)
+    )
     for start in range(0, len(samples), batch_size):
         chunk, images = [], []
         for s in samples[start : start + batch_size]:
@@ -335,7 +338,9 @@ def flag_anchors(
             thresholds[t] = objective.tables.rows(name, index).float()
     out: dict[str, list[AnchorFlags]] = {t: [] for t in cols}
     per_label: dict[int, list[int]] = {}
-    bar = tqdm(total=len(anchors), desc="report: flags", unit="anchor", disable=not progress)
+    bar = tqdm(
+        total=len(anchors), desc="report: flags", unit="anchor", disable=bar_disable(progress)
+    )
     for start in range(0, len(anchors), chunk):
         rows = torch.tensor(anchors[start : start + chunk], device=device)
         sims = {t: feats[t][rows] @ feats[c].T for t, c in cols.items()}
