@@ -227,3 +227,31 @@ def launch_machines(
         if expect_ok:
             assert d.returncode == 0, f"machine {i}:\n{d.stdout[-2000:]}\n{d.stderr[-6000:]}"
     return done
+
+
+def torchrun_clipfnd(*args: str, processes: int = 2, timeout: int = 300):
+    """``clipfnd ARGS`` on ``processes`` CPU processes started by torchrun (what
+    ``accelerate launch`` starts too), offline."""
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "clipfnd",
+        *args,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

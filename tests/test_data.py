@@ -7,13 +7,13 @@ import hashlib
 import io
 import json
 import shutil
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
 from PIL import Image
+from shard_edits import corrupt_copy, read_shard, write_shard
 
 from data_pipelines import DataError, digits, load_shard_set, synthetic
 from data_pipelines.loader import LoaderState, ShardStream
@@ -158,21 +158,8 @@ def test_resume_mid_epoch_gives_the_same_batches(shapes, num_workers):
 
 def _corrupt_copy(shapes, tmp_path):
     """A copy of the train split whose shard 0 has a corrupt image, a zero-byte image and an
-    empty caption (shards are rewritten member by member)."""
-    dst = tmp_path / "bad"
-    shutil.copytree(shapes / "train", dst)
-    src = dst / "shard-000000.tar"
-    samples = list(iter_tar_samples(str(src)))
-    samples[3]["jpg"] = b"\xff\xd8 not a jpeg"
-    samples[5]["jpg"] = b""
-    samples[7]["txt"] = b"   "
-    with tarfile.open(src, "w") as tf:
-        for s in samples:
-            for ext in ("jpg", "json", "txt"):
-                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
-                info.size = len(s[ext])
-                tf.addfile(info, io.BytesIO(s[ext]))
-    return dst
+    empty caption."""
+    return corrupt_copy(shapes / "train", tmp_path / "bad")
 
 
 def test_bad_samples_are_skipped_and_counted(shapes, tmp_path):
@@ -282,15 +269,9 @@ def test_a_repeated_dataset_index_is_named_by_shard_and_key(shapes, tmp_path):
     shard and key (it used to read "skipped sample 'index 5' in ?")."""
     dst = tmp_path / "dup"
     shutil.copytree(shapes / "train", dst)
-    src = dst / "shard-000001.tar"
-    samples = list(iter_tar_samples(str(src)))
+    samples = read_shard(dst / "shard-000001.tar")
     samples[2]["json"] = json.dumps({**json.loads(samples[2]["json"]), "index": 5}).encode()
-    with tarfile.open(src, "w") as tf:
-        for smp in samples:
-            for ext in ("jpg", "json", "txt"):
-                info = tarfile.TarInfo(f"{smp['__key__']}.{ext}")
-                info.size = len(smp[ext])
-                tf.addfile(info, io.BytesIO(smp[ext]))
+    write_shard(dst / "shard-000001.tar", samples)
     key = samples[2]["__key__"]
     ss = load_shard_set(dst)
     shards = {}

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,14 +13,9 @@ from data_pipelines.shards import write_split
 from data_pipelines.synthetic import SyntheticSpec, generate, label_names
 
 from checkpoints import write_checkpoint
+from runs import torchrun_clipfnd
 
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -39,26 +30,7 @@ def test_two_processes_equal_one(tmp_path):
     )
     run = write_checkpoint(tmp_path / "run")
     out = tmp_path / "two.json"
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "clipfnd",
+    proc = torchrun_clipfnd(
         "eval",
         "--checkpoint",
         str(run),
@@ -73,8 +45,7 @@ def test_two_processes_equal_one(tmp_path):
         "--num-workers",
         "2",
         "--no-progress",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(out.read_text())
     one = run_eval(

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from test_eval_distributed import free_port
 from test_eval_run import write_clip_benchmark
 
 from clipfnd_eval.processes import Processes
@@ -23,6 +19,7 @@ from data_pipelines import DataError
 from data_pipelines.synthetic import SyntheticSpec, generate, label_names
 
 from checkpoints import write_checkpoint
+from runs import torchrun_clipfnd
 
 SPEC = SyntheticSpec(num_concepts=4, image_size=32)
 CPU = Processes(0, 1, torch.device("cpu"))
@@ -93,26 +90,7 @@ def test_two_processes_warn_once_and_agree(data, tmp_path):
     """2 processes x 2 workers over 3 shards: one warning (the main process's) naming the same
     items, and the results (captions repeat: the matching by text too) of one process."""
     out = tmp_path / "two.json"
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "clipfnd",
+    proc = torchrun_clipfnd(
         "eval",
         "--checkpoint",
         str(data["run"]),
@@ -127,8 +105,7 @@ def test_two_processes_warn_once_and_agree(data, tmp_path):
         "--num-workers",
         "2",
         "--no-progress",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("could not be read") == 1, proc.stderr[-3000:]
     two = json.loads(out.read_text())

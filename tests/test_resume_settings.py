@@ -10,17 +10,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
+from shard_edits import corrupt_copy
 
 from clipfnd.config import load_config
 from clipfnd.train.loop import train
-from data_pipelines.shards import iter_tar_samples
 
 pytestmark = pytest.mark.slow
 
@@ -83,29 +81,13 @@ def test_a_resampled_run_resumes_exactly(shapes, tmp_path):
         assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-6, (step, got[step], want[step])
 
 
-def _with_bad_samples(shapes: Path, dst: Path) -> Path:
-    """A copy of the train split with three unusable samples in each of shards 0 and 5."""
-    shutil.copytree(shapes / "train", dst)
-    for name in ("shard-000000.tar", "shard-000005.tar"):
-        src = dst / name
-        samples = list(iter_tar_samples(str(src)))
-        samples[3]["jpg"] = b"\xff\xd8 not a jpeg"
-        samples[5]["jpg"] = b""
-        samples[7]["txt"] = b"   "
-        with tarfile.open(src, "w") as tf:
-            for s in samples:
-                for ext in ("jpg", "json", "txt"):
-                    info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
-                    info.size = len(s[ext])
-                    tf.addfile(info, io.BytesIO(s[ext]))
-    return dst
-
-
 def test_counters_continue_across_a_resume(shapes, tmp_path):
     """``data/skipped`` at every step, the epochs' counts and the summary's totals are those of
     the uninterrupted run: the bad samples before the checkpoint are not forgotten (the
     count used to restart at 0) nor counted twice; the elapsed time grows on."""
-    data = _with_bad_samples(shapes, tmp_path / "bad")
+    data = corrupt_copy(
+        shapes / "train", tmp_path / "bad", ("shard-000000.tar", "shard-000005.tar")
+    )
     ref = tmp_path / "ref"
     summary = _run(data, ref, "train.epochs=2")
     assert summary["skipped_samples"] == 12  # 6 an epoch
