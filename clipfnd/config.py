@@ -10,13 +10,14 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
 from .fnd import DETECTORS
+from .fnd.calibration import MaskStart
 from .methods import METHODS
 
 
@@ -116,12 +117,24 @@ class FNDConfig:
     optimizer: str = "adam"  # adam | sgd, for the thresholds
     beta1: float = 0.9
     beta2: float = 0.98
-    init_threshold: float = 1.0  # nothing is flagged until thresholds have learned
+    init_threshold: float = 1.0  # fnd.init=constant: every threshold's start
+    # a threshold's start: constant (fnd.init_threshold, the paper's) | quantile (at the
+    # sample's first visit, the (1 - alpha) quantile of its similarities to the batch's
+    # negatives) | shared (at its first visit, that quantile over the whole global batch)
+    init: str = "quantile"
+    # add to the thresholds of each anchor type an offset re-estimated every step: the
+    # (1 - alpha) quantile of similarity less threshold over the global batch's negatives. It
+    # follows the similarities as the model trains, where a threshold moves once per visit
+    offset: bool = True
     # Adam bias correction of the thresholds: sample (updates the sample has received, the
     # Adam rule) | epoch (t = epoch + 1, as GloFND's reference code; for exact reproduction)
     bias_correction: str = "sample"
     start_update: int = 0  # epoch from which thresholds are learned
-    start_mask: int = 0  # epoch from which flagged negatives are removed (>= start_update)
+    # when flagged negatives start being removed: an epoch (>= start_update), a share of the
+    # run's optimiser steps (0.3 or "30%"), or auto (glofnd: once the flagged share has stayed
+    # within 0.75-1.33 x alpha for fnd.start_mask_window steps in a row)
+    start_mask: Union[int, float, str] = 0  # noqa: UP007 (OmegaConf reads typing.Union)
+    start_mask_window: int | None = None  # start_mask=auto: steps in a row (null: one epoch)
     removal: str = "eliminate"  # eliminate | attract
     rescale: bool = True  # eliminate: rescale the kept negative sum to the full count
     state_on_cpu: bool = False  # keep per-sample tables in host memory (huge datasets)
@@ -213,6 +226,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.name": tuple(METHODS),  # the registries: adding a method or detector needs no line here
     "loss.tau_schedule": ("model", "fastclip"),
     "fnd.bias_correction": ("sample", "epoch"),
+    "fnd.init": ("constant", "quantile", "shared"),
     "fnd.detector": tuple(DETECTORS),
     "fnd.optimizer": ("adam", "sgd"),
     "fnd.removal": ("eliminate", "attract"),
@@ -328,7 +342,6 @@ def validate(cfg: Config) -> None:
         "train.checkpoint_every",
         "eval.every_steps",
         "fnd.start_update",
-        "fnd.start_mask",
         "optim.weight_decay",
         "eval.every_epochs",
         "data.augment_strength",
@@ -374,10 +387,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"fnd.lr must be > 0, got {cfg.fnd.lr}")
     if not (0 <= cfg.fnd.beta1 < 1 and 0 <= cfg.fnd.beta2 < 1):
         raise ConfigError("fnd.beta1 and fnd.beta2 must be in [0, 1)")
-    if cfg.fnd.start_mask < cfg.fnd.start_update:
+    try:
+        mask_start = MaskStart.parse(cfg.fnd.start_mask)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if mask_start.kind == "epoch" and mask_start.value < cfg.fnd.start_update:
         raise ConfigError(
             f"fnd.start_mask ({cfg.fnd.start_mask}) must be >= fnd.start_update "
             f"({cfg.fnd.start_update}): masks come from thresholds that have started learning"
+        )
+    if mask_start.kind == "auto" and not DETECTORS[cfg.fnd.detector].calibrates:
+        raise ConfigError(
+            f"fnd.start_mask=auto with fnd.detector={cfg.fnd.detector}: auto waits until the "
+            "flagged share is calibrated, which only glofnd measures; give an epoch or a share "
+            "of training (e.g. 30%)"
+        )
+    if cfg.fnd.start_mask_window is not None and cfg.fnd.start_mask_window < 1:
+        raise ConfigError(
+            f"fnd.start_mask_window must be >= 1 or null, got {cfg.fnd.start_mask_window}"
         )
     if not 0 < cfg.loss.tau <= 1:
         raise ConfigError(f"loss.tau must be in (0, 1], got {cfg.loss.tau}")

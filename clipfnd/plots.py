@@ -9,10 +9,15 @@ GloFND, precision and recall without labels) has no file.
 ``temperature.png``  the temperature ``tau = 1 / logit_scale``
 ``thresholds.png``   GloFND's threshold quantiles (10 %, 50 %, 90 %), a panel per anchor type
 ``flagged.png``      the share of negatives flagged; anchors with every negative flagged
+``calibration.png``  GloFND: negatives flagged / fnd.alpha (the calibrated band shaded) and each
+                     threshold less its anchor's batch quantile
 ``detection.png``    detection precision and recall against the labels
 ``data.png``         samples skipped as bad; per epoch: used, skipped, not used
 ``eval.png``         the evaluation metrics over training (R@1, top-1)
 ===================  ======================================================================
+
+The step at which the detector started removing flagged negatives is a dashed vertical line
+on the detector's panels.
 
 Matplotlib's object interface and its Agg canvas only (no ``pyplot``, no display), so the
 trainer can draw from a background thread without touching any global figure state.
@@ -72,6 +77,8 @@ class Panel:
     logy: bool = False
     band: tuple[list[int], list[float], list[float]] | None = None  # shaded (x, low, high)
     bars: tuple[list[str], dict[str, list[float]]] | None = None  # (categories, {name: values})
+    hband: tuple[float, float] | None = None  # a shaded horizontal band (low, high)
+    vlines: list[tuple[str, float]] = field(default_factory=list)  # (label, step)
 
     def empty(self) -> bool:
         return not (any(xs for _, xs, _ in self.lines) or self.bars)
@@ -108,13 +115,23 @@ def panels(records: list[dict[str, Any]]) -> dict[str, list[Panel]]:
         thr.append(p)
     out["thresholds"] = thr
 
-    flagged = Panel("negatives flagged", ylabel="share")
+    starts = [r["fnd/mask_start_step"] for r in records if "fnd/mask_start_step" in r]
+    start = [("masking starts", starts[-1])] if starts else []
+    flagged = Panel("negatives flagged", ylabel="share", vlines=start)
     flagged.lines.append(("flagged share", *series(steps, "fnd/flagged_share")))
     flagged.lines.append(("anchors with all flagged", *series(steps, "fnd/anchors_all_flagged")))
     accepted = Panel("IFND: accepted share", [("accepted", *series(records, "fnd/accepted_share"))])
     out["flagged"] = [p for p in (flagged, accepted) if not p.empty()]
 
-    det = Panel("detection against labels", ylabel="")
+    calibration = Panel("flagged / fnd.alpha (shaded: calibrated)", ylabel="x alpha", vlines=start)
+    calibration.lines.append(("flagged / alpha", *series(steps, "fnd/flagged_over_alpha")))
+    calibration.hband = (0.75, 4.0 / 3.0)
+    gap = Panel("threshold - batch quantile", ylabel="cosine similarity", vlines=start)
+    for t in sorted({k.rsplit("_", 1)[1] for r in steps for k in r if "threshold_gap_" in k}):
+        gap.lines.append((f"{t} anchors", *series(steps, f"fnd/threshold_gap_{t}")))
+    out["calibration"] = [calibration, gap]
+
+    det = Panel("detection against labels", ylabel="", vlines=start)
     det.lines.append(("precision", *series(steps, "fnd/precision")))
     det.lines.append(("recall", *series(steps, "fnd/recall")))
     out["detection"] = [det]
@@ -169,6 +186,10 @@ def draw(panel_list: list[Panel], title: str = ""):
         else:
             if p.band is not None:
                 ax.fill_between(p.band[0], p.band[1], p.band[2], alpha=0.15, color=TAB[0])
+            if p.hband is not None:
+                ax.axhspan(p.hband[0], p.hband[1], alpha=0.12, color=TAB[2])
+            for label, x in p.vlines:
+                ax.axvline(x, ls="--", lw=1, color="grey", label=label)
             for i, (label, xs, ys) in enumerate(p.lines):
                 if xs:
                     marker = "o" if len(xs) < 20 else None
@@ -180,7 +201,7 @@ def draw(panel_list: list[Panel], title: str = ""):
         if p.ylabel:
             ax.set_ylabel(p.ylabel)
         ax.grid(alpha=0.3)
-        if len(p.lines) > 1 or (p.bars and len(p.bars[1]) > 1):
+        if len(p.lines) + len(p.vlines) > 1 or (p.bars and len(p.bars[1]) > 1):
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)

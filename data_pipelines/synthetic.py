@@ -101,6 +101,28 @@ TEMPLATES_DETAILS = (
 )
 
 
+TEMPLATES_PARAPHRASE = (  # the concept only, in other words
+    "a {c} {s}",
+    "a picture of a {c} {s}",
+    "there is a {c} {s} in the image",
+    "{c} {s}",
+    "an image showing a {s} that is {c}",
+    "a {s}, {c}",
+    "a photo of a {c} {s}",
+    "one {c} {s}",
+)
+
+
+def _with_paraphrase(objs: tuple[Obj, ...], rng: np.random.Generator) -> tuple[tuple, str]:
+    """Draw the per-image position and size of a one-object concept as ``_with_details`` does;
+    the caption states only the concept, in one of several wordings."""
+    ((c, s, _),) = objs
+    p = POSITION_NAMES[rng.integers(len(POSITION_NAMES))]
+    z = tuple(SIZES)[rng.integers(len(SIZES))]
+    t = TEMPLATES_PARAPHRASE[rng.integers(len(TEMPLATES_PARAPHRASE))]
+    return ((c, s, p, SIZES[z]),), t.format(c=c, s=s)
+
+
 def _with_details(objs: tuple[Obj, ...], rng: np.random.Generator) -> tuple[tuple, str]:
     """Draw the per-image position and size of a one-object concept; the caption states them."""
     ((c, s, _),) = objs
@@ -124,6 +146,10 @@ class SyntheticSpec:
     # ``fn-testbed`` preset): the concept is one object's colour and shape, and each image
     # draws its own position and size, which the caption states and the image shows.
     details: bool = False
+    # Captions that state only the concept, in one of several wordings, while each image draws
+    # its own position and size as with ``details`` (the ``fn-paraphrase`` preset): two samples
+    # of a concept are false negatives whose captions differ in wording only.
+    paraphrase: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_concepts <= concept_space_size():
@@ -132,7 +158,9 @@ class SyntheticSpec:
             )
         if self.image_size < 16:
             raise DataError(f"--image-size must be >= 16, got {self.image_size}")
-        if self.details and self.num_concepts > len(COLOURS) * len(SHAPES):
+        if self.details and self.paraphrase:
+            raise DataError("a spec has per-image details stated or paraphrases, not both")
+        if (self.details or self.paraphrase) and self.num_concepts > len(COLOURS) * len(SHAPES):
             raise DataError(
                 "with per-image details the concepts are colour-shape pairs: --num-concepts "
                 f"must be <= {len(COLOURS) * len(SHAPES)}, got {self.num_concepts}"
@@ -144,7 +172,7 @@ class SyntheticSpec:
         With ``details`` each concept is one ``(colour, shape, "")`` object: its position is
         drawn per image."""
         rng = np.random.default_rng([self.seed, 7919])
-        if self.details:
+        if self.details or self.paraphrase:
             pairs = [(c, s, "") for c in COLOURS for s in SHAPES]
             return [(pairs[int(i)],) for i in rng.choice(len(pairs), self.num_concepts, False)]
         n_single = min(_num_single(), round(self.num_concepts * self.single_object_share))
@@ -165,6 +193,10 @@ PRESETS: dict[str, dict] = {
     # them as negatives learns to tell them apart by position and size instead of grouping
     # them; about 16 of them share each anchor's concept in a batch of 256.
     "fn-testbed": {"details": True, "num_concepts": 16, "image_size": 32},
+    # The same images, captions that state only the concept ("a red circle", "a photo of a
+    # red circle", ...): false negatives that are paraphrases, the image's position and size
+    # left unsaid.
+    "fn-paraphrase": {"paraphrase": True, "num_concepts": 16, "image_size": 32},
 }
 
 
@@ -229,8 +261,8 @@ def generate(spec: SyntheticSpec, num_samples: int, split: str = "train") -> Ite
         rng = np.random.default_rng([spec.seed, SPLITS[split], i])
         label = int(rng.integers(len(concepts)))
         objs = concepts[label]
-        if spec.details:
-            drawn, caption = _with_details(objs, rng)
+        if spec.details or spec.paraphrase:
+            drawn, caption = (_with_details if spec.details else _with_paraphrase)(objs, rng)
             image = render(drawn, spec, rng)
         else:
             image = render(objs, spec, rng)

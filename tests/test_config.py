@@ -102,11 +102,15 @@ def test_paper_recipes_follow_the_reference_code():
     FastCLIP's temperature schedule (docs/methods.md, "Differences from the reference code")."""
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parent.parent / "configs").glob("cc3m_*.yaml")):
+    configs = Path(__file__).parent.parent / "configs"
+    for path in sorted(configs.glob("cc3m_*.yaml")):
         cfg = load_config(path)
         assert cfg.loss.name == "fastclip_v3", path
         assert cfg.fnd.bias_correction == "epoch", path
         assert cfg.loss.tau_schedule == "fastclip", path
+    for path in [*configs.glob("cc3m_*.yaml"), *configs.glob("imagenet100_*glofnd.yaml")]:
+        cfg = load_config(path)  # the paper's thresholds: a constant start, no offset
+        assert (cfg.fnd.init, cfg.fnd.offset) == ("constant", False), path
 
 
 def test_every_package_is_installed_and_eval_under_its_own_name():

@@ -85,6 +85,21 @@ CONFIGS = {
         "loss.gamma_decay_epochs": 2,
     },
     "clip_oracle_attract": {"fnd.detector": "oracle", "fnd.removal": "attract"},
+    # the paper's start (a constant, no offset), and the automatic masking start
+    "clip_glofnd_constant": {
+        "fnd.detector": "glofnd",
+        "fnd.init": "constant",
+        "fnd.offset": False,
+        "fnd.start_mask": 1,
+        "fnd.lr": 0.3,
+    },
+    "clip_glofnd_shared_auto": {
+        "fnd.detector": "glofnd",
+        "fnd.init": "shared",
+        "fnd.offset": True,
+        "fnd.start_mask": "auto",
+        "fnd.start_mask_window": 2,
+    },
     # every sample of the global batch twice, the copies spread over both ranks (as
     # data.resampled=true can draw them): copies are no negatives, rows written once
     "clip_glofnd_repeats": {
@@ -183,6 +198,7 @@ def run_steps(
         losses,
         {k: v.clone() for k, v in tables.state_dict()["tables"].items()},
         [p.detach().clone() for p in params],
+        obj.detector.state_dict(),
     )
 
 
@@ -197,9 +213,12 @@ def two_process_runs():
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_objective_two_processes_equal_one(name, two_process_runs):
-    losses1, tables1, params1 = run_steps(0, 1, CONFIGS[name])
+    losses1, tables1, params1, state1 = run_steps(0, 1, CONFIGS[name])
     for rank_result in two_process_runs:
-        losses2, tables2, params2 = rank_result[name]
+        losses2, tables2, params2, state2 = rank_result[name]
+        assert state2.keys() == state1.keys()
+        for key, value in state1.items():  # offsets: one histogram bin at most
+            assert state2[key] == (pytest.approx(value, abs=1e-3) if "offset" in key else value)
         assert losses2 == pytest.approx(losses1, abs=1e-6, rel=0)
         assert set(tables2) == set(tables1)
         assert tables1 or name.startswith("clip_oracle")  # the oracle keeps no state
@@ -210,5 +229,7 @@ def test_objective_two_processes_equal_one(name, two_process_runs):
         for p1, p2 in zip(params1, params2):
             torch.testing.assert_close(p2, p1, atol=1e-6, rtol=0)
     assert losses1[-1] < losses1[0] or name.startswith("fastclip")  # it trains
+    if name.endswith("_auto"):
+        assert state1["masked_from"] is not None  # calibrated for 2 steps: it masked
     if "glofnd" in name:
         assert (tables1["glofnd.lambda_img"] < 1.0).any()  # thresholds really moved

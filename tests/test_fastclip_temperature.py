@@ -35,6 +35,7 @@ def _setup(glofnd: bool, seed: int = 0):
     ]
     if glofnd:  # mask from the first step on, from thresholds placed by hand below
         over += ["fnd.detector=glofnd", "fnd.start_mask=0", "fnd.alpha=0.1"]
+        over += ["fnd.init=constant", "fnd.offset=false"]  # the thresholds as placed
     cfg = load_config(None, over)
     tables = StateTables(N)
     obj = ClipObjective(cfg, tables, has_labels=False)

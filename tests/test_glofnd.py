@@ -15,6 +15,10 @@ from clipfnd.losses import clip_loss
 from clipfnd.state import StateTables, TableIndexError
 from clipfnd.train.objective import ClipObjective
 
+# the paper's thresholds: a constant start (1.0), no offset (these tests check its rule)
+PAPER = {"init": "constant", "offset": False}
+PAPER_ITEMS = ["fnd.init=constant", "fnd.offset=false"]
+
 
 def unit(n, d, seed):
     return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
@@ -28,7 +32,7 @@ def test_thresholds_converge_to_quantile(alpha):
     S = X @ X.T
     g = torch.Generator().manual_seed(1)
     tables = StateTables(N)
-    det = GloFND.from_config(FNDConfig(alpha=alpha, lr=0.02), tables, ("view",))
+    det = GloFND.from_config(FNDConfig(alpha=alpha, lr=0.02, **PAPER), tables, ("view",))
     for epoch in range(120):
         if epoch == 60:
             det.lr = 0.005  # a smaller step for the last half, as any SGD run would anneal
@@ -113,7 +117,9 @@ def test_update_matches_naive_loop(optimizer, bias, views):
         steps.append((idx, rows, negs, excludes))
     tables = StateTables(N)
     det = GloFND.from_config(
-        FNDConfig(alpha=alpha, lr=lr, optimizer=optimizer, bias_correction=bias), tables, ("a",)
+        FNDConfig(alpha=alpha, lr=lr, optimizer=optimizer, bias_correction=bias, **PAPER),
+        tables,
+        ("a",),
     )
     epochs = [
         15 + k // 5 for k in range(len(steps))
@@ -134,7 +140,9 @@ def test_update_matches_naive_loop(optimizer, bias, views):
 
 def test_thresholds_start_at_one_and_stay_clamped():
     tables = StateTables(4)
-    det = GloFND.from_config(FNDConfig(alpha=0.5, lr=10.0, optimizer="sgd"), tables, ("a",))
+    det = GloFND.from_config(
+        FNDConfig(alpha=0.5, lr=10.0, optimizer="sgd", **PAPER), tables, ("a",)
+    )
     assert tables["glofnd.lambda_a"].tolist() == [1.0] * 4
     sims = torch.full((4, 4), -1.0)
     for _ in range(3):  # g = alpha > 0 pushes lambda down, hard
@@ -146,7 +154,7 @@ def test_thresholds_start_at_one_and_stay_clamped():
 
 def test_flags_and_gradient_definition():
     tables = StateTables(3)
-    det = GloFND.from_config(FNDConfig(alpha=0.25), tables, ("a",))
+    det = GloFND.from_config(FNDConfig(alpha=0.25, **PAPER), tables, ("a",))
     lam = torch.tensor([0.5, 0.0, 0.9])
     sim = torch.tensor([[1.0, 0.6, 0.4, 0.7], [0.1, 1.0, 0.2, -0.3], [0.95, 0.91, 1.0, 0.2]])
     flags = det.flags(sim, lam, [torch.arange(3)])  # the positive of row i is column i
@@ -168,7 +176,9 @@ def test_index_out_of_range_is_a_clear_error():
 
 
 def _cfg(**over):
-    items = ["data.train=unused"] + [f"{k}={v}" for k, v in over.items()]
+    """A run config with the paper's thresholds (a constant start, no offset): the rule these
+    tests check; the calibration options are tests/test_glofnd_calibration.py's."""
+    items = ["data.train=unused", *PAPER_ITEMS] + [f"{k}={v}" for k, v in over.items()]
     return load_config(None, items)
 
 

@@ -36,6 +36,8 @@ def _objective(*extra, lam: float = LAM):
         [
             "data.train=unused",
             "fnd.detector=glofnd",
+            "fnd.init=constant",  # thresholds placed by hand below, used as they are
+            "fnd.offset=false",
             "fnd.start_mask=0",
             f"fnd.alpha={ALPHA}",
             f"fnd.lr={LR}",

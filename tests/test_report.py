@@ -121,16 +121,23 @@ def parse(path: Path) -> Anchors:
 
 
 def objective_flags(scores, mode: str) -> dict[str, torch.Tensor]:
-    """The flags the run's objective computes for the whole encoded split as one batch."""
+    """The flags the run's objective computes for the whole encoded split as one batch, with
+    the detector's state as the checkpoint holds it (GloFND's offset as trained, not
+    re-estimated from this input: ``DetectionInput.inference``)."""
+    import dataclasses
+
+    from clipfnd.train.checkpoint import load_detector_state
+
     cfg = from_dict(scores.ckpt.config)
     tables = read_tables(scores.ckpt)
     obj = OBJECTIVES[mode](cfg, tables, has_labels=True)
     load_tables(tables, scores.ckpt.path)
+    load_detector_state(obj.detector, scores.ckpt.path)
     seen = {}
     detect = obj.detector.detect
 
     def spy(inp):
-        found = detect(inp)
+        found = detect(dataclasses.replace(inp, inference=True))
         seen.update({t: f for t, f in found.flags.items() if f is not None})
         return found
 

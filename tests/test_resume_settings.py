@@ -130,3 +130,21 @@ def test_a_new_learning_rate_on_resume_is_used_and_said(shapes, tmp_path, caplog
     assert "optimizer weight_decay changes from 0.1 (checkpoint) to 0.05" in caplog.text
     state = json.loads((run / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
     assert state["config"]["optim"]["lr"] == 1e-6  # recorded what was used
+
+
+def test_a_resume_keeps_the_detectors_state(shapes, tmp_path):
+    """GloFND with the automatic masking start (a window of 4 calibrated steps: masking from
+    step 5) resumed from the step-3 checkpoint: the steps in a row it had counted come back
+    with the checkpoint, so masking starts at step 5 again and every later loss equals the
+    uninterrupted run's (counted afresh, masking would start at step 8)."""
+    auto = ["train.epochs=2", "fnd.alpha=0.06", "fnd.start_mask=auto", "fnd.start_mask_window=4"]
+    ref = tmp_path / "ref"
+    summary = _run(shapes / "train", ref, *auto)
+    assert summary["fnd_mask_start_step"] == 5
+    run = tmp_path / "resumed"
+    _cut_after(ref, run, 3)
+    again = _run(shapes / "train", run, *auto, "resume=latest")
+    assert again["fnd_mask_start_step"] == 5
+    want, got = _records(ref), _records(run)
+    for step in range(4, summary["steps"] + 1):
+        assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-6, step

@@ -46,11 +46,12 @@ def _assemble(results, name):
 def test_sharded_equals_replicated_bit_for_bit(world):
     results = run_group(_both, world, 6)
     for name in NAMES:
-        rep_losses, rep_tables, rep_params = results[0][name, "replicated"]
+        rep_losses, rep_tables, rep_params, rep_state = results[0][name, "replicated"]
         assert (rep_tables["glofnd.lambda_img"] < 1.0).any(), name  # thresholds moved
         for r in results:
-            losses, _, params = r[name, "sharded"]
+            losses, _, params, state = r[name, "sharded"]
             assert losses == rep_losses, name  # exactly
+            assert state == rep_state, name
             for p, q in zip(params, rep_params):
                 assert torch.equal(p, q), name
         full = _assemble(results, name)
@@ -75,7 +76,7 @@ def test_a_sharded_checkpoint_resumes_on_other_world_sizes(name, tmp_path):
     Replicated on 1 process (the shards reassembled) and sharded on 2 (each rank its own
     file) equal 8 steps on one process. On 3 processes (re-sharded rows), sharded equals
     replicated from the same checkpoint."""
-    ref_losses, ref_tables, _ = run_steps(0, 1, {**CONFIGS[name], "fnd.state": "replicated"})
+    ref_losses, ref_tables, *_ = run_steps(0, 1, {**CONFIGS[name], "fnd.state": "replicated"})
     saved = tmp_path / "ckpt"
     saved.mkdir()
     first = run_group(_first_half, 2, name, str(saved))

@@ -120,7 +120,9 @@ def test_unimodal_two_processes_equal_one(name, two_process_runs):
             torch.testing.assert_close(tables2[key], tables1[key], atol=1e-6, rtol=rtol, msg=key)
         for p1, p2 in zip(params1, params2):
             torch.testing.assert_close(p2, p1, atol=1e-6, rtol=0)
-    if not name.startswith("sogclr"):  # the global loss is ~tau whatever u is: not comparable
+    # not comparable from step to step: the global loss (~tau whatever u is), and a loss whose
+    # flags (GloFND's, from the first step) change what it sums over
+    if not name.startswith("sogclr") and "glofnd" not in name:
         assert losses1[-1] < losses1[0]  # it trains
     if "glofnd" in name:
         assert (tables1["glofnd.lambda_view"] < 1.0).any()

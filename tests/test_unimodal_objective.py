@@ -91,10 +91,16 @@ def test_sogclr_unimodal_matches_float64_loop(tau, b):
 
 
 # --- GloFND, unimodal -------------------------------------------------------------------------
+# the paper's thresholds (placed by hand here, no offset): the rule these references implement
+PAPER = {"fnd.init": "constant", "fnd.offset": "false"}
+
+
 @pytest.mark.parametrize("b", [4, 8])
 def test_glofnd_unimodal_update_matches_naive_loop(b):
     alpha, lr = 0.2, 0.05
-    cfg = _cfg(**{"fnd.detector": "glofnd", "fnd.alpha": alpha, "fnd.lr": lr, "loss.tau": 0.5})
+    cfg = _cfg(
+        **{"fnd.detector": "glofnd", "fnd.alpha": alpha, "fnd.lr": lr, "loss.tau": 0.5, **PAPER}
+    )
     tables = StateTables(N)
     obj = SimCLRObjective(cfg, tables, has_labels=False)
     index = _index(b=b)
@@ -116,7 +122,7 @@ def test_glofnd_unimodal_update_matches_naive_loop(b):
 
 
 def test_glofnd_unimodal_flags_exclude_own_view_and_use_the_thresholds():
-    cfg = _cfg(**{"fnd.detector": "glofnd", "fnd.alpha": 0.1})
+    cfg = _cfg(**{"fnd.detector": "glofnd", "fnd.alpha": 0.1, **PAPER})
     tables = StateTables(N)
     obj = SimCLRObjective(cfg, tables, has_labels=False)
     index = _index()

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from .calibration import MaskStart
+
 EmbedFn = Callable[[], "tuple[torch.Tensor, torch.Tensor]"]
 
 if TYPE_CHECKING:
@@ -45,27 +47,55 @@ class DetectionInput:
     epoch: int
     rows_per_sample: int = 1
     columns_index: torch.Tensor | None = None
+    # outside training (the report): flags from the saved state as it is, masking on, nothing
+    # estimated from this input and no update
+    inference: bool = False
+    measure: bool = False  # a logged step: also the scalars that cost extra (Detection.metrics)
 
 
 @dataclass
 class Detection:
     flags: dict[str, torch.Tensor | None]  # per anchor type: negatives to remove (None: none)
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # table rows, not yet written
+    # what the step adds to the detector's run-wide state, summed over micro-batches and
+    # processes before ``after_step`` (GloFND: flagged and negatives counts per anchor type)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # this step's, for the log line
 
 
 class Detector(ABC):
-    """A false-negative detector with its schedule: it learns from epoch ``start_update`` on
-    and its flags are used from epoch ``start_mask`` on."""
+    """A false-negative detector with its schedule: it learns from epoch ``start_update`` on,
+    and its flags are used from ``start_mask`` on (an epoch, a share of the run's optimiser
+    steps, or, for detectors that measure their calibration, ``auto``).
+
+    Besides its per-sample tables a detector keeps a little run-wide state (``state_dict``):
+    the optimiser steps it has seen, the step at which masking started, and what a subclass
+    adds; it changes only in ``after_step``, with numbers summed over every process, so it
+    is the same everywhere, and checkpoints hold it."""
 
     name: ClassVar[str]
     modes: ClassVar[tuple[str, ...]] = ("clip", "simclr")  # the training modes it can serve
     needs_similarities: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
+    calibrates: ClassVar[bool] = False  # measures its flagged share: start_mask=auto possible
 
-    def __init__(self, anchor_types: tuple[str, ...], start_update: int = 0, start_mask: int = 0):
+    def __init__(
+        self,
+        anchor_types: tuple[str, ...],
+        start_update: int = 0,
+        start_mask: int | float | str = 0,
+    ):
         self.anchor_types = anchor_types
         self.start_update = start_update
-        self.start_mask = start_mask
+        self.mask_start = MaskStart.parse(start_mask)
+        if self.mask_start.kind == "auto" and not self.calibrates:
+            raise ValueError(
+                f"fnd.start_mask=auto needs a detector that measures its calibration (glofnd); "
+                f"{self.name} does not: give an epoch or a share of training"
+            )
+        self.total_steps: int | None = None
+        self.steps = 0  # optimiser steps taken
+        self.masked_from: int | None = None  # the first step whose loss used flags
 
     @classmethod
     def from_config(
@@ -75,14 +105,54 @@ class Detector(ABC):
         knows beyond it (``seed``, ``last_epoch``, ``progress``), for detectors that need it."""
         return cls(anchor_types, start_update=fnd.start_update, start_mask=fnd.start_mask)
 
+    def plan(self, total_steps: int, steps_per_epoch: int) -> None:
+        """The run's length in optimiser steps (a masking start given as a share of training
+        is a step of it; ``auto`` measures windows in steps)."""
+        self.total_steps = total_steps
+
     def masking(self, epoch: int) -> bool:
-        return epoch >= self.start_mask
+        """Whether the step about to run uses flags."""
+        kind = self.mask_start.kind
+        if kind == "epoch":
+            return epoch >= self.mask_start.value
+        if kind == "fraction":
+            if self.total_steps is None:
+                raise RuntimeError("a masking start as a share of training needs plan()")
+            return self.steps + 1 >= self.mask_start.first_step(self.total_steps)
+        return self.masked_from is not None or self.ready_to_mask()
+
+    def ready_to_mask(self) -> bool:
+        """``auto``: whether the calibration condition has been met (subclasses that calibrate)."""
+        return False
+
+    def after_step(self, stats: dict[str, torch.Tensor], masked: bool) -> dict[str, float]:
+        """An optimiser step was taken: ``stats`` its detections' ``stats`` summed over
+        micro-batches and processes; ``masked`` whether its loss used flags. Returns scalars for
+        the metrics (the step masking started at, once)."""
+        self.steps += 1
+        if masked and self.masked_from is None:
+            self.masked_from = self.steps
+            return {"fnd/mask_start_step": float(self.steps)}
+        return {}
+
+    def state_dict(self) -> dict[str, float | int | None]:
+        return {"steps": self.steps, "masked_from": self.masked_from}
+
+    def load_state_dict(self, state: dict) -> None:
+        """What ``state_dict`` gave; ``ValueError`` naming a key that is missing or wrong."""
+        self.steps = _int(state, "steps")
+        self.masked_from = _int(state, "masked_from", none=True)
 
     def updating(self, epoch: int) -> bool:
         return False
 
     @abstractmethod
     def detect(self, inp: DetectionInput) -> Detection: ...
+
+    def epoch_report(self) -> str | None:
+        """At an epoch's end: a warning when the epoch's flags were far from calibrated (once
+        a run at most; None: nothing to say)."""
+        return None
 
     def start_epoch(self, epoch: int, embed: EmbedFn, fresh: bool) -> dict[str, float]:
         """Called on every process at the start of each epoch, before its first step.
@@ -109,3 +179,14 @@ class NoDetector(Detector):
 
     def detect(self, inp: DetectionInput) -> Detection:
         return Detection({t: None for t in self.anchor_types})
+
+
+def _int(state: dict, key: str, none: bool = False) -> int | None:
+    value = state.get(key)
+    if value is None and none:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"detector state {key}={value!r} is not an integer >= 0")
+    return value

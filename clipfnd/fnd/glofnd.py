@@ -23,17 +23,42 @@ knobs have no defaults here: they are the ``fnd`` section of the config (``from_
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
 
+from .. import distributed
 from ..state import StateTables
 from .base import Detection, DetectionInput, Detector
+from .calibration import CALIBRATED, WARN, calibrated_count, histogram, upper_quantile
 
 if TYPE_CHECKING:
     from ..config import FNDConfig
 
 EPS = 1e-8
+INITS = ("constant", "quantile", "shared")
+log = logging.getLogger(__name__)
+
+
+def negatives(
+    sims: torch.Tensor, pos: torch.Tensor, not_negative: torch.Tensor | None
+) -> torch.Tensor:
+    """``[n, M]`` bool: the columns that are negatives of each row (not its positive, not a
+    column ``not_negative`` marks)."""
+    neg = torch.ones_like(sims, dtype=torch.bool)
+    neg[torch.arange(sims.shape[0], device=sims.device), pos] = False
+    if not_negative is not None:
+        neg &= ~not_negative
+    return neg
+
+
+def row_quantile(sims: torch.Tensor, neg: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
+    """``[b]``: the ``(1 - alpha)`` quantile of each row's negatives (linear interpolation, as
+    ``torch.quantile``), the mean over a sample's ``k`` rows."""
+    masked = sims.detach().to(torch.float64).masked_fill(~neg, float("nan"))
+    q = torch.nanquantile(masked, 1 - alpha, dim=1)
+    return q.view(k, -1).mean(0).to(torch.float32)
 
 
 class GloFND(Detector):
@@ -47,11 +72,22 @@ class GloFND(Detector):
         alpha: share of the dataset above each threshold, in (0, 1).
         lr, optimizer ("adam" | "sgd"), beta1, beta2, init_threshold: the update rule.
         bias_correction: "sample" (per-sample update count) | "epoch" (``epoch + 1``).
-        start_update, start_mask: epochs from which thresholds learn and flags are used.
+        start_update, start_mask: when thresholds learn (an epoch) and flags are used (an
+            epoch, a share of training, or ``auto``).
+        init: a threshold's start: "constant" (``init_threshold``), "quantile" (at the
+            sample's first visit, the ``(1 - alpha)`` quantile of its own similarities to the
+            batch's negatives), "shared" (at its first visit, that quantile over every
+            anchor's negatives in the global batch).
+        offset: add to every threshold of an anchor type an offset re-estimated every step
+            (the ``(1 - alpha)`` quantile of similarity less threshold over the global batch's
+            negatives): it follows the similarities between a sample's visits.
+        start_mask_window: ``auto``: the steps in a row the flagged share must stay within
+            ``CALIBRATED`` of alpha (None: one epoch's steps).
     """
 
     name = "glofnd"
     needs_similarities = True
+    calibrates = True
 
     def __init__(
         self,
@@ -66,13 +102,18 @@ class GloFND(Detector):
         init_threshold: float,
         bias_correction: str,
         start_update: int,
-        start_mask: int,
+        start_mask: int | float | str,
+        init: str = "constant",
+        offset: bool = False,
+        start_mask_window: int | None = None,
     ):
         super().__init__(anchor_types, start_update=start_update, start_mask=start_mask)
         if bias_correction not in ("sample", "epoch"):
             raise ValueError(
                 f"bias_correction must be 'sample' or 'epoch', got {bias_correction!r}"
             )
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         self.bias_correction = bias_correction
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -82,11 +123,22 @@ class GloFND(Detector):
         self.anchor_types = anchor_types
         self.alpha, self.lr, self.optimizer = alpha, lr, optimizer
         self.beta1, self.beta2 = beta1, beta2
+        self.init, self.offset = init, offset
+        self.window = start_mask_window
         for t in anchor_types:
             tables.add(f"glofnd.lambda_{t}", init_threshold)
             tables.add(f"glofnd.m_{t}", 0.0)
             tables.add(f"glofnd.v_{t}", 0.0)
             tables.add(f"glofnd.count_{t}", 0.0)
+        # run-wide state (``state_dict``): the offset and shared threshold of the last step,
+        # steps in a row calibrated, and the flags of the current epoch's masked steps
+        self.offsets: dict[str, float | None] = {t: None for t in anchor_types}
+        self.shared: dict[str, float | None] = {t: None for t in anchor_types}
+        self.streak = 0
+        self.epoch_counts = [0.0, 0.0]  # flagged, negatives
+        self.warned = False
+        self._window_counts = [0.0, 0.0]  # since the last log line (not checkpointed)
+        self._pending: dict[str, float] = {}  # this step's offsets / shared thresholds
 
     @classmethod
     def from_config(
@@ -104,38 +156,207 @@ class GloFND(Detector):
             bias_correction=fnd.bias_correction,
             start_update=fnd.start_update,
             start_mask=fnd.start_mask,
+            init=fnd.init,
+            offset=fnd.offset,
+            start_mask_window=fnd.start_mask_window,
         )
+
+    def plan(self, total_steps: int, steps_per_epoch: int) -> None:
+        super().plan(total_steps, steps_per_epoch)
+        if self.window is None:
+            self.window = max(1, steps_per_epoch)
 
     def updating(self, epoch: int) -> bool:
         return epoch >= self.start_update
 
+    def ready_to_mask(self) -> bool:
+        return self.window is not None and self.streak >= self.window
+
     def detect(self, inp: DetectionInput) -> Detection:
-        """Flags from the thresholds before this step's update (from ``start_mask`` on), and
-        the update's new rows from the same flags (from ``start_update`` on)."""
-        masking, updating = self.masking(inp.epoch), self.updating(inp.epoch)
+        """Flags from the thresholds before this step's update (once masking has started),
+        and the update's new rows from the same flags (from ``start_update`` on). A sample
+        seen for the first time under ``init`` quantile or shared gets its threshold from
+        this step (flags included), and no Adam step."""
+        masking = inp.inference or self.masking(inp.epoch)
+        updating = self.updating(inp.epoch) and not inp.inference
         found = Detection({t: None for t in self.anchor_types})
         if not (masking or updating):
             return found
         k, b = inp.rows_per_sample, inp.index.numel()
         for t in self.anchor_types:
-            lam = self.thresholds(t, inp.index).to(inp.sims[t].device).repeat(k)  # K rows each
-            flags = self.flags(inp.sims[t], lam, [inp.pos])
-            if inp.not_negative is not None:
-                flags &= ~inp.not_negative
+            sims = inp.sims[t]
+            neg = negatives(sims, inp.pos, inp.not_negative)
+            dev = sims.device
+            lam = self.thresholds(t, inp.index).to(dev)
+            fresh = torch.zeros_like(lam, dtype=torch.bool)
+            if self.init != "constant":
+                fresh = (self.tables.rows(f"glofnd.count_{t}", inp.index) == 0).to(dev)
+            shared = self._shared(t, sims, neg, inp) if self.init == "shared" else None
+            offset = self._offset(t, sims, lam, neg, fresh.repeat(k), inp)
+            if bool(fresh.any()):  # theta = the start value, stored less this step's offset
+                start = shared if shared is not None else row_quantile(sims, neg, self.alpha, k)
+                lam = torch.where(fresh, torch.as_tensor(start, device=dev) - offset, lam)
+            theta = (lam + offset).to(sims.dtype)
+            flags = (sims > theta.repeat(k)[:, None]) & neg
             if masking:
                 found.flags[t] = flags
             if updating:
-                found.rows.update(
-                    self.update_from_flags(
-                        t, inp.index, list(flags.split(b)), inp.num_negatives, epoch=inp.epoch
-                    )
+                rows = self.update_from_flags(
+                    t, inp.index, list(flags.split(b)), inp.num_negatives, epoch=inp.epoch
                 )
+                if bool(fresh.any()):  # the start value, no Adam step at a first visit
+                    rows[f"glofnd.lambda_{t}"] = torch.where(fresh, lam, rows[f"glofnd.lambda_{t}"])
+                    for key in (f"glofnd.m_{t}", f"glofnd.v_{t}"):
+                        if key in rows:
+                            rows[key] = torch.where(fresh, torch.zeros_like(rows[key]), rows[key])
+                found.rows.update(rows)
+                found.stats[f"glofnd.flagged_{t}"] = torch.stack([flags.sum(), neg.sum()]).to(
+                    torch.float64
+                )
+            if inp.measure:
+                q = row_quantile(sims, neg, self.alpha, k)
+                found.metrics[f"fnd/threshold_gap_{t}"] = float((theta - q).mean())
         return found
 
+    def _offset(
+        self,
+        t: str,
+        sims: torch.Tensor,
+        lam: torch.Tensor,
+        neg: torch.Tensor,
+        fresh: torch.Tensor,
+        inp: DetectionInput,
+    ) -> float:
+        """This step's offset of anchor type ``t`` (0 without ``offset``): the ``(1 - alpha)``
+        quantile of ``s - lambda`` over the global batch's negatives of anchors whose
+        threshold is already set (the last step's offset when there are none, and outside
+        training)."""
+        if not self.offset:
+            return 0.0
+        last = self.offsets[t] if self.offsets[t] is not None else 0.0
+        if inp.inference:
+            return last
+        k = sims.shape[0] // lam.shape[0]
+        residual = sims.to(torch.float64) - lam.to(torch.float64).repeat(k)[:, None]
+        counts = distributed.all_reduce_sum(histogram(residual, neg & ~fresh[:, None]))
+        q = upper_quantile(counts, self.alpha)
+        value = last if q is None else q
+        self._pending[f"offset_{t}"] = value
+        return value
+
+    def _shared(
+        self, t: str, sims: torch.Tensor, neg: torch.Tensor, inp: DetectionInput
+    ) -> float | None:
+        """``init=shared``: the ``(1 - alpha)`` quantile of every negative's similarity in the
+        global batch (outside training: the last step's)."""
+        if inp.inference:
+            return self.shared[t]
+        counts = distributed.all_reduce_sum(histogram(sims, neg))
+        value = upper_quantile(counts, self.alpha)
+        if value is not None:
+            self._pending[f"shared_{t}"] = value
+        return value
+
+    def after_step(self, stats: dict[str, torch.Tensor], masked: bool) -> dict[str, float]:
+        out = super().after_step(stats, masked)
+        for t in self.anchor_types:
+            if f"offset_{t}" in self._pending:
+                self.offsets[t] = self._pending[f"offset_{t}"]
+            if f"shared_{t}" in self._pending:
+                self.shared[t] = self._pending[f"shared_{t}"]
+        self._pending = {}
+        counts = [
+            stats[f"glofnd.flagged_{t}"]
+            for t in self.anchor_types
+            if f"glofnd.flagged_{t}" in stats
+        ]
+        if not counts:
+            return out
+        ratios = [float(c[0]) / max(float(c[1]), 1.0) / self.alpha for c in counts]
+        calibrated = all(calibrated_count(float(c[0]), float(c[1]), self.alpha) for c in counts)
+        self.streak = self.streak + 1 if calibrated else 0
+        total = sum(counts)
+        self._window_counts = [a + float(x) for a, x in zip(self._window_counts, total)]
+        if masked:
+            self.epoch_counts = [a + float(x) for a, x in zip(self.epoch_counts, total)]
+        if "fnd/mask_start_step" in out:
+            log.info(
+                "GloFND: masking starts at step %d (%s; flagged share %.2f x fnd.alpha at the "
+                "step before)",
+                self.steps,
+                self.mask_start,
+                sum(ratios) / len(ratios),
+            )
+        return out
+
+    def epoch_report(self) -> str | None:
+        flagged, negatives = self.epoch_counts
+        self.epoch_counts = [0.0, 0.0]
+        if not negatives or self.warned:
+            return None
+        ratio = flagged / negatives / self.alpha
+        if WARN[0] <= ratio <= WARN[1]:
+            return None
+        self.warned = True
+        if ratio > WARN[1]:
+            why = (
+                "the thresholds sit below the similarities, which rise as the model trains "
+                "while a threshold moves once per visit of its sample: set fnd.offset=true (an "
+                "offset re-estimated every step follows them), or start later (fnd.start_mask)"
+            )
+        else:
+            why = (
+                "the thresholds sit above the similarities: set fnd.init=quantile (each "
+                "threshold starts at its sample's quantile) or fnd.offset=true, or raise fnd.lr"
+            )
+        return (
+            f"GloFND flagged {ratio:.2f} x fnd.alpha={self.alpha:g} of the negatives over the "
+            f"last epoch of masking (calibrated: {CALIBRATED[0]:g}-{CALIBRATED[1]:.2f} x): {why}"
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            **super().state_dict(),
+            "offsets": dict(self.offsets),
+            "shared": dict(self.shared),
+            "streak": self.streak,
+            "epoch_counts": list(self.epoch_counts),
+            "warned": self.warned,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for key, target in (("offsets", self.offsets), ("shared", self.shared)):
+            values = state.get(key, {})
+            if not isinstance(values, dict):
+                raise ValueError(f"detector state {key} is not a mapping")
+            for t in self.anchor_types:
+                v = values.get(t)
+                if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+                    raise ValueError(f"detector state {key}.{t}={v!r} is not a number")
+                target[t] = None if v is None else float(v)
+        self.streak = int(state.get("streak", 0))
+        counts = state.get("epoch_counts", [0.0, 0.0])
+        if not (isinstance(counts, list) and len(counts) == 2):
+            raise ValueError(f"detector state epoch_counts={counts!r} is not two numbers")
+        self.epoch_counts = [float(x) for x in counts]
+        self.warned = bool(state.get("warned", False))
+
     def threshold_metrics(self) -> dict[str, float]:
+        """For the log line: the effective thresholds' quantiles (offset included), the
+        offsets, whether masking is on, and the flagged share over the steps since the last
+        line (as a share and as a multiple of alpha)."""
         out: dict[str, float] = {}
         for t in self.anchor_types:
             out.update(self.threshold_quantiles(t))
+            if self.offsets[t] is not None:
+                out[f"offset_{t}"] = self.offsets[t]
+        flagged, negatives = self._window_counts
+        self._window_counts = [0.0, 0.0]
+        if negatives:
+            out["flagged_share"] = flagged / negatives
+            out["flagged_over_alpha"] = flagged / negatives / self.alpha
+        out["masking"] = float(self.masked_from is not None)
         return out
 
     def thresholds(self, anchor_type: str, index: torch.Tensor) -> torch.Tensor:
@@ -207,7 +428,12 @@ class GloFND(Detector):
             return {f"glofnd.lambda_{t}": new_lam, f"glofnd.count_{t}": count}
         m = self.beta1 * self.tables.rows(f"glofnd.m_{t}", index, dev) + (1 - self.beta1) * g
         v = self.beta2 * self.tables.rows(f"glofnd.v_{t}", index, dev) + (1 - self.beta2) * g * g
-        t_corr = count if self.bias_correction == "sample" else torch.full_like(count, epoch + 1.0)
+        adam_steps = count - 1 if self.init != "constant" else count  # a start is no step
+        t_corr = (
+            adam_steps.clamp(min=1)
+            if self.bias_correction == "sample"
+            else torch.full_like(count, epoch + 1.0)
+        )
         mhat = m / (1 - torch.pow(torch.tensor(self.beta1, device=dev), t_corr))
         vhat = v / (1 - torch.pow(torch.tensor(self.beta2, device=dev), t_corr))
         new_lam = (lam - self.lr * mhat / (torch.sqrt(vhat) + EPS)).clamp(-1.0, 1.0)
@@ -226,7 +452,7 @@ class GloFND(Detector):
         under ``fnd.state=sharded``, of the rows this rank holds: an evenly spread 1/world)."""
         lam = self.tables.local(f"glofnd.lambda_{anchor_type}")
         seen = self.tables.local(f"glofnd.count_{anchor_type}") > 0
-        vals = lam[seen]
+        vals = lam[seen] + (self.offsets.get(anchor_type) or 0.0)
         if vals.numel() == 0:
             return {}
         if vals.numel() > max_rows:

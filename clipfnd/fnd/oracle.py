@@ -13,6 +13,6 @@ class Oracle(Detector):
     needs_labels = True
 
     def detect(self, inp: DetectionInput) -> Detection:
-        if not self.masking(inp.epoch) or inp.truth is None:
+        if not (inp.inference or self.masking(inp.epoch)) or inp.truth is None:
             return Detection({t: None for t in self.anchor_types})
         return Detection(dict(inp.truth))

@@ -43,13 +43,15 @@ def detection_counts(
 def detection_metrics(
     counts: torch.Tensor, prefix: str, with_truth: bool = True
 ) -> dict[str, float]:
-    """Share flagged, anchors with nothing kept, and (with labels) precision and recall."""
+    """Share flagged, anchors with nothing kept, and (with labels) precision and recall.
+    A ratio without a denominator (precision with nothing flagged, recall with no false
+    negative in the batch) is left out rather than logged as a false 0."""
     tp, flagged, true, neg, all_flagged = counts.tolist()
-    out = {
-        f"{prefix}flagged_share": flagged / neg if neg else 0.0,
-        f"{prefix}anchors_all_flagged": all_flagged,
-    }
-    if with_truth:
-        out[f"{prefix}precision"] = tp / flagged if flagged else 0.0
-        out[f"{prefix}recall"] = tp / true if true else 0.0
+    out = {f"{prefix}anchors_all_flagged": all_flagged}
+    if neg:
+        out[f"{prefix}flagged_share"] = flagged / neg
+    if with_truth and flagged:
+        out[f"{prefix}precision"] = tp / flagged
+    if with_truth and true:
+        out[f"{prefix}recall"] = tp / true
     return out

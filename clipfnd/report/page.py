@@ -190,6 +190,16 @@ def render(scores: Scores, run_dir: Path, shown_anchors: int = 12, shown_flags: 
     ]
     if scores.detector == "glofnd":
         facts.append(("fnd.alpha", f"{cfg.fnd.alpha} (share of the data above each threshold)"))
+    if scores.detector != "none":
+        started = scores.mask_start_step
+        facts.append(
+            (
+                "masking",
+                f"from step {started} (fnd.start_mask={cfg.fnd.start_mask})"
+                if started is not None
+                else f"not started by this checkpoint (fnd.start_mask={cfg.fnd.start_mask})",
+            )
+        )
     parts += [f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in facts]
     parts.append("</table>")
     parts += [f'<div class="note">{_esc(n)}</div>' for n in scores.notes]
@@ -212,6 +222,10 @@ def render(scores: Scores, run_dir: Path, shown_anchors: int = 12, shown_flags: 
     parts.append(
         f"<p>{summary}. Each anchor below shows its flagged negatives, most similar "
         "first, and the most similar negatives its detector left in.</p>"
+        "<p class=muted>Scored against the whole split encoded here: every anchor against "
+        "every other sample, with the thresholds as trained (GloFND's offset included). "
+        "During training, flags are counted within each global batch: the flagged share and "
+        "precision of the training plots below are batch figures.</p>"
     )
     for t, fl in scores.flags.items():
         parts.append(f"<h3>{_esc(TYPE_NAMES.get(t, t))}</h3>")

@@ -31,7 +31,7 @@ from ..config import Config, from_dict
 from ..errors import CheckpointError, UserError
 from ..fnd import DetectionInput, same_label
 from ..state import StateTables
-from ..train.checkpoint import load_tables, table_sources
+from ..train.checkpoint import load_detector_state, load_tables, table_sources
 from ..train.objective import OBJECTIVES, Objective
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Scores:
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # type -> [N, d], by row
     skipped: int = 0  # samples of the split left out (no caption in a CLIP run, unreadable)
     seconds: dict[str, float] = field(default_factory=dict)
+    mask_start_step: int | None = None  # the training step that first removed flagged negatives
 
 
 def find_checkpoint(run: str | Path, checkpoint: str | None) -> str:
@@ -275,14 +276,14 @@ def score(
             "every anchor; IFND's pseudo-labels belong to training samples and flag nothing here."
         )
     det = objective.detector
+    load_detector_state(det, ckpt.path)
     epoch = int(ckpt.epoch or 0)
-    if not det.masking(epoch) and det.name != "none":
+    if det.masked_from is None and det.name != "none":
         notes.append(
-            f"At epoch {epoch} of the checkpoint the detector does not flag yet "
-            f"(fnd.start_mask={cfg.fnd.start_mask}); shown: what its state would flag from "
-            f"epoch {cfg.fnd.start_mask} on."
+            f"At this checkpoint (step {det.steps}) the detector had not started removing "
+            f"flagged negatives yet (fnd.start_mask={cfg.fnd.start_mask}); shown: what its "
+            "state flags as it is."
         )
-        epoch = max(epoch, cfg.fnd.start_mask)
     scores = Scores(
         ckpt=ckpt,
         cfg=cfg,
@@ -295,12 +296,13 @@ def score(
         notes=notes,
         skipped=skipped + bad,
         features=feats,
+        mask_start_step=det.masked_from,
     )
     rng = random.Random(seed)
     anchors = sorted(rng.sample(range(len(samples)), min(max_anchors, len(samples))))
     flag_anchors(scores, objective, feats, index, labels, anchors, dev, progress)
     t2 = time.perf_counter()
-    confidence(scores, train_tables, index if is_training else None)
+    confidence(scores, train_tables, index if is_training else None, getattr(det, "offsets", None))
     ifnd_clusters(scores, train_tables, index if is_training else None, cfg)
     scores.seconds = {"encode": t1 - t0, "flags": t2 - t1, "total": time.perf_counter() - t0}
     return scores
@@ -332,10 +334,11 @@ def flag_anchors(
     dev_index, dev_labels = index.to(device), labels.to(device)
     has_labels = bool((labels >= 0).any())
     thresholds = {}
+    offsets = getattr(det, "offsets", {})  # GloFND's offset: part of every threshold
     for t in cols:
         name = f"glofnd.lambda_{t}"
         if name in objective.tables:
-            thresholds[t] = objective.tables.rows(name, index).float()
+            thresholds[t] = objective.tables.rows(name, index).float() + (offsets.get(t) or 0.0)
     out: dict[str, list[AnchorFlags]] = {t: [] for t in cols}
     per_label: dict[int, list[int]] = {}
     bar = tqdm(
@@ -359,6 +362,7 @@ def flag_anchors(
                 scores.epoch,
                 1,
                 dev_index,
+                inference=True,
             )
         )
         for t in cols:
@@ -405,18 +409,26 @@ def flag_anchors(
     scores.per_label = dict(sorted(per_label.items()))
 
 
-def confidence(scores: Scores, tables: StateTables, index: torch.Tensor | None, k: int = 6) -> None:
-    """GloFND's learned thresholds: all of them (the histogram) and, among the encoded
-    training samples, the ``k`` highest and lowest."""
+def confidence(
+    scores: Scores,
+    tables: StateTables,
+    index: torch.Tensor | None,
+    offsets: dict[str, float | None] | None = None,
+    k: int = 6,
+) -> None:
+    """GloFND's learned thresholds (with the offset of their anchor type, where the run
+    keeps one): all of them (the histogram) and, among the encoded training samples, the
+    ``k`` highest and lowest."""
     for t in columns_of(scores.cfg.mode):
         name = f"glofnd.lambda_{t}"
         if name not in tables:
             continue
+        shift = (offsets or {}).get(t) or 0.0
         seen = tables[f"glofnd.count_{t}"] > 0
-        scores.thresholds[t] = tables[name][seen].float()
+        scores.thresholds[t] = tables[name][seen].float() + shift
         if index is None:
             continue
-        lam = tables.rows(name, index).float()
+        lam = tables.rows(name, index).float() + shift
         learned = tables.rows(f"glofnd.count_{t}", index) > 0
         rows = learned.nonzero().squeeze(1)
         if rows.numel() == 0:

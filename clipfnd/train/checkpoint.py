@@ -212,10 +212,25 @@ def _check(path: Path, cfg: Config, s: Setup) -> tuple[dict[str, Any], LoaderSta
 
 
 def _load(path: Path, s: Setup) -> None:
-    """Load checkpoint ``path`` into the run (weights, optimiser, RNG, tables, schedule)."""
+    """Load checkpoint ``path`` into the run (weights, optimiser, RNG, tables, schedule, the
+    detector's run-wide state)."""
     s.accelerator.load_state(str(path))
     load_tables(s.tables, path)
     s.scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+    load_detector_state(s.objective.detector, path)
+
+
+def load_detector_state(detector, ckpt: Path) -> None:
+    """The detector's run-wide state from ``ckpt`` (``detector.json``; a checkpoint written
+    before it existed: the steps taken, from ``trainer_state.json``, and nothing else)."""
+    path = ckpt / DETECTOR_FILE
+    if not path.is_file():
+        detector.load_state_dict({"steps": read_trainer_state(ckpt).get("step", 0)})
+        return
+    try:
+        detector.load_state_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a detector state: {_one_line(e)}") from e
 
 
 def resume(cfg: Config, s: Setup) -> Resumed:
@@ -339,6 +354,7 @@ WRITE_ERRORS = (OSError, RuntimeError, safetensors.SafetensorError)
 
 TABLES_FILE = "tables.safetensors"
 SCHEDULER_FILE = "scheduler.json"
+DETECTOR_FILE = "detector.json"
 
 
 def shard_file(rank: int, world: int) -> str:
@@ -536,6 +552,7 @@ def save(
             save_tables(s.tables, tmp / TABLES_FILE)
         if acc.is_main_process:
             write_json(tmp / SCHEDULER_FILE, s.scheduler.state_dict())
+            write_json(tmp / DETECTOR_FILE, s.objective.detector.state_dict())
         write_json(tmp / f"loader_rank{acc.process_index}.json", loader_state.to_dict())
 
     def publish_it() -> None:

@@ -313,6 +313,7 @@ def setup(cfg: Config) -> Setup:
             f"the run has no optimiser step: {steps_all} steps in {cfg.train.epochs} epoch(s) "
             f"with data.batch_size={cfg.data.batch_size} and optim.accum_steps={k}"
         )
+    objective.detector.plan(total_steps, optimizer_steps_in_epoch(stream, 0, k))
     tau_group = len(groups) - 1 if method.own_temperature_group else None
     scheduler = build_scheduler(
         optimizer,
@@ -517,6 +518,9 @@ def _train(cfg: Config, s: Setup) -> dict[str, Any]:
             record["epoch_seconds"] = seconds
             record["epoch_samples_per_sec"] = samples / max(seconds, 1e-9)
             metrics.write(record)
+            calibration = s.objective.detector.epoch_report()  # every rank: it resets counts
+            if calibration and s.accelerator.is_main_process:
+                log.warning("%s", calibration)
             if s.accelerator.is_main_process:
                 log.info(
                     "epoch %d done: %d samples in %.1f s (%.1f samples/s), %d skipped as bad; "
@@ -619,6 +623,8 @@ def train_epoch(
         run.window.add(r)
         run.duplicates += sum(o.duplicates for o in r.outputs)
         bar.update(1)
+        if r.events:  # e.g. the step masking started at: a line of its own, whatever log_every
+            metrics.write({"step": run.step, "epoch": epoch, **r.events})
         after_step(cfg, s, run, it, epoch, r, metrics, bar)
 
 
@@ -799,6 +805,7 @@ def finish(
         "skipped_samples": int(distributed.all_reduce_sum(torch.tensor(run.bad_samples)).item()),
         "nonfinite_steps_skipped": run.faults.total,
         "duplicate_samples": run.duplicates,
+        "fnd_mask_start_step": s.objective.detector.masked_from,
         "eval": results,
         "time": now(),
         "elapsed_seconds": run.elapsed(),

@@ -51,6 +51,8 @@ class StepOutput:
     index: torch.Tensor | None = None  # this rank's dataset indices
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # new table rows, not yet written
     duplicates: int = 0  # samples of the global batch whose dataset index came earlier in it
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # the detector's (this rank's)
+    masked: bool = False  # the loss used the detector's flags
 
 
 class Objective(ABC):
@@ -155,17 +157,29 @@ class Objective(ABC):
                 backward(out.loss)
         return out
 
-    def commit(self, outs: StepOutput | list[StepOutput]) -> None:
+    def commit(self, outs: StepOutput | list[StepOutput]) -> dict[str, float]:
         """Write the new rows of one or more micro-batches (one optimiser step) into every
-        replica, in one write (a collective: all ranks call it with as many outputs)."""
+        replica, in one write, and hand the detector the step's statistics summed over the
+        micro-batches and every rank (collectives: all ranks call it with as many outputs).
+        Returns what the detector says of the step (the step masking started at, once)."""
         outs = [outs] if isinstance(outs, StepOutput) else [o for o in outs if o.index is not None]
         if not outs:
-            return
+            return {}
         names = set(outs[0].rows)
         if any(set(o.rows) != names for o in outs):
             raise ValueError("the micro-batches of one optimiser step changed different tables")
         index = torch.cat([o.index for o in outs])
         self.tables.write_rows(index, {n: torch.cat([o.rows[n] for o in outs]) for n in names})
+        stats: dict[str, torch.Tensor] = {}
+        for o in outs:
+            for key, value in o.stats.items():
+                stats[key] = stats[key] + value if key in stats else value
+        if stats:
+            keys = sorted(stats)
+            summed = distributed.all_reduce_sum(torch.cat([stats[k].flatten() for k in keys]))
+            sizes = [stats[k].numel() for k in keys]
+            stats = {k: v.view_as(stats[k]) for k, v in zip(keys, summed.split(sizes), strict=True)}
+        return self.detector.after_step(stats, masked=any(o.masked for o in outs))
 
     def summarise(self, detection: torch.Tensor | None) -> dict[str, float]:
         """Detection quality from counts summed over ranks (and steps)."""
@@ -232,7 +246,7 @@ class ClipObjective(Objective):
 
         det = self.detector
         masking, updating = det.masking(epoch), det.updating(epoch)
-        measure = measure and masking
+        logged, measure = measure, measure and masking
         truth: dict[str, torch.Tensor] | None = None
         if self.has_labels and (measure or (masking and det.needs_labels)):
             same = same_label(label.to(dev), label_all.to(dev), pos)
@@ -243,7 +257,9 @@ class ClipObjective(Objective):
         if det.needs_similarities and (masking or updating):
             with torch.no_grad():
                 sims = {t: anchors[t] @ others[t].T for t in ANCHORS}
-        found = det.detect(DetectionInput(sims, pos, index, truth, copies, num_neg, epoch))
+        found = det.detect(
+            DetectionInput(sims, pos, index, truth, copies, num_neg, epoch, measure=logged)
+        )
 
         rows = {t: AnchorRows(anchors[t], others[t], pos, found.flags[t], copies) for t in ANCHORS}
         out = self.method.loss(rows, index, logit_scale, epoch)
@@ -257,11 +273,13 @@ class ClipObjective(Objective):
             )
         return StepOutput(
             loss=out.loss,
-            metrics=out.metrics,
+            metrics={**out.metrics, **found.metrics},
             detection=detection,
             index=index,
             rows={**found.rows, **out.rows},
             duplicates=duplicates,
+            stats=found.stats,
+            masked=masking,
         )
 
 
@@ -328,7 +346,7 @@ class SimCLRObjective(Objective):
 
         det = self.detector
         masking, updating = det.masking(epoch), det.updating(epoch)
-        measure = measure and masking
+        logged, measure = measure, measure and masking
         truth: dict[str, torch.Tensor] | None = None
         if self.has_labels and (measure or (masking and det.needs_labels)):
             same = same_label(label.repeat(2), torch.cat([label_all, label_all]), pos)
@@ -338,7 +356,18 @@ class SimCLRObjective(Objective):
             with torch.no_grad():
                 sims = {"view": z @ others.T}
         found = det.detect(
-            DetectionInput(sims, pos, index, truth, not_negative, num_neg, epoch, 2, columns_index)
+            DetectionInput(
+                sims,
+                pos,
+                index,
+                truth,
+                not_negative,
+                num_neg,
+                epoch,
+                2,
+                columns_index,
+                measure=logged,
+            )
         )
         anchor_rows = {
             "view": AnchorRows(
@@ -355,11 +384,13 @@ class SimCLRObjective(Objective):
             )
         return StepOutput(
             loss=out.loss,
-            metrics=out.metrics,
+            metrics={**out.metrics, **found.metrics},
             detection=detection,
             index=index,
             rows={**found.rows, **out.rows},
             duplicates=duplicates,
+            stats=found.stats,
+            masked=masking,
         )
 
 

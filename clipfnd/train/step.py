@@ -42,6 +42,7 @@ class StepResult:
     losses: list[torch.Tensor] = dataclasses.field(default_factory=list)  # one per micro-batch
     outputs: list[StepOutput] = dataclasses.field(default_factory=list)
     lrs: list[float] = dataclasses.field(default_factory=list)  # of each parameter group, as used
+    events: dict[str, float] = dataclasses.field(default_factory=dict)  # the detector's, once
 
 
 def optimizer_step(cfg: Config, s: Setup, batches, epoch: int, logged: bool) -> StepResult:
@@ -108,9 +109,9 @@ def optimizer_step(cfg: Config, s: Setup, batches, epoch: int, logged: bool) -> 
     losses, lrs = [r.loss.detach() for r in held], [g["lr"] for g in s.optimizer.param_groups]
     if acc.optimizer_step_was_skipped:
         return StepResult("overflow", losses, held, lrs)
-    s.objective.commit(held)  # per-sample tables change only with the weights
+    events = s.objective.commit(held)  # per-sample tables change only with the weights
     s.scheduler.step()
-    return StepResult("taken", losses, held, lrs)
+    return StepResult("taken", losses, held, lrs, events)
 
 
 class NonFiniteError(RuntimeError):
