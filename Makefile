@@ -43,6 +43,8 @@ bench: install
 	$(PY) benchmarks/index_shards.py --shards 20 --rounds 1
 	$(PY) benchmarks/vs_open_clip.py --samples 1024 --rounds 1 --log-every 4
 	$(PY) benchmarks/fn_benefit.py --quick
+	$(PY) benchmarks/fn_regime.py --quick
+	$(PY) benchmarks/vision_results.py --study glofnd --quick
 
 clean:
 	rm -rf runs data

@@ -340,6 +340,40 @@ def test_fn_testbed_preset_states_and_draws_each_images_position_and_size():
     )
 
 
+TESTBED_DIGEST = "c37ee0b708daf07c"  # sha256 of the fn-testbed's first 3 images, 2026-12-05
+
+
+def test_fn_paraphrase_preset_states_only_the_concept_in_several_wordings():
+    """fn-paraphrase: the fn-testbed's images (position and size drawn per image), captions
+    that state the colour and the shape only, in several wordings; the fn-testbed's own bytes
+    are untouched by the option."""
+    spec = synthetic.preset_spec("fn-paraphrase")
+    assert spec.paraphrase and not spec.details and spec.num_concepts == 16
+    names = synthetic.label_names(spec)
+    assert names == synthetic.label_names(synthetic.preset_spec("fn-testbed"))  # same concepts
+    wordings, positions = set(), set()
+    for sample in synthetic.generate(spec, 120):
+        colour, shape = names[sample.label].split()
+        assert colour in sample.caption and shape in sample.caption
+        assert not any(p in sample.caption for p in synthetic.POSITION_NAMES), sample.caption
+        assert not any(f"{z} " in sample.caption for z in synthetic.SIZES), sample.caption
+        wordings.add(sample.caption.replace(colour, "{c}").replace(shape, "{s}"))
+        img = np.asarray(Image.open(io.BytesIO(sample.image)).convert("RGB"), dtype=np.float32)
+        ys, xs = np.nonzero(np.abs(img - np.array(synthetic.COLOURS[colour])).max(axis=2) < 45)
+        positions.add((round(xs.mean() / 32 * 2), round(ys.mean() / 32 * 2)))
+    assert len(wordings) == len(synthetic.TEMPLATES_PARAPHRASE)
+    assert len(positions) >= 4  # the image's position varies, unsaid
+    # the fn-testbed as it was before the option existed (its first captions and a digest of
+    # its first images, recorded then)
+    testbed = list(synthetic.generate(synthetic.preset_spec("fn-testbed"), 3))
+    assert [s.caption for s in testbed] == [
+        "bottom right: a large triangle, orange",
+        "bottom left: a small circle, red",
+        "a picture of a small purple triangle at the bottom right",
+    ]
+    assert hashlib.sha256(b"".join(s.image for s in testbed)).hexdigest()[:16] == TESTBED_DIGEST
+
+
 def test_fn_testbed_preset_from_the_command_line(tmp_path, capsys):
     from clipfnd.cli.main import main
 

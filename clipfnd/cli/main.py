@@ -342,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(synthetic_presets()),
         default=None,
         help="fn-testbed: 16 colour-shape concepts whose captions also state each image's "
-        "position and size (data where removing false negatives pays; docs/results.md)",
+        "position and size (data where removing false negatives pays; docs/results.md); "
+        "fn-paraphrase: the same images, captions that state only the concept, in one of "
+        "eight wordings (false negatives that are paraphrases)",
     )
     syn.set_defaults(func=cmd_data_synthetic)
 
