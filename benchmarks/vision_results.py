@@ -586,6 +586,7 @@ def plot_study(results: dict, images: Path) -> None:
 
     # GloFND over training: the flagged share over alpha (the band in which an arm counts
     # shaded), and the precision of its flags once masking is on
+    sets = [ds for ds in sets if any(a in results["runs"][ds] for a in GAPS)] or sets[:1]
     fig, axes = plt.subplots(
         2, len(sets), figsize=(4.2 * len(sets), 5.6), sharex=True, squeeze=False
     )
@@ -610,7 +611,8 @@ def plot_study(results: dict, images: Path) -> None:
         top.axhline(1.0, color="0.5", lw=0.8)
         top.set_ylabel("flagged share / alpha")
         top.set_title(f"{ds} (dotted: masking starts)", fontsize=10)
-        top.legend(fontsize=7)
+        if top.get_legend_handles_labels()[0]:
+            top.legend(fontsize=7)
         rate = results["data"][ds]["rate"]
         bottom.axhline(rate, color="0.5", ls="--", lw=0.8, label="random flags")
         bottom.set_ylim(0, None)
