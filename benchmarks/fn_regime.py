@@ -21,7 +21,7 @@ precision and recall against the labels, and the share of the CLIP-oracle gap it
 the mean of the three concept metrics (same-concept R@1 both ways, zero-shot top-1), per seed.
 
     python benchmarks/fn_regime.py [--seeds 0 1 2] [--more-seeds 3 4] [--epochs 30] [--resume]
-    python benchmarks/fn_regime.py --quick          # one seed, 6 epochs, three arms (~3 min)
+    python benchmarks/fn_regime.py --quick          # one seed, 6 epochs, three arms (~2 min)
     python benchmarks/fn_regime.py --rules          # each threshold rule's calibration (~6 min)
     python benchmarks/fn_regime.py --from-json docs/fn_regime.json   # redraw
 

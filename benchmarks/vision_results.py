@@ -26,7 +26,7 @@ precision and recall, and the share of the plain-oracle gap in kNN top-1 it clos
     python benchmarks/vision_results.py [--seeds 0 1 2] [--epochs 8] [--out docs/results.md]
     python benchmarks/vision_results.py --study glofnd [--seeds 0 1 2] [--epochs 40]
     python benchmarks/vision_results.py --study glofnd --from-json   # redraw from the JSON
-    python benchmarks/vision_results.py --study glofnd --quick       # one seed, testbed (~4 min)
+    python benchmarks/vision_results.py --study glofnd --quick       # one seed, testbed (~3 min)
 
 Parts 1-2 write the tables (markdown) to ``--out`` and the raw numbers beside it as JSON.
 Part 3 writes its subsection of ``--out`` (between the ``vision_glofnd`` markers, inside
