@@ -22,7 +22,7 @@ the mean of the three concept metrics (same-concept R@1 both ways, zero-shot top
 
     python benchmarks/fn_regime.py [--seeds 0 1 2] [--more-seeds 3 4] [--epochs 30] [--resume]
     python benchmarks/fn_regime.py --quick          # one seed, 6 epochs, three arms (~2 min)
-    python benchmarks/fn_regime.py --rules          # each threshold rule's calibration (~6 min)
+    python benchmarks/fn_regime.py --rules          # each threshold rule's calibration (~10 min)
     python benchmarks/fn_regime.py --from-json docs/fn_regime.json   # redraw
 
 Writes its section of ``docs/results.md`` (between the ``fn_regime`` markers), the raw

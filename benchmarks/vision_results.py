@@ -678,7 +678,7 @@ def main() -> None:
     g.add_argument(
         "--quick",
         action="store_true",
-        help="one seed of SimCLR, + GloFND and + oracle on the testbed, 8 epochs (~4 min), "
+        help="one seed of SimCLR, + GloFND and + oracle on the testbed, 8 epochs (~3 min), "
         "written under runs/bench/vision_glofnd/",
     )
     a = p.parse_args()
