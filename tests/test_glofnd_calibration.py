@@ -240,6 +240,9 @@ def test_a_run_far_from_calibration_is_warned_once_with_the_key_to_change():
     det = _glofnd(StateTables(4), ("img",), alpha=0.1)
     det.after_step({"glofnd.flagged_img": torch.tensor([12.0, 100.0])}, masked=True)
     assert det.epoch_report() is None  # 1.2 x: within [0.5, 2]
+    det = _glofnd(StateTables(4), ("img",), alpha=0.1)
+    det.after_step({"glofnd.flagged_img": torch.tensor([4.97, 100.0])}, masked=True)
+    assert "flagged 0.497 x" in det.epoch_report()  # not "0.50", which reads as within
 
 
 def test_the_run_wide_state_round_trips_and_refuses_garbage():

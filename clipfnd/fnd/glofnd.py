@@ -309,8 +309,11 @@ class GloFND(Detector):
                 "the thresholds sit above the similarities: set fnd.init=quantile (each "
                 "threshold starts at its sample's quantile) or fnd.offset=true, or raise fnd.lr"
             )
+        shown = f"{ratio:.2f}"  # 3 decimals where 2 would round onto the band (0.497: 0.50)
+        if WARN[0] <= float(shown) <= WARN[1]:
+            shown = f"{ratio:.3f}"
         return (
-            f"GloFND flagged {ratio:.2f} x fnd.alpha={self.alpha:g} of the negatives over the "
+            f"GloFND flagged {shown} x fnd.alpha={self.alpha:g} of the negatives over the "
             f"last epoch of masking (calibrated: {CALIBRATED[0]:g}-{CALIBRATED[1]:.2f} x): {why}"
         )
 
