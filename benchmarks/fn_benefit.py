@@ -520,12 +520,13 @@ def render(results: dict, a: argparse.Namespace, images: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(out: Path, section: str) -> None:
-    """Replace the fn_benefit section of ``out`` (or add it before the speed section)."""
+def write_section(out: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section between ``begin`` and ``end`` in ``out`` (fn_benefit's by default;
+    fn_regime.py writes its own), or add it before the speed section."""
     text = out.read_text() if out.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     elif "## Speed against open_clip's trainer" in text:
         head, rest = text.split("## Speed against open_clip's trainer", 1)
         text = head + section + "\n\n## Speed against open_clip's trainer" + rest

@@ -52,7 +52,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from fn_benefit import CONCEPT_KEYS, _figure, fmt, mean_sd, same_label_rate  # noqa: E402
+from fn_benefit import (  # noqa: E402
+    CONCEPT_KEYS,
+    _figure,
+    fmt,
+    mean_sd,
+    same_label_rate,
+    write_section,
+)
 
 GLOFND = ["fnd.detector=glofnd"]  # the calibrated defaults: fnd.init quantile, fnd.offset on
 MAIN: dict[str, list[str]] = {
@@ -459,20 +466,6 @@ def render(results: dict, images: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(out: Path, section: str) -> None:
-    """Replace the fn_regime section of ``out`` (or add it before the speed section)."""
-    text = out.read_text() if out.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    elif "## Speed against open_clip's trainer" in text:
-        head, rest = text.split("## Speed against open_clip's trainer", 1)
-        text = head + section + "\n\n## Speed against open_clip's trainer" + rest
-    else:
-        text = text + ("\n" if text else "") + section + "\n"
-    out.write_text(text)
-
-
 def report(results: dict, out: Path, images: Path) -> None:
     rules = out.parent / "fn_regime_rules.json"
     if rules.exists():
@@ -482,7 +475,7 @@ def report(results: dict, out: Path, images: Path) -> None:
     if "rules" in results:
         plot_rules(results, images / "fn_regime_rules.png")
     rel = "images" if out.parent == images.parent else str(images)
-    write_section(out, render(results, rel))
+    write_section(out, render(results, rel), BEGIN, END)
     print(f"wrote {out}, {out.parent / 'fn_regime.json'} and the plots in {images}")
 
 
