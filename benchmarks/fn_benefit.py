@@ -145,14 +145,17 @@ def run_one(
 
 
 # --- data ------------------------------------------------------------------------------------
-def testbed(root: Path, concepts: int, n_train: int, n_val: int) -> tuple[Path, float]:
-    """The fn-testbed shards (as ``clipfnd data synthetic --preset fn-testbed`` writes them) and
-    the true same-concept rate: the chance that another training sample shares the label."""
+def testbed(
+    root: Path, concepts: int | None, n_train: int, n_val: int, preset: str = "fn-testbed"
+) -> tuple[Path, float]:
+    """A preset's shards (as ``clipfnd data synthetic --preset fn-testbed`` writes them; other
+    presets for fn_regime.py; ``concepts`` None: the preset's own count) and the true
+    same-concept rate: the chance that another training sample shares the label."""
     from data_pipelines import synthetic
     from data_pipelines.shards import write_split
 
-    d = root / f"testbed_{concepts}"
-    spec = synthetic.preset_spec("fn-testbed", num_concepts=concepts)
+    d = root / f"{preset}_{concepts or 'preset'}"
+    spec = synthetic.preset_spec(preset, num_concepts=concepts)
     labels: list[int] = []
 
     def training_samples():  # the training labels, noted as the samples are written

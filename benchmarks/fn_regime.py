@@ -57,7 +57,7 @@ from fn_benefit import (  # noqa: E402
     _figure,
     fmt,
     mean_sd,
-    same_label_rate,
+    testbed,
     write_section,
 )
 
@@ -234,27 +234,6 @@ def run_one(
     ]
     r["seconds"] = time.perf_counter() - t0
     return r
-
-
-def testbed(root: Path, preset: str, n_train: int, n_val: int) -> tuple[Path, float]:
-    """``preset``'s shards and the true same-concept rate of the training set."""
-    from data_pipelines import synthetic
-    from data_pipelines.shards import write_split
-
-    d = root / preset
-    spec = synthetic.preset_spec(preset)
-    labels: list[int] = []
-
-    def training():
-        for s in synthetic.generate(spec, n_train, "train"):
-            labels.append(s.label)
-            yield s
-
-    names = synthetic.label_names(spec)
-    write_split(d / "train", training(), shard_size=1024, label_names=names, progress=False)
-    val = synthetic.generate(spec, n_val, "val")
-    write_split(d / "val", val, shard_size=1024, label_names=names, progress=False)
-    return d, same_label_rate(labels)
 
 
 # --- statistics and the page ------------------------------------------------------------------
@@ -573,7 +552,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data, rate = testbed(root, "fn-testbed", a.train, a.val)
+        data, rate = testbed(root, None, a.train, a.val)
         results["testbed"] = {"rate": rate}
         results["main"] = {
             arm: [go(arm, data, MAIN[arm], s, rate) for s in a.seeds] for arm in a.arms
@@ -591,7 +570,7 @@ def main() -> None:
                 ]
         results["paraphrase"] = {"rate": None, "runs": {}}
         if not a.no_paraphrase:
-            pdata, prate = testbed(root, "fn-paraphrase", a.train, a.val)
+            pdata, prate = testbed(root, None, a.train, a.val, "fn-paraphrase")
             results["paraphrase"] = {
                 "rate": prate,
                 "runs": {
