@@ -193,8 +193,11 @@ class GloFND(Detector):
                 fresh = (self.tables.rows(f"glofnd.count_{t}", inp.index) == 0).to(dev)
             shared = self._shared(t, sims, neg, inp) if self.init == "shared" else None
             offset = self._offset(t, sims, lam, neg, fresh.repeat(k), inp)
+            q = None  # each row's quantile, computed once for a start and the logged gap
             if bool(fresh.any()):  # theta = the start value, stored less this step's offset
-                start = shared if shared is not None else row_quantile(sims, neg, self.alpha, k)
+                if shared is None:
+                    q = row_quantile(sims, neg, self.alpha, k)
+                start = shared if shared is not None else q
                 lam = torch.where(fresh, torch.as_tensor(start, device=dev) - offset, lam)
             theta = (lam + offset).to(sims.dtype)
             flags = (sims > theta.repeat(k)[:, None]) & neg
@@ -214,7 +217,8 @@ class GloFND(Detector):
                     torch.float64
                 )
             if inp.measure:
-                q = row_quantile(sims, neg, self.alpha, k)
+                if q is None:
+                    q = row_quantile(sims, neg, self.alpha, k)
                 found.metrics[f"fnd/threshold_gap_{t}"] = float((theta - q).mean())
         return found
 
