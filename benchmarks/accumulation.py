@@ -36,6 +36,7 @@ def one(setting: str, a: argparse.Namespace) -> dict:
     from clipfnd.models import create_clip
     from clipfnd.state import StateTables
     from clipfnd.train.objective import ClipObjective
+    from clipfnd.train.step import cached_window
 
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,7 +75,8 @@ def one(setting: str, a: argparse.Namespace) -> dict:
     def step(s: int) -> None:
         window = batches(s)
         if setting == "cached":
-            obj.accumulated(
+            cached_window(
+                obj,
                 model,
                 window,
                 dev,

@@ -152,7 +152,8 @@ def clustering_cost(root: Path, n: int, batch: int) -> dict:
     GloFND's per-step overhead at the same batch (interleaved, median of 30)."""
     from clipfnd.config import load_config
     from clipfnd.state import StateTables
-    from clipfnd.train.loop import embed_training_set, setup
+    from clipfnd.train.build import build_run
+    from clipfnd.train.loop import embed_training_set
     from clipfnd.train.objective import SimCLRObjective
     from data_pipelines import synthetic
     from data_pipelines.shards import write_split
@@ -181,7 +182,7 @@ def clustering_cost(root: Path, n: int, batch: int) -> dict:
             "overwrite=true",
         ],
     )
-    s = setup(cfg)
+    s = build_run(cfg)
     t0 = time.perf_counter()
     index, feats = embed_training_set(cfg, s)
     t_embed = time.perf_counter() - t0

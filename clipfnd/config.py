@@ -7,6 +7,7 @@ values out of range are refused when the config is loaded, with a message naming
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,6 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
-from .fnd import DETECTORS
-from .fnd.calibration import MaskStart
-from .methods import METHODS
 
 
 class ConfigError(UserError):
@@ -204,6 +202,59 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+@dataclass(frozen=True)
+class MaskStart:
+    """When flags start being used (``fnd.start_mask``): at an ``epoch`` (an integer), after a
+    ``fraction`` of the run's optimiser steps (``0.3`` or ``"30%"``), or ``auto``: once the
+    flagged share has stayed calibrated (within ``CALIBRATED`` of alpha) for a window of
+    steps."""
+
+    kind: str  # epoch | fraction | auto
+    value: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: int | float | str) -> MaskStart:
+        """``ValueError`` naming the forms accepted for anything else."""
+        forms = "an epoch (an integer >= 0), a share of training (0.3 or 30%), or auto"
+        if isinstance(spec, bool):
+            raise ValueError(f"fnd.start_mask={spec!r}: give {forms}")
+        if isinstance(spec, int):
+            if spec < 0:
+                raise ValueError(f"fnd.start_mask={spec}: give {forms}")
+            return cls("epoch", spec)
+        if isinstance(spec, str):
+            text = spec.strip().lower()
+            if text == "auto":
+                return cls("auto")
+            if text.endswith("%"):
+                try:
+                    spec = float(text[:-1]) / 100
+                except ValueError:
+                    raise ValueError(f"fnd.start_mask={spec!r}: give {forms}") from None
+            else:
+                try:
+                    return cls.parse(int(text))
+                except ValueError:
+                    raise ValueError(f"fnd.start_mask={spec!r}: give {forms}") from None
+        if isinstance(spec, float):
+            if not 0 <= spec < 1 or math.isnan(spec):
+                raise ValueError(
+                    f"fnd.start_mask={spec}: a share of training is in [0, 1) (or [0%, 100%)); "
+                    "give an epoch as an integer"
+                )
+            return cls("fraction", spec)
+        raise ValueError(f"fnd.start_mask={spec!r}: give {forms}")
+
+    def first_step(self, total_steps: int) -> int:
+        """The first optimiser step (1-based) that masks, for a ``fraction``."""
+        return math.floor(self.value * total_steps) + 1
+
+    def __str__(self) -> str:
+        if self.kind == "epoch":
+            return f"epoch {int(self.value)}"
+        return f"{self.value:.0%} of training" if self.kind == "fraction" else "auto"
+
+
 MODES = ("clip", "simclr")
 DEFAULT_MODEL = {"clip": "clipfnd-tiny-vit", "simclr": "tiny"}
 DEFAULT_LOSS = {"clip": "clip", "simclr": "simclr"}
@@ -223,11 +274,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adamw", "sgd", "lars"),
     "optim.schedule": ("cosine", "constant"),
     "optim.accum_mode": ("cached", "independent"),
-    "loss.name": tuple(METHODS),  # the registries: adding a method or detector needs no line here
     "loss.tau_schedule": ("model", "fastclip"),
     "fnd.bias_correction": ("sample", "epoch"),
     "fnd.init": ("constant", "quantile", "shared"),
-    "fnd.detector": tuple(DETECTORS),
     "fnd.optimizer": ("adam", "sgd"),
     "fnd.removal": ("eliminate", "attract"),
     "fnd.match": ("any", "all"),
@@ -358,14 +407,6 @@ def validate(cfg: Config) -> None:
             f"eval.tasks={cfg.eval.tasks}: in mode {cfg.mode} each must be one of "
             f"{', '.join(tasks)} ({other} run with `clipfnd eval`)"
         )
-    for key, registry in (("loss.name", METHODS), ("fnd.detector", DETECTORS)):
-        modes = registry[get(key)].modes
-        if cfg.mode not in modes:
-            fits = [n for n, c in registry.items() if cfg.mode in c.modes]
-            raise ConfigError(
-                f"{key}={get(key)!r} is for mode {' or '.join(modes)}, and this run has "
-                f"mode={cfg.mode!r}; in mode {cfg.mode} choose one of {', '.join(fits)}"
-            )
     if cfg.mode == "simclr":
         _validate_simclr(cfg)
         locks = [k for k in ("lock_image", "lock_text") if getattr(cfg.model, k)]
@@ -395,12 +436,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"fnd.start_mask ({cfg.fnd.start_mask}) must be >= fnd.start_update "
             f"({cfg.fnd.start_update}): masks come from thresholds that have started learning"
-        )
-    if mask_start.kind == "auto" and not DETECTORS[cfg.fnd.detector].calibrates:
-        raise ConfigError(
-            f"fnd.start_mask=auto with fnd.detector={cfg.fnd.detector}: auto waits until the "
-            "flagged share is calibrated, which only glofnd measures; give an epoch or a share "
-            "of training (e.g. 30%)"
         )
     if cfg.fnd.start_mask_window is not None and cfg.fnd.start_mask_window < 1:
         raise ConfigError(

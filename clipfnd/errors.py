@@ -11,3 +11,8 @@ class UserError(ValueError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete, corrupt, or of another run."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient; the message names
+    the checkpoint to go back to (the CLI exits with status 3)."""

@@ -23,12 +23,15 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import webdataset as wds
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from .progress import bar_disable
+
+if TYPE_CHECKING:
+    import webdataset as wds
+
+# webdataset (which imports torch) and PIL are imported where they are used, so that
+# ``clipfnd data ... --help`` and ``from data_pipelines import DataError`` stay light.
 
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -144,6 +147,8 @@ def check_image(data: bytes) -> str | None:
     """Return None if ``data`` decodes as an image, else the reason it does not."""
     if not data:
         return "zero-byte image"
+    from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -207,6 +212,8 @@ class ShardWriter:
         name = SHARD_PATTERN.format(len(self.shards))
         self._tmp_path = self.out_dir / (name + ".tmp")
         self._final_path = self.out_dir / name
+        import webdataset as wds
+
         self._stream = open(self._tmp_path, "wb")
         self._tar = wds.TarWriter(self._stream, user="clipfnd", group="clipfnd", mtime=0.0)
         self._in_shard = 0
@@ -488,6 +495,8 @@ def image_ext(sample: dict[str, Any]) -> str | None:
 def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
     """The samples of one tar, its members grouped by key (no decoding), by webdataset's own
     tar iterators: ``{"__key__", "__url__", ext: bytes, ...}`` with lower-case extensions."""
+    import webdataset as wds
+
     with open(path, "rb") as stream:
         members = wds.tariterators.tar_file_iterator(stream)
         yield from wds.tariterators.group_by_keys({**m, "__url__": path} for m in members)

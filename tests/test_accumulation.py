@@ -15,6 +15,7 @@ from clipfnd import distributed
 from clipfnd.config import load_config
 from clipfnd.state import StateTables
 from clipfnd.train.objective import OBJECTIVES
+from clipfnd.train.step import cached_window
 
 from gloo import run_group
 
@@ -102,7 +103,8 @@ def _step(rank, world, name, accumulate, epoch=1):
     mine = [m[rank * b : (rank + 1) * b] for m in micro]  # this rank's share of each micro-batch
     dev = torch.device("cpu")
     if accumulate:
-        out = obj.accumulated(
+        out = cached_window(
+            obj,
             model,
             [_batch(m, mode) for m in mine],
             dev,

@@ -6,6 +6,7 @@ import pytest
 
 from clipfnd.cli.main import main
 from clipfnd.config import ConfigError, load_config
+from clipfnd.registry import load_run_config
 
 
 def test_layers_and_types(tmp_path):
@@ -43,7 +44,7 @@ def test_layers_and_types(tmp_path):
 )
 def test_bad_values_are_refused_by_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["data.train=/x", override])
+        load_run_config(None, ["data.train=/x", override])
 
 
 def test_an_output_dir_under_a_file_is_refused(tmp_path):

@@ -139,7 +139,7 @@ def run_steps(
     from pathlib import Path
 
     from clipfnd.state import ShardedTables
-    from clipfnd.train.checkpoint import TABLES_FILE, load_tables, save_tables, shard_file
+    from clipfnd.state.files import TABLES_FILE, load_tables, save_tables, shard_file
 
     overrides = dict(overrides)
     repeats = overrides.pop("repeats", False)

@@ -23,7 +23,7 @@ from clipfnd.cli.main import main
 from clipfnd.config import from_dict
 from clipfnd.report import write_report
 from clipfnd.report.scoring import read_tables
-from clipfnd.train.checkpoint import load_tables
+from clipfnd.state.files import load_tables
 from clipfnd.train.objective import OBJECTIVES
 
 COMMON = [
@@ -126,7 +126,7 @@ def objective_flags(scores, mode: str) -> dict[str, torch.Tensor]:
     re-estimated from this input: ``DetectionInput.inference``)."""
     import dataclasses
 
-    from clipfnd.train.checkpoint import load_detector_state
+    from clipfnd.state.files import load_detector_state
 
     cfg = from_dict(scores.ckpt.config)
     tables = read_tables(scores.ckpt)

@@ -10,7 +10,7 @@ from test_distributed import CONFIGS, N, run_steps
 
 from clipfnd.config import ConfigError, load_config
 from clipfnd.state import ShardedTables, StateTables
-from clipfnd.train.checkpoint import read_full_tables
+from clipfnd.state.files import read_full_tables
 
 from gloo import run_group
 
@@ -136,7 +136,7 @@ def test_ifnd_with_sharded_state_is_refused():
 def test_tables_load_piece_by_piece_into_any_layout_and_mixed_layouts_are_refused(
     tmp_path, monkeypatch
 ):
-    from clipfnd.train import checkpoint
+    from clipfnd.state import files as checkpoint
 
     full = StateTables(10)
     full.add("x")

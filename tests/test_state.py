@@ -7,7 +7,7 @@ import torch
 from clipfnd.config import FNDConfig
 from clipfnd.fnd import GloFND
 from clipfnd.state import StateTables
-from clipfnd.train.checkpoint import load_tables, save_tables
+from clipfnd.state.files import load_tables, save_tables
 
 
 def test_tables_survive_save_and_load(tmp_path):

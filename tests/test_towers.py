@@ -10,7 +10,7 @@ from clipfnd.config import ConfigError, load_config
 from clipfnd.errors import UserError
 from clipfnd.models import create_clip, set_grad_checkpointing
 from clipfnd.state import StateTables
-from clipfnd.train.loop import optimizer_step, setup
+from clipfnd.train.build import build_run
 from clipfnd.train.objective import ClipObjective
 
 
@@ -41,12 +41,12 @@ def test_a_locked_tower_stays_bit_identical_and_has_no_optimiser_state(
     shapes, tmp_path, lock, frozen_prefix
 ):
     cfg = _cfg(shapes, tmp_path / "run", lock)
-    s = setup(cfg)
+    s = build_run(cfg)
     model = s.accelerator.unwrap_model(s.model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batches = iter(s.stream.epoch(0))
     for _ in range(2):
-        assert optimizer_step(cfg, s, batches, 0, False).status == "taken"
+        assert s.optimizer_step(batches, 0, False).status == "taken"
     frozen = [n for n in before if n.startswith(frozen_prefix)]
     assert frozen
     for n, p in model.named_parameters():
@@ -64,7 +64,7 @@ def test_unlocked_groups_keep_the_last_groups_training(shapes, tmp_path):
     cfg = _cfg(
         shapes, tmp_path / "run", "model.lock_image=true", "model.lock_image_unlocked_groups=1"
     )
-    s = setup(cfg)
+    s = build_run(cfg)
     visual = s.accelerator.unwrap_model(s.model).visual
     trainable = [n for n, p in visual.named_parameters() if p.requires_grad]
     frozen = [n for n, p in visual.named_parameters() if not p.requires_grad]
@@ -108,7 +108,7 @@ def test_grad_checkpointing_refused_where_the_model_has_none(digits, tmp_path):
         ],
     )
     with pytest.raises(UserError, match="no activation checkpointing"):
-        setup(cfg)
+        build_run(cfg)
 
 
 def test_locks_are_for_clip_runs():
@@ -131,9 +131,9 @@ def test_a_compiled_step_agrees_with_an_eager_one(shapes, tmp_path):
             "train.compile_backend=aot_eager",
             "seed=5",
         )
-        s = setup(cfg)
+        s = build_run(cfg)
         batches = iter(s.stream.epoch(0))
-        r = optimizer_step(cfg, s, batches, 0, False)
+        r = s.optimizer_step(batches, 0, False)
         assert r.status == "taken"
         model = s.accelerator.unwrap_model(s.model)
         results.append((r.losses[0].item(), {k: v.clone() for k, v in model.state_dict().items()}))

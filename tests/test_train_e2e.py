@@ -191,7 +191,7 @@ def test_sharded_state_resumes_a_replicated_run_to_the_same_numbers(two_process_
     """``fnd.state=sharded`` resumes the replicated two-process run from its step 4 checkpoint
     (its one tables file split over the ranks): the same losses, and final per-rank table
     files that put back together equal the replicated run's tables."""
-    from clipfnd.train.checkpoint import read_full_tables
+    from clipfnd.state.files import read_full_tables
 
     cfg, run, _ = two_process_run
     resumed = _at_step_4(run, tmp_path / "sharded")

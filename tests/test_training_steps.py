@@ -18,8 +18,14 @@ import pytest
 import torch
 
 from clipfnd.config import load_config
-from clipfnd.train.loop import optimizer_step, optimizer_steps_in_epoch, setup, train
-from clipfnd.train.schedule import apply_tau_rule, build_scheduler, lr_factor
+from clipfnd.train.build import build_run
+from clipfnd.train.loop import train
+from clipfnd.train.schedule import (
+    apply_tau_rule,
+    build_scheduler,
+    lr_factor,
+    optimizer_steps_in_epoch,
+)
 
 
 def _cfg(shapes, run, *extra: str):
@@ -75,10 +81,10 @@ def ready(shapes, tmp_path):
 
     def make(*extra: str):
         cfg = _cfg(shapes, tmp_path / "run", *FAULT_RUN, *extra)
-        s = setup(cfg)
+        s = build_run(cfg)
         batches = iter(s.stream.epoch(0))
         before = _tables(s)
-        r = optimizer_step(cfg, s, batches, epoch=0, logged=False)
+        r = s.optimizer_step(batches, epoch=0, logged=False)
         assert r.status == "taken"
         assert any(not torch.equal(s.tables[n], before[n]) for n in before), (
             "a taken step commits rows"
@@ -93,13 +99,13 @@ def test_finite_loss_with_non_finite_gradient_changes_no_table(ready):
     tables, params, sched = _tables(s), _params(s), s.scheduler.last_epoch
     raw = s.accelerator.unwrap_model(s.model)
     hook = raw.logit_scale.register_hook(lambda g: g * float("nan"))
-    r = optimizer_step(cfg, s, batches, epoch=0, logged=False)
+    r = s.optimizer_step(batches, epoch=0, logged=False)
     hook.remove()
     assert r.status == "skipped"
     _assert_unchanged(s, tables, params)
     assert s.scheduler.last_epoch == sched
     # and the run goes on
-    assert optimizer_step(cfg, s, batches, epoch=0, logged=False).status == "taken"
+    assert s.optimizer_step(batches, epoch=0, logged=False).status == "taken"
 
 
 def test_fp16_overflow_skipped_by_the_gradient_scaler_changes_no_table(ready):
@@ -116,12 +122,12 @@ def test_fp16_overflow_skipped_by_the_gradient_scaler_changes_no_table(ready):
     tables, params = _tables(s), _params(s)
     raw = s.accelerator.unwrap_model(s.model)
     hook = raw.visual.conv1.weight.register_hook(lambda g: g * float("inf"))
-    r = optimizer_step(cfg, s, batches, epoch=0, logged=False)
+    r = s.optimizer_step(batches, epoch=0, logged=False)
     hook.remove()
     assert r.status == "overflow"
     assert scaler.get_scale() < 2.0**16  # the scaler really saw the overflow
     _assert_unchanged(s, tables, params)
-    r = optimizer_step(cfg, s, batches, epoch=0, logged=False)
+    r = s.optimizer_step(batches, epoch=0, logged=False)
     assert r.status == "taken" and not torch.equal(s.tables["gcl.u_img"], tables["gcl.u_img"])
 
 
@@ -146,7 +152,7 @@ def test_accumulation_window_with_a_non_finite_last_micro_batch_changes_no_table
     cfg, s, batches = ready("optim.accum_steps=2", "optim.accum_mode=independent")
     tables, params = _tables(s), _params(s)
     s.objective = NaNOnCall(s.objective, n=2)  # the first micro-batch is fine, the second is not
-    r = optimizer_step(cfg, s, batches, epoch=0, logged=False)
+    r = s.optimizer_step(batches, epoch=0, logged=False)
     assert s.objective.calls == 2 and r.status == "skipped"
     _assert_unchanged(s, tables, params)
 
@@ -165,7 +171,7 @@ def test_cached_accumulation_with_a_non_finite_micro_batch_changes_nothing(ready
         return feats, scale
 
     s.objective.features = nan_second
-    r = optimizer_step(cfg, s, batches, epoch=0, logged=False)
+    r = s.optimizer_step(batches, epoch=0, logged=False)
     assert r.status == "skipped" and len(calls) == 3  # 2 cached, then pass 1 found the NaN
     _assert_unchanged(s, tables, params)
 
@@ -173,9 +179,9 @@ def test_cached_accumulation_with_a_non_finite_micro_batch_changes_nothing(ready
 def test_first_step_moves_the_weights(shapes, tmp_path):
     """Warmup starts at lr/W on the first step (open_clip), not at 0."""
     cfg = _cfg(shapes, tmp_path / "run", "optim.warmup_steps=4")
-    s = setup(cfg)
+    s = build_run(cfg)
     params = _params(s)
-    r = optimizer_step(cfg, s, iter(s.stream.epoch(0)), epoch=0, logged=False)
+    r = s.optimizer_step(iter(s.stream.epoch(0)), epoch=0, logged=False)
     assert r.status == "taken"
     assert r.lrs[0] == pytest.approx(2e-3 / 4)
     assert any(not torch.equal(a, b) for a, b in zip(params, _params(s)))
@@ -268,7 +274,7 @@ def test_every_optimiser_step_belongs_to_one_epoch(shapes, tmp_path, accum):
     run = tmp_path / "run"
     cfg = _cfg(shapes, run, f"optim.accum_steps={accum}", "train.epochs=3")
     summary = train(cfg)
-    s = setup(_cfg(shapes, tmp_path / "probe", f"optim.accum_steps={accum}", "train.epochs=3"))
+    s = build_run(_cfg(shapes, tmp_path / "probe", f"optim.accum_steps={accum}", "train.epochs=3"))
     per_epoch = [optimizer_steps_in_epoch(s.stream, e, accum) for e in range(3)]
     assert per_epoch == [s.stream.steps_per_epoch(e) // accum for e in range(3)] == [8 // accum] * 3
     assert _steps_by_epoch(run) == dict(enumerate(per_epoch))

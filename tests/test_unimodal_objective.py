@@ -257,31 +257,33 @@ def test_simclr_objective_is_nt_xent_over_2B_views():
 
 def test_mode_checks_name_the_key():
     from clipfnd.config import ConfigError
+    from clipfnd.registry import load_run_config
 
     with pytest.raises(ConfigError, match="loss.name='dcl' is for mode simclr"):
-        load_config(None, ["data.train=x", "loss.name=dcl"])
+        load_run_config(None, ["data.train=x", "loss.name=dcl"])
     with pytest.raises(ConfigError, match="fnd.detector='ifnd' is for mode simclr"):
-        load_config(None, ["data.train=x", "fnd.detector=ifnd"])
+        load_run_config(None, ["data.train=x", "fnd.detector=ifnd"])
     with pytest.raises(ConfigError, match="loss.name='clip' is for mode clip"):
-        load_config(None, ["data.train=x", "mode=simclr", "loss.name=clip"])
+        load_run_config(None, ["data.train=x", "mode=simclr", "loss.name=clip"])
     with pytest.raises(ConfigError, match="in mode simclr each must be one of knn"):
-        load_config(
+        load_run_config(
             None, ["data.train=x", "mode=simclr", "loss.name=simclr", "eval.tasks=[retrieval]"]
         )
-    cfg = load_config(None, ["data.train=x", "mode=simclr", "loss.name=simclr"])
+    cfg = load_run_config(None, ["data.train=x", "mode=simclr", "loss.name=simclr"])
     assert cfg.eval.tasks == ["knn"]
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
 def test_optimizer_choice_steps_and_spares_frozen_temperature(name):
     from clipfnd.models.vision import create_vision
-    from clipfnd.train.loop import build_optimizer, param_groups
+    from clipfnd.train.build import build_optimizer, param_groups
 
     cfg = _cfg(**{"optim.name": name, "optim.lr": 0.1, "optim.weight_decay": 1e-4})
     model = create_vision("tiny", proj_hidden=16, proj_dim=8).model
     obj = SimCLRObjective(cfg, StateTables(N), has_labels=False)
-    obj.method.init_temperature(model)
-    opt = build_optimizer(param_groups(model, cfg, obj.method), cfg)
+    temperature = obj.method.temperature_policy()
+    temperature.apply(model)
+    opt = build_optimizer(param_groups(model, cfg.optim.weight_decay, temperature), cfg)
     assert type(opt).__name__.lower() == name
     before = [p.detach().clone() for p in model.parameters()]
     z = model(torch.randn(2 * B, 3, 16, 16))

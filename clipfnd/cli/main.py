@@ -209,10 +209,10 @@ def cmd_data_build(a: argparse.Namespace) -> int:
 # --- train ---------------------------------------------------------------------------------
 def cmd_train(a: argparse.Namespace) -> int:
     from .. import distributed
-    from ..config import load_config
+    from ..registry import load_run_config
     from ..train.loop import train
 
-    cfg = load_config(a.config, a.overrides)
+    cfg = load_run_config(a.config, a.overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         signal.signal(signal.SIGTERM, _stopped_by_signal)
     try:
@@ -455,8 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from data_pipelines import DataError
 
-    from ..errors import UserError
-    from ..train.loop import NonFiniteError
+    from ..errors import NonFiniteError, UserError
 
     try:
         return args.func(args)

@@ -1,6 +1,9 @@
 """What every false-negative detector provides (docs/methods.md, "Removing detected false
 negatives"): similarities, dataset indices, labels and the epoch in; flags and the table rows
-to commit out. A detector never edits a loss and never writes a table itself.
+to commit out. A detector never edits a loss, and during a step it never writes a table
+itself: ``detect`` returns the rows, and the training step commits them in one synchronised
+call. The one exception is ``start_epoch``: IFND writes its own tables there (the clustering's
+clusters, confidences and pseudo-labels, the same values on every process).
 
 Adding a detector: a class with ``from_config`` and one line in ``DETECTORS``
 (``clipfnd/fnd/__init__.py``).
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from .calibration import MaskStart
+from ..config import MaskStart
 
 EmbedFn = Callable[[], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -164,9 +167,20 @@ class Detector(ABC):
         """
         return {}
 
-    def threshold_metrics(self) -> dict[str, float]:
+    def state_metrics(self) -> dict[str, float]:
         """Scalars about the detector's state for the metrics line (none by default)."""
         return {}
+
+    def table_names(self) -> tuple[str, ...]:
+        """The per-sample tables that are this detector's own (those it added; none by
+        default)."""
+        return ()
+
+    def unseen_value(self, name: str, train: StateTables) -> float | None:
+        """What this detector's table ``name`` holds for a sample without a row of its own
+        (outside the training data: the report on another split), from the training set's
+        tables ``train``. None (the default): the table's initial value."""
+        return None
 
 
 class NoDetector(Detector):

@@ -11,7 +11,6 @@ communication is a few thousand numbers whatever the batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -58,56 +57,3 @@ def upper_quantile(counts: torch.Tensor, share: float) -> float | None:
     inside = float(counts[i])
     frac = (target - above) / inside if inside else 0.0
     return HIST_LOW + (i + 1) * width - frac * width
-
-
-@dataclass(frozen=True)
-class MaskStart:
-    """When flags start being used (``fnd.start_mask``): at an ``epoch`` (an integer), after a
-    ``fraction`` of the run's optimiser steps (``0.3`` or ``"30%"``), or ``auto``: once the
-    flagged share has stayed calibrated (within ``CALIBRATED`` of alpha) for a window of
-    steps."""
-
-    kind: str  # epoch | fraction | auto
-    value: float = 0.0
-
-    @classmethod
-    def parse(cls, spec: int | float | str) -> MaskStart:
-        """``ValueError`` naming the forms accepted for anything else."""
-        forms = "an epoch (an integer >= 0), a share of training (0.3 or 30%), or auto"
-        if isinstance(spec, bool):
-            raise ValueError(f"fnd.start_mask={spec!r}: give {forms}")
-        if isinstance(spec, int):
-            if spec < 0:
-                raise ValueError(f"fnd.start_mask={spec}: give {forms}")
-            return cls("epoch", spec)
-        if isinstance(spec, str):
-            text = spec.strip().lower()
-            if text == "auto":
-                return cls("auto")
-            if text.endswith("%"):
-                try:
-                    spec = float(text[:-1]) / 100
-                except ValueError:
-                    raise ValueError(f"fnd.start_mask={spec!r}: give {forms}") from None
-            else:
-                try:
-                    return cls.parse(int(text))
-                except ValueError:
-                    raise ValueError(f"fnd.start_mask={spec!r}: give {forms}") from None
-        if isinstance(spec, float):
-            if not 0 <= spec < 1 or math.isnan(spec):
-                raise ValueError(
-                    f"fnd.start_mask={spec}: a share of training is in [0, 1) (or [0%, 100%)); "
-                    "give an epoch as an integer"
-                )
-            return cls("fraction", spec)
-        raise ValueError(f"fnd.start_mask={spec!r}: give {forms}")
-
-    def first_step(self, total_steps: int) -> int:
-        """The first optimiser step (1-based) that masks, for a ``fraction``."""
-        return math.floor(self.value * total_steps) + 1
-
-    def __str__(self) -> str:
-        if self.kind == "epoch":
-            return f"epoch {int(self.value)}"
-        return f"{self.value:.0%} of training" if self.kind == "fraction" else "auto"

@@ -349,7 +349,7 @@ class GloFND(Detector):
         self.epoch_counts = [float(x) for x in counts]
         self.warned = bool(state.get("warned", False))
 
-    def threshold_metrics(self) -> dict[str, float]:
+    def state_metrics(self) -> dict[str, float]:
         """For the log line: the effective thresholds' quantiles (offset included), the
         offsets, whether masking is on, and the flagged share over the steps since the last
         line (as a share and as a multiple of alpha)."""
@@ -368,6 +368,22 @@ class GloFND(Detector):
 
     def thresholds(self, anchor_type: str, index: torch.Tensor) -> torch.Tensor:
         return self.tables.rows(f"glofnd.lambda_{anchor_type}", index)
+
+    def table_names(self) -> tuple[str, ...]:
+        return tuple(
+            f"glofnd.{kind}_{t}"
+            for t in self.anchor_types
+            for kind in ("lambda", "m", "v", "count")
+        )
+
+    def unseen_value(self, name: str, train: StateTables) -> float | None:
+        """The median of the table over the training samples whose threshold has learned
+        (updated at least once; all of them when none has): a typical training sample's."""
+        t = name.rsplit("_", 1)[1]
+        col = train[name]
+        seen = train[f"glofnd.count_{t}"] > 0
+        vals = col[seen] if bool(seen.any()) else col
+        return float(vals.float().median()) if vals.numel() else 0.0
 
     @torch.no_grad()
     def flags(

@@ -120,6 +120,17 @@ class IFND(Detector):
     def _column(self, name: str, g: int) -> torch.Tensor:
         return self.tables[f"ifnd.{name}_{g}"]
 
+    def table_names(self) -> tuple[str, ...]:
+        return tuple(
+            f"ifnd.{kind}_{g}"
+            for g in range(len(self.num_clusters))
+            for kind in ("cluster", "confidence", "label")
+        )
+
+    def unseen_value(self, name: str, train: StateTables) -> float | None:
+        """-1: a sample outside the training data has no cluster and no pseudo-label."""
+        return -1.0
+
     @torch.no_grad()
     def start_epoch(self, epoch: int, embed: EmbedFn, fresh: bool) -> dict[str, float]:
         if not fresh or epoch < self.start_update:
@@ -184,6 +195,6 @@ class IFND(Detector):
             found.flags[t] = flags
         return found
 
-    def threshold_metrics(self) -> dict[str, float]:
+    def state_metrics(self) -> dict[str, float]:
         label = self._column("label", 0)
         return {"accepted_share": float((label >= 0).float().mean())}

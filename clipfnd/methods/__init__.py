@@ -7,7 +7,7 @@ branches on a method's name: adding one is a class and a line in ``METHODS``.
 
 from __future__ import annotations
 
-from .base import AnchorRows, Method, MethodOutput
+from .base import AnchorRows, Method, MethodOutput, TemperaturePolicy
 from .clip import Clip
 from .global_contrastive import FastCLIPv3, SogCLR
 from .unimodal import DCL, HCL, SSCL, SimCLR
@@ -28,4 +28,5 @@ __all__ = [
     "MethodOutput",
     "SimCLR",
     "SogCLR",
+    "TemperaturePolicy",
 ]

@@ -57,6 +57,35 @@ class MethodOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TemperaturePolicy:
+    """How a method's temperature (``tau = 1 / exp(logit_scale)``, the model's ``logit_scale``)
+    starts, learns and is kept. The run's build and the optimiser step consume it; neither
+    looks at the method's name."""
+
+    start: float | None = None  # logit_scale at the start (None: as the model has it)
+    learned: bool = True  # False: frozen (no gradient, no optimiser state)
+    # a learned temperature in a parameter group of its own, at this learning rate (None: in
+    # the model's group without weight decay)
+    group_lr: float | None = None
+    # how that group's learning rate is scheduled (``clipfnd.train.schedule``): ``model`` (the
+    # model's schedule) or ``fastclip`` (constant, a third of it while tau <= 0.03)
+    lr_rule: str = "model"
+    max_logit_scale: float = math.log(100.0)  # kept in [0, this] after every step (open_clip's)
+
+    def apply(self, model: torch.nn.Module) -> None:
+        """Set ``model.logit_scale`` as the method starts it, frozen if it is not learned."""
+        if self.start is not None:
+            with torch.no_grad():
+                model.logit_scale.fill_(self.start)
+        if not self.learned:
+            model.logit_scale.requires_grad_(False)
+
+    def clamp(self, logit_scale: torch.nn.Parameter) -> None:
+        with torch.no_grad():
+            logit_scale.clamp_(0.0, self.max_logit_scale)
+
+
 class Method(ABC):
     """A training objective.
 
@@ -69,7 +98,6 @@ class Method(ABC):
 
     name: ClassVar[str]
     modes: ClassVar[tuple[str, ...]] = ("clip",)  # the training modes it can serve
-    own_temperature_group: ClassVar[bool] = False  # logit_scale in a parameter group of its own
 
     def __init__(self, cfg: Config, tables: StateTables, anchor_types: tuple[str, ...]):
         self.cfg = cfg
@@ -78,27 +106,15 @@ class Method(ABC):
         self.removal = cfg.fnd.removal
         self.rescale = cfg.fnd.rescale
 
-    # --- the temperature ----------------------------------------------------------------
-    def init_temperature(self, model: torch.nn.Module) -> None:  # noqa: B027 (optional hook)
-        """Set ``model.logit_scale`` as the method starts it (default: the model's own)."""
+    @classmethod
+    def from_config(cls, cfg: Config, tables: StateTables, anchor_types: tuple[str, ...]) -> Method:
+        """The method as ``cfg`` configures it (its tables added to ``tables``)."""
+        return cls(cfg, tables, anchor_types)
 
-    @property
-    def temperature_lr(self) -> float | None:
-        """The learning rate of the temperature's own group (``own_temperature_group``)."""
-        return None
-
-    @property
-    def temperature_schedule(self) -> str:
-        """How the temperature group's learning rate is scheduled: ``model`` | ``fastclip``."""
-        return "model"
-
-    def max_logit_scale(self) -> float:
-        """``logit_scale`` is kept in ``[0, max_logit_scale()]`` after every optimiser step."""
-        return math.log(100.0)  # open_clip's clamp
-
-    def clamp_temperature(self, logit_scale: torch.nn.Parameter) -> None:
-        with torch.no_grad():
-            logit_scale.clamp_(0.0, self.max_logit_scale())
+    def temperature_policy(self) -> TemperaturePolicy:
+        """How the temperature starts, learns and is kept (default: the model's own, learned
+        with the model, clamped at ``ln 100`` as open_clip does)."""
+        return TemperaturePolicy()
 
     # --- the loss -------------------------------------------------------------------------
     @abstractmethod
@@ -124,10 +140,8 @@ class ConstantTemperature:
 
     cfg: Config
 
-    def init_temperature(self, model: torch.nn.Module) -> None:
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(1.0 / self.cfg.loss.tau))
-        model.logit_scale.requires_grad_(False)
-
-    def max_logit_scale(self) -> float:
-        return max(math.log(1.0 / self.cfg.loss.tau), math.log(1.0 / self.cfg.loss.tau_min))
+    def temperature_policy(self) -> TemperaturePolicy:
+        start = math.log(1.0 / self.cfg.loss.tau)
+        return TemperaturePolicy(
+            start, learned=False, max_logit_scale=max(start, math.log(1.0 / self.cfg.loss.tau_min))
+        )

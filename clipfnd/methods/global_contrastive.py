@@ -20,7 +20,7 @@ from ..losses import (
     temperature_penalty,
     temperature_terms,
 )
-from .base import AnchorRows, Method, MethodOutput
+from .base import AnchorRows, Method, MethodOutput, TemperaturePolicy
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -45,13 +45,12 @@ class SogCLR(Method):
             tables.add(f"gcl.u_{t}", 0.0)
             tables.add(f"gcl.visits_{t}", 0.0)
 
-    def init_temperature(self, model: torch.nn.Module) -> None:
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(1.0 / self.cfg.loss.tau))
-        model.logit_scale.requires_grad_(False)
-
-    def max_logit_scale(self) -> float:
-        return math.log(1.0 / self.cfg.loss.tau_min)
+    def temperature_policy(self) -> TemperaturePolicy:
+        return TemperaturePolicy(
+            math.log(1.0 / self.cfg.loss.tau),
+            learned=False,
+            max_logit_scale=math.log(1.0 / self.cfg.loss.tau_min),
+        )
 
     def temperature(self, logit_scale: torch.Tensor) -> torch.Tensor:
         return torch.tensor(self.cfg.loss.tau, device=logit_scale.device)
@@ -113,20 +112,15 @@ class FastCLIPv3(SogCLR):
 
     name = "fastclip_v3"
     modes = ("clip",)
-    own_temperature_group = True
 
-    def init_temperature(self, model: torch.nn.Module) -> None:
-        if self.cfg.model.init_logit_scale is None:
-            with torch.no_grad():
-                model.logit_scale.fill_(math.log(1.0 / self.cfg.loss.tau))
-
-    @property
-    def temperature_lr(self) -> float | None:
-        return self.cfg.loss.tau_lr
-
-    @property
-    def temperature_schedule(self) -> str:
-        return self.cfg.loss.tau_schedule
+    def temperature_policy(self) -> TemperaturePolicy:
+        c = self.cfg
+        return TemperaturePolicy(
+            math.log(1.0 / c.loss.tau) if c.model.init_logit_scale is None else None,
+            group_lr=c.loss.tau_lr,
+            lr_rule=c.loss.tau_schedule,
+            max_logit_scale=math.log(1.0 / c.loss.tau_min),
+        )
 
     def temperature(self, logit_scale: torch.Tensor) -> torch.Tensor:
         return 1.0 / logit_scale

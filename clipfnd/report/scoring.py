@@ -1,8 +1,8 @@
 """What the report shows, computed: a checkpoint's model and per-sample tables, a split's
 samples encoded, and the negatives its detector flags for a sample of anchors.
 
-The flags come from the run's own detector (``Objective.detector.detect``, the call the
-training step makes), given the similarities of each anchor to every encoded sample of the
+The flags come from the run's own detector (built as training builds it,
+``clipfnd.fnd.build_detector``; its ``detect``, the call the training step makes), given the similarities of each anchor to every encoded sample of the
 split, its dataset index (so GloFND reads that anchor's threshold from the checkpoint's
 tables) and the labels. For a split that is not the run's training data, samples have no
 rows in the tables: GloFND then uses the median learned threshold of the training set for
@@ -29,10 +29,10 @@ from data_pipelines.progress import bar_disable
 from ..checkpoints import LoadedCheckpoint, checkpoint_dir, final_path, load_checkpoint
 from ..config import Config, from_dict
 from ..errors import CheckpointError, UserError
-from ..fnd import DetectionInput, same_label
+from ..fnd import DetectionInput, Detector, build_detector, same_label
+from ..registry import check_choices
 from ..state import StateTables
-from ..train.checkpoint import load_detector_state, load_tables, table_sources
-from ..train.objective import OBJECTIVES, Objective
+from ..state.files import load_detector_state, load_tables, table_sources
 
 log = logging.getLogger(__name__)
 
@@ -190,25 +190,23 @@ def encode(
     return {k: torch.cat(v) for k, v in feats.items()}, kept, bad
 
 
-def _objective(cfg: Config, tables: StateTables, has_labels: bool) -> Objective:
+def _detector(cfg: Config, tables: StateTables, has_labels: bool) -> Detector:
+    """The run's detector, its tables added to ``tables``."""
     try:
-        return OBJECTIVES[cfg.mode](cfg, tables, has_labels=has_labels)
+        return build_detector(cfg, tables, has_labels)
     except UserError as e:
         raise ReportError(f"the run's detector cannot be rebuilt for this split: {e}") from e
 
 
-def _fill_split_tables(train: StateTables, split: StateTables) -> None:
-    """Tables for a split outside the training data: every GloFND row holds the median of the
-    learned (updated at least once) training rows; IFND's labels are -1 (no pseudo-label)."""
-    for name in split.names():
-        col = train[name]
-        if name.startswith("glofnd."):
-            t = name.rsplit("_", 1)[1]
-            seen = train[f"glofnd.count_{t}"] > 0
-            vals = col[seen] if bool(seen.any()) else col
-            split[name].fill_(float(vals.float().median()) if vals.numel() else 0.0)
-        elif name.startswith("ifnd."):
-            split[name].fill_(-1.0)
+def _fill_split_tables(det: Detector, train: StateTables, split: StateTables) -> None:
+    """Tables for a split outside the training data: every row of each of the detector's
+    tables holds what the detector gives a sample without a row of its own
+    (``Detector.unseen_value``: GloFND, the median of the learned training rows; IFND, -1, no
+    pseudo-label)."""
+    for name in det.table_names():
+        value = det.unseen_value(name, train)
+        if value is not None:
+            split[name].fill_(value)
 
 
 def score(
@@ -232,6 +230,7 @@ def score(
     except FileNotFoundError as e:
         raise ReportError(str(e)) from e
     cfg = from_dict(ckpt.config)
+    check_choices(cfg)  # a method or detector this version does not have: one line
     train_tables = read_tables(ckpt)  # before any encoding: a checkpoint without them fails fast
     data_path = data or cfg.data.train
     if not data_path:
@@ -252,7 +251,7 @@ def score(
 
     labels = torch.tensor([s.label for s in samples])
     has_labels = bool((labels >= 0).any())
-    train_objective = _objective(cfg, train_tables, has_labels)
+    train_detector = _detector(cfg, train_tables, has_labels)
     load_tables(train_tables, ckpt.path)
     notes: list[str] = []
     index = torch.tensor([s.index for s in samples])
@@ -264,18 +263,17 @@ def score(
             f"{train_tables.num_rows} table rows; was the training data rebuilt?"
         )
     if is_training:
-        objective = train_objective
+        det, tables = train_detector, train_tables
     else:
         index = torch.arange(len(samples))
-        split_tables = StateTables(len(samples), "cpu")
-        objective = _objective(cfg, split_tables, has_labels)
-        _fill_split_tables(train_tables, split_tables)
+        tables = StateTables(len(samples), "cpu")
+        det = _detector(cfg, tables, has_labels)
+        _fill_split_tables(det, train_tables, tables)
         notes.append(
             f"{data_path} is not the run's training data ({cfg.data.train}): its samples have "
             "no thresholds of their own. GloFND's flags use the median learned threshold for "
             "every anchor; IFND's pseudo-labels belong to training samples and flag nothing here."
         )
-    det = objective.detector
     load_detector_state(det, ckpt.path)
     epoch = int(ckpt.epoch or 0)
     if det.masked_from is None and det.name != "none":
@@ -300,7 +298,7 @@ def score(
     )
     rng = random.Random(seed)
     anchors = sorted(rng.sample(range(len(samples)), min(max_anchors, len(samples))))
-    flag_anchors(scores, objective, feats, index, labels, anchors, dev, progress)
+    flag_anchors(scores, det, tables, feats, index, labels, anchors, dev, progress)
     t2 = time.perf_counter()
     confidence(scores, train_tables, index if is_training else None, getattr(det, "offsets", None))
     ifnd_clusters(scores, train_tables, index if is_training else None, cfg)
@@ -316,7 +314,8 @@ def columns_of(mode: str) -> dict[str, str]:
 @torch.no_grad()
 def flag_anchors(
     scores: Scores,
-    objective: Objective,
+    det: Detector,
+    tables: StateTables,
     feats: dict[str, torch.Tensor],
     index: torch.Tensor,
     labels: torch.Tensor,
@@ -327,8 +326,7 @@ def flag_anchors(
     nearest: int = 3,
 ) -> None:
     """Flags of every anchor against all encoded samples, by the run's detector; per-label
-    true/false positives and misses when labels exist."""
-    det = objective.detector
+    true/false positives and misses when labels exist (``tables``: the detector's)."""
     cols = columns_of(scores.cfg.mode)
     n = len(scores.samples)
     dev_index, dev_labels = index.to(device), labels.to(device)
@@ -337,8 +335,8 @@ def flag_anchors(
     offsets = getattr(det, "offsets", {})  # GloFND's offset: part of every threshold
     for t in cols:
         name = f"glofnd.lambda_{t}"
-        if name in objective.tables:
-            thresholds[t] = objective.tables.rows(name, index).float() + (offsets.get(t) or 0.0)
+        if name in tables:
+            thresholds[t] = tables.rows(name, index).float() + (offsets.get(t) or 0.0)
     out: dict[str, list[AnchorFlags]] = {t: [] for t in cols}
     per_label: dict[int, list[int]] = {}
     bar = tqdm(

@@ -6,7 +6,7 @@ values of its own anchors' rows, then ``write_rows`` all-gathers (indices, value
 rank and scatters them into every replica, so the replicas stay identical with ``O(B)``
 communication per step and nothing ``O(N)``. ``ShardedTables`` (``fnd.state=sharded``) splits
 the rows over the ranks instead. A checkpoint saves them as safetensors (``tables.safetensors``,
-or one file per rank when sharded; ``clipfnd.train.checkpoint.save_tables`` / ``load_tables``),
+or one file per rank when sharded; ``clipfnd.state.files.save_tables`` / ``load_tables``),
 never as a pickle.
 """
 

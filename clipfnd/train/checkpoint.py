@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import safetensors
-import safetensors.torch
 import torch
 
 from data_pipelines.loader import LoaderState
@@ -51,11 +50,24 @@ from ..checkpoints import (
 )
 from ..config import Config, ConfigError, from_dict, to_dict
 from ..errors import CheckpointError, UserError
-from ..state import ShardedTables, StateTables
+from ..state import (
+    TABLES_FILE,
+    ShardedTables,
+    StateTables,
+    load_detector_state,
+    load_tables,
+    save_detector_state,
+    save_tables,
+    shard_file,
+)
 from .schedule import optimizer_steps_in_epoch
 
 if TYPE_CHECKING:
-    from .loop import Setup
+    from accelerate import Accelerator
+
+    from data_pipelines.loader import ShardStream
+
+    from ..fnd import Detector
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +199,24 @@ def _candidates(cfg: Config, run_dir: Path) -> list[Path]:
     return [Path(p) for p in distributed.broadcast_object(found)]
 
 
-def _check(path: Path, cfg: Config, s: Setup) -> tuple[dict[str, Any], LoaderState]:
+@dataclass
+class Stateful:
+    """What a checkpoint saves beside the RNG states, and a resume loads: the model and the
+    optimiser (through Accelerate), the schedule, the per-sample tables and the detector's
+    run-wide state."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tables: StateTables
+    detector: Detector
+
+
+def _check(path: Path, cfg: Config, accelerator: Accelerator) -> tuple[dict[str, Any], LoaderState]:
     """Everything about checkpoint ``path`` that this rank can check without changing any
     state: it is complete, of this run's config, its files match their checksums (this rank's
     share of them), this rank's RNG states load as plain tensors and its loader state reads."""
-    rank, world = s.accelerator.process_index, s.accelerator.num_processes
+    rank, world = accelerator.process_index, accelerator.num_processes
     if not is_valid(path):
         raise CheckpointError(f"{path} is not a complete checkpoint")
     state = read_trainer_state(path)
@@ -211,29 +236,23 @@ def _check(path: Path, cfg: Config, s: Setup) -> tuple[dict[str, Any], LoaderSta
     return state, loader
 
 
-def _load(path: Path, s: Setup) -> None:
+def _load(path: Path, accelerator: Accelerator, parts: Stateful) -> None:
     """Load checkpoint ``path`` into the run (weights, optimiser, RNG, tables, schedule, the
     detector's run-wide state)."""
-    s.accelerator.load_state(str(path))
-    load_tables(s.tables, path)
-    s.scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
-    load_detector_state(s.objective.detector, path)
+    accelerator.load_state(str(path))
+    load_tables(parts.tables, path)
+    parts.scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+    load_detector_state(parts.detector, path)
 
 
-def load_detector_state(detector, ckpt: Path) -> None:
-    """The detector's run-wide state from ``ckpt`` (``detector.json``; a checkpoint written
-    before it existed: the steps taken, from ``trainer_state.json``, and nothing else)."""
-    path = ckpt / DETECTOR_FILE
-    if not path.is_file():
-        detector.load_state_dict({"steps": read_trainer_state(ckpt).get("step", 0)})
-        return
-    try:
-        detector.load_state_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a detector state: {_one_line(e)}") from e
-
-
-def resume(cfg: Config, s: Setup) -> Resumed:
+def resume(
+    cfg: Config,
+    accelerator: Accelerator,
+    run_dir: Path,
+    parts: Stateful,
+    stream: ShardStream,
+    fresh_hyperparameters: list[dict[str, Any]],
+) -> Resumed:
     """Load the checkpoint ``cfg.resume`` names (``latest``: the newest complete one).
 
     Every rank checks the checkpoint (its share of the checksums, its own RNG and loader
@@ -244,14 +263,14 @@ def resume(cfg: Config, s: Setup) -> Resumed:
     """
     if cfg.resume is None:
         return Resumed()
-    candidates = _candidates(cfg, s.run_dir)
+    candidates = _candidates(cfg, run_dir)
     if not candidates:
-        log.info("resume=latest: no checkpoint in %s, starting from scratch", s.run_dir)
+        log.info("resume=latest: no checkpoint in %s, starting from scratch", run_dir)
         return Resumed()
     for i, path in enumerate(candidates):
-        checked, failures, config = _on_every_rank(lambda p=path: _check(p, cfg, s))
+        checked, failures, config = _on_every_rank(lambda p=path: _check(p, cfg, accelerator))
         if not failures:
-            _, failures, config = _on_every_rank(lambda p=path: _load(p, s))
+            _, failures, config = _on_every_rank(lambda p=path: _load(p, accelerator, parts))
         if not failures:
             break
         why = "; ".join(failures)
@@ -270,17 +289,17 @@ def resume(cfg: Config, s: Setup) -> Resumed:
                 candidates[i + 1],
             )
     state, loader_state = checked
-    if state["world_size"] != s.accelerator.num_processes:
+    if state["world_size"] != accelerator.num_processes:
         k = cfg.optim.accum_steps
-        if loader_state.batches < optimizer_steps_in_epoch(s.stream, loader_state.epoch, k) * k:
+        if loader_state.batches < optimizer_steps_in_epoch(stream, loader_state.epoch, k) * k:
             raise CheckpointError(
                 f"{path} was written by {state['world_size']} processes in the middle of epoch "
                 f"{loader_state.epoch}; resume it with the same number of processes "
-                f"(now {s.accelerator.num_processes})"
+                f"(now {accelerator.num_processes})"
             )
         loader_state = None
     log.info("resumed from %s (step %d, epoch %d)", path, state["step"], state["epoch"])
-    apply_changed_settings(s)
+    apply_changed_settings(parts.optimizer, parts.scheduler, fresh_hyperparameters)
     epoch = state["epoch"] if loader_state is not None else state["epoch"] + 1
     saved = state.get("counters") if isinstance(state.get("counters"), dict) else {}
     counters = {
@@ -291,15 +310,16 @@ def resume(cfg: Config, s: Setup) -> Resumed:
     return Resumed(int(state["step"]), int(epoch), loader_state, counters, path)
 
 
-def apply_changed_settings(s: Setup) -> None:
+def apply_changed_settings(
+    optimizer: torch.optim.Optimizer, scheduler: Any, fresh: list[dict[str, Any]]
+) -> None:
     """Settings of the optimiser that a checkpoint carries, changed on resume: the new values
     are used, and each change is said in one line. The optimiser state (loaded) holds every
     parameter group's hyperparameters and the scheduler its base learning rates; without
     this they would silently override ``optim.lr``, ``optim.weight_decay``, ``optim.betas``,
     ``optim.eps``, ``optim.momentum`` and ``loss.tau_lr`` while ``config.yaml`` recorded the
     new values. Every rank runs it (the change is the same everywhere)."""
-    groups = s.optimizer.param_groups
-    fresh = s.fresh_hyperparameters  # each group's, as this run's config built them
+    groups = optimizer.param_groups  # ``fresh``: each group's, as this run's config built them
     for key in ("weight_decay", "betas", "eps", "momentum"):
         changed = [
             (i, g[key], want[key])
@@ -316,11 +336,11 @@ def apply_changed_settings(s: Setup) -> None:
                 " / ".join(str(new) for _, _, new in changed),
             )
     base = [w["initial_lr"] for w in fresh]
-    if any(_differs(a, b) for a, b in zip(s.scheduler.base_lrs, base)):
-        old = list(s.scheduler.base_lrs)
-        s.scheduler.base_lrs = base
-        step = s.scheduler.last_epoch
-        for g, lr, rule in zip(groups, base, s.scheduler.lr_lambdas):
+    if any(_differs(a, b) for a, b in zip(scheduler.base_lrs, base)):
+        old = list(scheduler.base_lrs)
+        scheduler.base_lrs = base
+        step = scheduler.last_epoch
+        for g, lr, rule in zip(groups, base, scheduler.lr_lambdas):
             g["initial_lr"] = lr
             g["lr"] = lr * rule(step)
         log.info(
@@ -352,131 +372,7 @@ class CheckpointWriteError(CheckpointError):
 WRITE_ERRORS = (OSError, RuntimeError, safetensors.SafetensorError)
 
 
-TABLES_FILE = "tables.safetensors"
 SCHEDULER_FILE = "scheduler.json"
-DETECTOR_FILE = "detector.json"
-
-
-def shard_file(rank: int, world: int) -> str:
-    """The file of rank ``rank``'s tables under ``fnd.state=sharded``."""
-    return f"tables_rank{rank}_of_{world}.safetensors"
-
-
-def save_tables(tables, path: Path) -> None:
-    """The per-sample tables as safetensors (row count, and shard when sharded, in the
-    metadata): ``tables.safetensors``, or this rank's ``shard_file``."""
-    state = tables.state_dict()
-    meta = {"num_rows": str(state["num_rows"])}
-    if "world" in state:
-        meta |= {"rank": str(state["rank"]), "world": str(state["world"])}
-    safetensors.torch.save_file(
-        {n: t.contiguous() for n, t in state["tables"].items()} or {"_none": torch.zeros(0)},
-        str(path),
-        metadata=meta,
-    )
-
-
-def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        loaded = {k: f.get_tensor(k) for k in f.keys() if k != "_none"}
-    return meta, loaded
-
-
-def _int(meta: dict[str, str], key: str, path: Path) -> int:
-    try:
-        return int(meta[key])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} does not say its tables' {key}") from e
-
-
-# rows read from a checkpoint's tables at a time when they are put into another layout
-ROWS_PER_READ = 1 << 22
-
-
-def table_sources(ckpt: Path) -> tuple[int, list[tuple[Path, int, int]]]:
-    """The table files of checkpoint ``ckpt``: the row count and ``(file, first row, stride)``
-    for each (``tables.safetensors``: ``(0, 1)``; rank ``r`` of ``W``: ``(r, W)``). Only the
-    metadata is read. A folder with both layouts, or shards that are not one set, is refused."""
-    full = ckpt / TABLES_FILE
-    shards = sorted(ckpt.glob("tables_rank*_of_*.safetensors"))
-    if full.is_file() and shards:
-        raise CheckpointError(
-            f"{ckpt} holds both {TABLES_FILE} and per-rank table files; it was changed after "
-            "clipfnd wrote it"
-        )
-    if full.is_file():
-        with safetensors.safe_open(str(full), framework="pt") as f:
-            return _int(f.metadata() or {}, "num_rows", full), [(full, 0, 1)]
-    if not shards:
-        raise CheckpointError(f"{ckpt} has no {TABLES_FILE} and no per-rank table shards")
-    found, worlds, rows = {}, set(), set()
-    for p in shards:
-        with safetensors.safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-        found[_int(meta, "rank", p)] = p
-        worlds.add(_int(meta, "world", p))
-        rows.add(_int(meta, "num_rows", p))
-    world = next(iter(worlds)) if len(worlds) == 1 else None
-    if world is None or len(rows) != 1 or sorted(found) != list(range(world)):
-        raise CheckpointError(
-            f"{ckpt}: its table shards do not make one set (ranks {sorted(found)}, world "
-            f"sizes {sorted(worlds)})"
-        )
-    return rows.pop(), [(found[r], r, world) for r in range(world)]
-
-
-def load_tables(tables, ckpt: Path) -> None:
-    """The per-sample tables of checkpoint ``ckpt`` (no pickle), in this run's layout. A
-    sharded run on the world size that wrote its shards reads only its own file; any other
-    combination reads every file piece by piece (``ROWS_PER_READ`` rows at a time) and keeps
-    the rows this process holds, so it never holds more than its tables and one piece."""
-    sharded = isinstance(tables, ShardedTables)
-    own = ckpt / shard_file(tables.rank, tables.world) if sharded else None
-    if own is not None and own.is_file() and not (ckpt / TABLES_FILE).is_file():
-        meta, loaded = _read(own)
-        tables.load_state_dict(
-            {
-                "num_rows": _int(meta, "num_rows", own),
-                "rank": _int(meta, "rank", own),
-                "world": _int(meta, "world", own),
-                "tables": loaded,
-            }
-        )
-        return
-    num_rows, sources = table_sources(ckpt)
-    if num_rows != tables.num_rows:
-        raise CheckpointError(
-            f"checkpoint tables have {num_rows} rows, this run's dataset has "
-            f"{tables.num_rows}: resume with the same training data"
-        )
-    for path, first, stride in sources:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            missing = sorted(set(tables.names()) - set(f.keys()))
-            if missing:
-                raise CheckpointError(f"checkpoint lacks per-sample tables {missing} ({path})")
-            for name in tables.names():
-                piece = f.get_slice(name)
-                n = piece.get_shape()[0]
-                if n != len(range(first, num_rows, stride)):
-                    raise CheckpointError(f"{path}: table {name} has {n} rows, not its share")
-                for a in range(0, n, ROWS_PER_READ):
-                    values = piece[a : a + ROWS_PER_READ]
-                    rows = first + stride * torch.arange(a, a + len(values))
-                    tables.assign(name, rows, values)
-
-
-def read_full_tables(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:
-    """Every row of every table of checkpoint ``ckpt``, whichever layout wrote it (for
-    inspection and tests; training loads with ``load_tables``)."""
-    num_rows, sources = table_sources(ckpt)
-    with safetensors.safe_open(str(sources[0][0]), framework="pt") as f:
-        names = [k for k in f.keys() if k != "_none"]
-    tables = StateTables(num_rows)
-    for name in names:
-        tables.add(name)
-    load_tables(tables, ckpt)
-    return num_rows, {n: tables[n].clone() for n in names}
 
 
 def check_no_pickled_state(path: Path, process_index: int) -> None:
@@ -502,18 +398,20 @@ def check_no_pickled_state(path: Path, process_index: int) -> None:
         ) from e
 
 
-def all_finite(s: Setup) -> bool:
+def all_finite(parts: Stateful, device: torch.device) -> bool:
     """Whether the weights and the optimiser state are finite on every process."""
-    tensors = [p.detach() for p in s.model.parameters()]
-    for state in s.optimizer.state.values():
+    tensors = [p.detach() for p in parts.model.parameters()]
+    for state in parts.optimizer.state.values():
         tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
     finite = all(bool(torch.isfinite(t).all()) for t in tensors)
-    return distributed.all_true(finite, s.accelerator.device)
+    return distributed.all_true(finite, device)
 
 
 def save(
     cfg: Config,
-    s: Setup,
+    accelerator: Accelerator,
+    run_dir: Path,
+    parts: Stateful,
     step: int,
     epoch: int,
     loader_state: LoaderState,
@@ -528,15 +426,15 @@ def save(
     process with the same one-line ``CheckpointWriteError`` naming the rank and the cause; the
     half-written ``step_N.tmp`` is removed and the newest complete checkpoint stays the newest.
     """
-    acc = s.accelerator
-    if not all_finite(s):
+    acc = accelerator
+    if not all_finite(parts, acc.device):
         log.warning(
             "step %d: the weights or the optimiser state hold non-finite values; no "
             "checkpoint is written",
             step,
         )
         return None
-    tmp = tmp_path(s.run_dir, step)
+    tmp = tmp_path(run_dir, step)
 
     def write() -> None:
         if acc.is_main_process:
@@ -546,19 +444,19 @@ def save(
 
     def write_parts() -> None:
         acc.save_state(str(tmp), safe_serialization=True)
-        if isinstance(s.tables, ShardedTables):  # every rank its own rows
-            save_tables(s.tables, tmp / shard_file(s.tables.rank, s.tables.world))
+        if isinstance(parts.tables, ShardedTables):  # every rank its own rows
+            save_tables(parts.tables, tmp / shard_file(parts.tables.rank, parts.tables.world))
         elif acc.is_main_process:  # replicated: one copy
-            save_tables(s.tables, tmp / TABLES_FILE)
+            save_tables(parts.tables, tmp / TABLES_FILE)
         if acc.is_main_process:
-            write_json(tmp / SCHEDULER_FILE, s.scheduler.state_dict())
-            write_json(tmp / DETECTOR_FILE, s.objective.detector.state_dict())
+            write_json(tmp / SCHEDULER_FILE, parts.scheduler.state_dict())
+            save_detector_state(parts.detector, tmp)
         write_json(tmp / f"loader_rank{acc.process_index}.json", loader_state.to_dict())
 
     def publish_it() -> None:
         if acc.is_main_process:
             publish(
-                s.run_dir,
+                run_dir,
                 step,
                 {
                     "step": step,
@@ -579,6 +477,6 @@ def save(
             raise CheckpointWriteError(
                 f"cannot write the checkpoint of step {step} to {tmp} ({'; '.join(failures)}); "
                 "is the disk full or the folder read-only? The newest complete checkpoint is "
-                f"{find_latest(s.run_dir)}; free space, then resume with resume=latest"
+                f"{find_latest(run_dir)}; free space, then resume with resume=latest"
             )
-    return final_path(s.run_dir, step)
+    return final_path(run_dir, step)

@@ -14,10 +14,9 @@ import torch
 from accelerate import Accelerator
 
 from .. import distributed
-from ..config import Config
 
 if TYPE_CHECKING:
-    from .loop import Setup
+    from .objective import Objective
     from .step import FaultCounter, StepResult
 
 
@@ -104,39 +103,42 @@ class LogWindow:
 
 
 def log_record(
-    cfg: Config,
-    s: Setup,
+    *,
+    accelerator: Accelerator,
+    logit_scale: torch.Tensor,
+    objective: Objective,
+    tau_group: int | None,
     step: int,
     epoch: int,
     window: LogWindow,
     last: StepResult,
+    samples_per_step: int,
     faults: FaultCounter,
     bad: int,
     duplicates: int,
 ) -> dict[str, Any]:
-    """The metrics line of a logged step (collectives inside: every rank calls it)."""
-    acc = s.accelerator
+    """The metrics line of a logged step (collectives inside: every rank calls it).
+    ``samples_per_step``: the global batch times the micro-batches of one optimiser step."""
+    acc = accelerator
     loss_mean = (
         distributed.all_reduce_sum(torch.stack(window.losses).mean()).item() / acc.num_processes
     )
-    elapsed = time.perf_counter() - window.start
     record = {
         "step": step,
         "epoch": epoch,
         "loss": loss_mean,
         "lr": last.lrs[0],  # the learning rate this step ran with
-        "logit_scale": acc.unwrap_model(s.model).logit_scale.exp().item(),
-        "samples_per_sec": window.steps
-        * cfg.data.batch_size
-        * cfg.optim.accum_steps
-        / max(elapsed, 1e-9),
+        "logit_scale": logit_scale.exp().item(),
+        "samples_per_sec": per_second(
+            window.steps * samples_per_step, time.perf_counter() - window.start
+        ),
         **last.outputs[-1].metrics,
     }
-    if s.tau_group is not None:
-        record["tau_lr"] = last.lrs[s.tau_group]
+    if tau_group is not None:
+        record["tau_lr"] = last.lrs[tau_group]
     if window.detection is not None:
-        record.update(s.objective.summarise(distributed.all_reduce_sum(window.detection)))
-    record.update(s.objective.threshold_metrics())
+        record.update(objective.summarise(distributed.all_reduce_sum(window.detection)))
+    record.update(objective.detector_metrics())
     bad = distributed.all_reduce_sum(torch.tensor(bad)).item()
     if bad:
         record["data/skipped"] = bad
@@ -145,3 +147,8 @@ def log_record(
     if faults.total:
         record["train/nonfinite_skipped"] = faults.total
     return record
+
+
+def per_second(samples: float, seconds: float) -> float:
+    """Samples a second (the line's ``samples_per_sec``, the epoch's, the summary's)."""
+    return samples / max(seconds, 1e-9)

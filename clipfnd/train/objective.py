@@ -1,8 +1,11 @@
-"""One training step's loss: features -> masks -> loss -> rows, for image-text (CLIP) training
-(``ClipObjective``) and vision-only training over two views (``SimCLRObjective``).
+"""One training step's loss: features -> pairs -> masks -> loss -> rows, for image-text (CLIP)
+training (``ClipObjective``) and vision-only training over two views (``SimCLRObjective``).
 
 The only place where the pieces meet. It never branches on a method's or a detector's name:
-- features are gathered (``clipfnd.distributed``);
+- features are gathered (``clipfnd.distributed``) into one ``BatchPairs``: each anchor type's
+  rows against the gathered candidates, the positives, the columns that are no negatives,
+  ``|N_i|``, the labels for scoring. The two modes differ only in building it (``pairs``);
+  everything after it is one path (``score``);
 - the detector (``clipfnd.fnd``, one of ``DETECTORS``) turns detached similarities, labels
   and the epoch into false-negative flags, and the rows of its tables to write;
 - the method (``clipfnd.methods``, one of ``METHODS``) turns features and flags into the
@@ -27,15 +30,13 @@ its first occurrence in the gathered batch (``StateTables.write_rows``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import distributed
-from ..config import Config, ConfigError
-from ..fnd import DETECTORS, DetectionInput, detection_counts, detection_metrics, same_label
+from ..config import Config
+from ..fnd import DetectionInput, build_detector, detection_counts, detection_metrics, same_label
 from ..losses.unimodal import view_columns
 from ..methods import METHODS, AnchorRows
 from ..state import StateTables
@@ -55,8 +56,50 @@ class StepOutput:
     masked: bool = False  # the loss used the detector's flags
 
 
+@dataclass
+class BatchPairs:
+    """One batch's pairs, as the detector, the method and the counts all see them.
+
+    Shape (``n = K b`` rows: ``K = rows_per_sample`` per sample of this rank's ``b``; ``M``
+    gathered columns): anchors, others ``{anchor type: [n, d] / [M, d]}`` (with gradient);
+    pos ``[n]`` each row's positive column; not_negative ``[n, M]`` the columns that are
+    neither its positive nor a negative (copies of its own sample; unimodal, its own column)
+    or None; num_neg ``|N_i|``, one number or ``[b]``; index ``[b]`` dataset indices;
+    label_rows ``[n]`` and label_cols ``[M]`` the labels for scoring (-1: none); self_col
+    ``[n]`` and columns_index ``[M]`` each row's own column and each column's dataset index
+    (unimodal, else None); duplicates: samples of the global batch repeated in it.
+    """
+
+    anchors: dict[str, torch.Tensor]
+    others: dict[str, torch.Tensor]
+    pos: torch.Tensor
+    not_negative: torch.Tensor | None
+    num_neg: int | torch.Tensor
+    index: torch.Tensor
+    label_rows: torch.Tensor
+    label_cols: torch.Tensor
+    duplicates: int = 0
+    rows_per_sample: int = 1
+    self_col: torch.Tensor | None = None
+    columns_index: torch.Tensor | None = None
+
+    def truth(self) -> dict[str, torch.Tensor]:
+        """Per anchor type, the negatives that share the anchor's label (one label per
+        sample: the same truth for every anchor type)."""
+        same = same_label(self.label_rows, self.label_cols, self.pos)
+        if self.not_negative is not None:
+            same &= ~self.not_negative
+        return {t: same for t in self.anchors}
+
+    def negatives_per_row(self) -> int | torch.Tensor:
+        """``|N_i|`` of every row (``num_neg`` is per sample)."""
+        n = self.num_neg
+        return n if isinstance(n, int) else n.repeat(self.rows_per_sample)
+
+
 class Objective(ABC):
-    """What both modes share: the method, the detector, and writing a step's rows.
+    """What both modes share: the method, the detector, scoring a batch's pairs, and writing
+    a step's rows.
 
     Args:
         cfg: the run config (``loss`` picks the method, ``fnd`` the detector).
@@ -69,21 +112,8 @@ class Objective(ABC):
     def __init__(self, cfg: Config, tables: StateTables, has_labels: bool):
         self.tables = tables
         self.has_labels = has_labels
-        detector_cls = DETECTORS[cfg.fnd.detector]
-        if detector_cls.needs_labels and not has_labels:
-            raise ConfigError(
-                f"fnd.detector={cfg.fnd.detector} needs labels, and the training data has none "
-                "(its manifest lists no label_names)"
-            )
-        self.detector = detector_cls.from_config(
-            cfg.fnd,
-            tables,
-            self.anchor_types,
-            seed=cfg.seed,
-            last_epoch=cfg.train.epochs - 1,
-            progress=cfg.train.progress,
-        )
-        self.method = METHODS[cfg.loss.name](cfg, tables, self.anchor_types)
+        self.detector = build_detector(cfg, tables, has_labels, self.anchor_types)
+        self.method = METHODS[cfg.loss.name].from_config(cfg, tables, self.anchor_types)
 
     @abstractmethod
     def features(
@@ -92,6 +122,12 @@ class Objective(ABC):
         """``(per-sample feature tensors, each [b, d]; logit_scale)`` of one batch."""
 
     @abstractmethod
+    def pairs(
+        self, feats: tuple[torch.Tensor, ...], index: torch.Tensor, label: torch.Tensor
+    ) -> BatchPairs:
+        """The pairs of this rank's samples (``features``' output) against the global batch
+        (collectives inside: every rank calls it)."""
+
     def loss_from(
         self,
         feats: tuple[torch.Tensor, ...],
@@ -102,6 +138,7 @@ class Objective(ABC):
         measure: bool,
     ) -> StepOutput:
         """This rank's loss and rows from ``features``' output (rows in the same order)."""
+        return self.score(self.pairs(feats, index, label), logit_scale, epoch, measure)
 
     def batch_loss(
         self, model: torch.nn.Module, batch: dict, device: torch.device, epoch: int, measure: bool
@@ -112,50 +149,67 @@ class Objective(ABC):
             feats, logit_scale, batch["index"].to(device), batch["label"].to(device), epoch, measure
         )
 
-    def accumulated(
-        self,
-        model: torch.nn.Module,
-        batches: list[dict],
-        device: torch.device,
-        epoch: int,
-        measure: bool,
-        backward: Callable[[torch.Tensor], None],
-        sync: Callable[[bool], AbstractContextManager],
-        all_finite: Callable[[torch.Tensor], bool],
-    ) -> StepOutput | None:
-        """One optimiser step's loss and gradients over ``k = len(batches)`` micro-batches, as
-        if they were one batch (open_clip's ``--accum-freq``): the loss, the detector's flags
-        and updates and the method's estimators all see the whole accumulated batch.
-
-        A forward without gradients caches every micro-batch's features; then, micro-batch by
-        micro-batch, a forward with gradients replaces its cached rows, the loss over the
-        whole accumulated batch is computed and ``backward`` runs. The sum of the ``k``
-        backward passes is the gradient of the whole batch's loss: each pass carries the
-        gradient through one micro-batch's features, and the temperature's (a term that does
-        not go through features) only in the last pass, the one whose gradients are
-        synchronised (``sync(last)`` is DDP's ``no_sync`` for the others). The inputs (the
-        augmented views) are the same tensors in both forwards. Returns the last pass's
-        output (its rows are committed by the caller), or None when the loss is not finite
-        on some rank (``all_finite``; nothing was backpropagated then).
-        """
-        k = len(batches)
-        with torch.no_grad():
-            cached = [self.features(model, b, device)[0] for b in batches]
-        index = torch.cat([b["index"] for b in batches]).to(device)
-        label = torch.cat([b["label"] for b in batches]).to(device)
-        out = None
-        for j, batch in enumerate(batches):
-            last = j == k - 1
-            with sync(last):
-                live, logit_scale = self.features(model, batch, device)
-                parts = [live if i == j else cached[i] for i in range(k)]
-                feats = tuple(torch.cat([p[c] for p in parts]) for c in range(len(live)))
-                scale = logit_scale if last else logit_scale.detach()
-                out = self.loss_from(feats, scale, index, label, epoch, measure and last)
-                if not all_finite(out.loss.detach()):
-                    return None
-                backward(out.loss)
-        return out
+    def score(
+        self, p: BatchPairs, logit_scale: torch.Tensor, epoch: int, measure: bool
+    ) -> StepOutput:
+        """The loss of ``p``: the detector's flags (from its state before this step's update),
+        the method's loss without the flagged negatives, the rows both want written, and
+        (``measure``: a logged step) the detection counts."""
+        det = self.detector
+        masking, updating = det.masking(epoch), det.updating(epoch)
+        logged, measure = measure, measure and masking
+        truth = None
+        if self.has_labels and (measure or (masking and det.needs_labels)):
+            truth = p.truth()
+        sims: dict[str, torch.Tensor] = {}
+        if det.needs_similarities and (masking or updating):
+            with torch.no_grad():
+                sims = {t: p.anchors[t] @ p.others[t].T for t in p.anchors}
+        found = det.detect(
+            DetectionInput(
+                sims,
+                p.pos,
+                p.index,
+                truth,
+                p.not_negative,
+                p.num_neg,
+                epoch,
+                p.rows_per_sample,
+                p.columns_index,
+                measure=logged,
+            )
+        )
+        rows = {
+            t: AnchorRows(
+                p.anchors[t],
+                p.others[t],
+                p.pos,
+                found.flags[t],
+                p.not_negative,
+                p.self_col,
+                p.columns_index,
+            )
+            for t in p.anchors
+        }
+        out = self.method.loss(rows, p.index, logit_scale, epoch)
+        detection = None
+        flagged = {t: f for t, f in found.flags.items() if f is not None}
+        if measure and flagged:
+            per_row = p.negatives_per_row()
+            detection = sum(
+                detection_counts(f, truth[t] if truth else torch.zeros_like(f), per_row)
+                for t, f in flagged.items()
+            )
+        return StepOutput(
+            loss=out.loss,
+            metrics={**out.metrics, **found.metrics},
+            detection=detection,
+            index=p.index,
+            rows={**found.rows, **out.rows},
+            duplicates=p.duplicates,
+            stats=found.stats,
+            masked=masking,
+        )
 
     def commit(self, outs: StepOutput | list[StepOutput]) -> dict[str, float]:
         """Write the new rows of one or more micro-batches (one optimiser step) into every
@@ -187,8 +241,9 @@ class Objective(ABC):
             return {}
         return detection_metrics(detection, "fnd/", with_truth=self.has_labels)
 
-    def threshold_metrics(self) -> dict[str, float]:
-        return {f"fnd/{k}": v for k, v in self.detector.threshold_metrics().items()}
+    def detector_metrics(self) -> dict[str, float]:
+        """What the detector says of its state (GloFND's thresholds, IFND's accepted share)."""
+        return {f"fnd/{k}": v for k, v in self.detector.state_metrics().items()}
 
 
 class ClipObjective(Objective):
@@ -198,8 +253,37 @@ class ClipObjective(Objective):
         out = model(image=batch["image"].to(device), text=batch["text"].to(device))
         return (out["image_features"], out["text_features"]), out["logit_scale"]
 
-    def loss_from(self, feats, logit_scale, index, label, epoch, measure):
-        return self(feats[0], feats[1], logit_scale, index, label, epoch, measure=measure)
+    def pairs(self, feats, index, label):
+        """Image anchors against the gathered texts and text anchors against the gathered
+        images; ``N_i``: the other ``B - 1`` samples, less copies of the anchor's sample."""
+        dtype = torch.promote_types(feats[0].dtype, torch.float32)  # bf16/fp16 -> fp32
+        img, txt = feats[0].to(dtype), feats[1].to(dtype)
+        b, dev = img.shape[0], img.device
+        self.tables.check_indices(index)
+        index = index.to(dev)
+        img_all = distributed.gather_with_grad(img)
+        txt_all = distributed.gather_with_grad(txt)
+        label_all = distributed.gather(label)
+        index_all = distributed.gather(index)
+        pos = torch.arange(b, device=dev) + distributed.label_offset(b)
+        duplicates = index_all.numel() - torch.unique(index_all).numel()
+        copies: torch.Tensor | None = None
+        num_neg: int | torch.Tensor = img_all.shape[0] - 1
+        if duplicates:
+            copies = index[:, None] == index_all.to(dev)[None, :]
+            copies[torch.arange(b, device=dev), pos] = False
+            num_neg = num_neg - copies.sum(1)
+        return BatchPairs(
+            {"img": img, "txt": txt},
+            {"img": txt_all, "txt": img_all},
+            pos,
+            copies,
+            num_neg,
+            index,
+            label.to(dev),
+            label_all.to(dev),
+            duplicates,
+        )
 
     def __call__(
         self,
@@ -220,67 +304,8 @@ class ClipObjective(Objective):
             epoch: the current epoch (schedules).
             measure: also count detection quality (the training loop asks on logged steps).
         """
-        dtype = torch.promote_types(image_features.dtype, torch.float32)  # bf16/fp16 -> fp32
-        img = image_features.to(dtype)
-        txt = text_features.to(dtype)
-        b = img.shape[0]
-        dev = img.device
-        self.tables.check_indices(index)
-        index = index.to(dev)
-        img_all = distributed.gather_with_grad(img)
-        txt_all = distributed.gather_with_grad(txt)
-        label_all = distributed.gather(label)
-        index_all = distributed.gather(index)
-        pos = torch.arange(b, device=dev) + distributed.label_offset(b)
-        anchors = {"img": img, "txt": txt}
-        others = {"img": txt_all, "txt": img_all}
-
-        # N_i: the other B-1 samples of the other modality, less copies of the anchor's sample
-        duplicates = index_all.numel() - torch.unique(index_all).numel()
-        copies: torch.Tensor | None = None
-        num_neg: int | torch.Tensor = img_all.shape[0] - 1
-        if duplicates:
-            copies = index[:, None] == index_all.to(dev)[None, :]
-            copies[torch.arange(b, device=dev), pos] = False
-            num_neg = num_neg - copies.sum(1)
-
-        det = self.detector
-        masking, updating = det.masking(epoch), det.updating(epoch)
-        logged, measure = measure, measure and masking
-        truth: dict[str, torch.Tensor] | None = None
-        if self.has_labels and (measure or (masking and det.needs_labels)):
-            same = same_label(label.to(dev), label_all.to(dev), pos)
-            if copies is not None:
-                same &= ~copies
-            truth = {t: same for t in ANCHORS}  # one label per sample: same truth both ways
-        sims: dict[str, torch.Tensor] = {}
-        if det.needs_similarities and (masking or updating):
-            with torch.no_grad():
-                sims = {t: anchors[t] @ others[t].T for t in ANCHORS}
-        found = det.detect(
-            DetectionInput(sims, pos, index, truth, copies, num_neg, epoch, measure=logged)
-        )
-
-        rows = {t: AnchorRows(anchors[t], others[t], pos, found.flags[t], copies) for t in ANCHORS}
-        out = self.method.loss(rows, index, logit_scale, epoch)
-        detection = None
-        if measure:
-            detection = sum(
-                detection_counts(
-                    found.flags[t], truth[t] if truth else torch.zeros_like(found.flags[t]), num_neg
-                )
-                for t in ANCHORS
-            )
-        return StepOutput(
-            loss=out.loss,
-            metrics={**out.metrics, **found.metrics},
-            detection=detection,
-            index=index,
-            rows={**found.rows, **out.rows},
-            duplicates=duplicates,
-            stats=found.stats,
-            masked=masking,
-        )
+        feats = (image_features, text_features)
+        return self.loss_from(feats, logit_scale, index, label, epoch, measure)
 
 
 class SimCLRObjective(Objective):
@@ -304,24 +329,8 @@ class SimCLRObjective(Objective):
         logit_scale = getattr(model, "module", model).logit_scale.exp()  # DDP wraps the model
         return (z[:b], z[b:]), logit_scale  # view 1, view 2 of each image
 
-    def loss_from(self, feats, logit_scale, index, label, epoch, measure):
-        return self(torch.cat(feats), logit_scale, index, label, epoch, measure)
-
-    def __call__(
-        self,
-        z: torch.Tensor,
-        logit_scale: torch.Tensor,
-        index: torch.Tensor,
-        label: torch.Tensor,
-        epoch: int,
-        measure: bool = True,
-    ) -> StepOutput:
-        """Loss of this rank's views.
-
-        Args:
-            z: ``[2b, d]`` normalised projections, view 1 of the ``b`` images then view 2.
-            logit_scale: ``1/tau``; index, label: ``[b]``; epoch, measure: as ``ClipObjective``.
-        """
+    def pairs(self, feats, index, label):
+        z = torch.cat(feats)
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         b = index.numel()
         dev = z.device
@@ -343,55 +352,38 @@ class SimCLRObjective(Objective):
         num_neg: int | torch.Tensor = 2 * B - 2
         if duplicates:
             num_neg = (2 * B - 1) - not_negative[:b].sum(1)  # per image, the same for both views
+        return BatchPairs(
+            {"view": z},
+            {"view": others},
+            pos,
+            not_negative,
+            num_neg,
+            index,
+            label.repeat(2),
+            torch.cat([label_all, label_all]),
+            duplicates,
+            rows_per_sample=2,
+            self_col=self_col,
+            columns_index=columns_index,
+        )
 
-        det = self.detector
-        masking, updating = det.masking(epoch), det.updating(epoch)
-        logged, measure = measure, measure and masking
-        truth: dict[str, torch.Tensor] | None = None
-        if self.has_labels and (measure or (masking and det.needs_labels)):
-            same = same_label(label.repeat(2), torch.cat([label_all, label_all]), pos)
-            truth = {"view": same & ~not_negative}
-        sims: dict[str, torch.Tensor] = {}
-        if det.needs_similarities and (masking or updating):
-            with torch.no_grad():
-                sims = {"view": z @ others.T}
-        found = det.detect(
-            DetectionInput(
-                sims,
-                pos,
-                index,
-                truth,
-                not_negative,
-                num_neg,
-                epoch,
-                2,
-                columns_index,
-                measure=logged,
-            )
-        )
-        anchor_rows = {
-            "view": AnchorRows(
-                z, others, pos, found.flags["view"], not_negative, self_col, columns_index
-            )
-        }
-        out = self.method.loss(anchor_rows, index, logit_scale, epoch)
-        detection = None
-        if measure and found.flags["view"] is not None:
-            flags = found.flags["view"]
-            per_row = num_neg if isinstance(num_neg, int) else num_neg.repeat(2)
-            detection = detection_counts(
-                flags, truth["view"] if truth else torch.zeros_like(flags), per_row
-            )
-        return StepOutput(
-            loss=out.loss,
-            metrics={**out.metrics, **found.metrics},
-            detection=detection,
-            index=index,
-            rows={**found.rows, **out.rows},
-            duplicates=duplicates,
-            stats=found.stats,
-            masked=masking,
-        )
+    def __call__(
+        self,
+        z: torch.Tensor,
+        logit_scale: torch.Tensor,
+        index: torch.Tensor,
+        label: torch.Tensor,
+        epoch: int,
+        measure: bool = True,
+    ) -> StepOutput:
+        """Loss of this rank's views.
+
+        Args:
+            z: ``[2b, d]`` normalised projections, view 1 of the ``b`` images then view 2.
+            logit_scale: ``1/tau``; index, label: ``[b]``; epoch, measure: as ``ClipObjective``.
+        """
+        b = index.numel()
+        return self.loss_from((z[:b], z[b:]), logit_scale, index, label, epoch, measure)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"clip": ClipObjective, "simclr": SimCLRObjective}

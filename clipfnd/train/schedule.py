@@ -28,6 +28,8 @@ from torch.optim.lr_scheduler import LambdaLR
 if TYPE_CHECKING:
     from data_pipelines.loader import ShardStream
 
+    from ..methods import TemperaturePolicy
+
 TAU_THRESHOLD = 0.03  # FastCLIP's step_thresh rule: below this tau ...
 TAU_LR_RATIO = 1.0 / 3.0  # ... the temperature learns at a third of loss.tau_lr
 
@@ -76,6 +78,15 @@ def apply_tau_rule(
     lr = base_lr * (TAU_LR_RATIO if tau <= TAU_THRESHOLD else 1.0)
     optimizer.param_groups[tau_group]["lr"] = lr
     return lr
+
+
+def temperature_lr_before_step(
+    optimizer: torch.optim.Optimizer, tau_group: int, policy: TemperaturePolicy, tau: float
+) -> None:
+    """Before an optimiser step: the temperature group's learning rate under its rule (the
+    ``fastclip`` rule at the current ``tau``; the ``model`` rule is the scheduler's)."""
+    if policy.lr_rule == "fastclip":
+        apply_tau_rule(optimizer, tau_group, policy.group_lr, tau)
 
 
 def optimizer_steps_in_epoch(stream: ShardStream, epoch: int, accum_steps: int) -> int:

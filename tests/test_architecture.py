@@ -1,0 +1,125 @@
+"""The layout docs/architecture.md draws, checked on the source: imports flow one way (type-only
+imports included), the config is a leaf, the report needs nothing of training, and the
+training functions stay short enough to read."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "clipfnd"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The clipfnd modules ``name`` imports, anywhere in the file (functions and
+    ``TYPE_CHECKING`` blocks included): ``from .x import y`` counts as importing ``x.y`` when
+    that is a module, else ``x``."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
+        else:
+            continue
+        out |= {t for t in targets if t in known and t != name}
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    known = set(mods)
+    return {n: _imports(n, p, known) for n, p in mods.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle_among_clipfnd_modules():
+    assert _cycles(_graph()) == []
+
+
+def test_the_config_is_a_leaf():
+    """Loading a config imports nothing of clipfnd but the error classes (which import
+    nothing), so it needs no torch and no registry."""
+    graph = _graph()
+    assert graph["clipfnd.config"] <= {"clipfnd.errors"}
+    assert graph["clipfnd.errors"] == set()
+
+
+def test_the_report_needs_nothing_of_training():
+    graph = _graph()
+    for name, deps in graph.items():
+        if name.startswith("clipfnd.report"):
+            assert not {d for d in deps if d.startswith("clipfnd.train")}, name
+
+
+def test_the_step_checkpoints_and_metrics_take_their_pieces_as_arguments():
+    """Nothing in train/ imports the loop or the build but the loop (and the CLI)."""
+    graph = _graph()
+    for name, deps in graph.items():
+        if name in ("clipfnd.train.loop", "clipfnd.cli.main"):
+            continue
+        assert "clipfnd.train.loop" not in deps, name
+        if name != "clipfnd.train.build" and name.startswith("clipfnd.train"):
+            assert "clipfnd.train.build" not in deps, name
+
+
+def test_no_function_in_train_is_over_80_lines():
+    long = []
+    for path in (PKG / "train").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80:
+                    long.append(f"{path.name}:{node.name} ({n} lines)")
+    assert long == []
