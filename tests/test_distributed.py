@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_path import clip_loss
 
 from clipfnd import distributed
 from clipfnd.config import load_config
-from clipfnd.losses import clip_loss
 from clipfnd.state import StateTables
 from clipfnd.train.objective import ClipObjective
 

@@ -8,16 +8,25 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_path import clip_loss
 
 from clipfnd.config import FNDConfig, load_config
 from clipfnd.fnd import GloFND
-from clipfnd.losses import clip_loss
 from clipfnd.state import StateTables, TableIndexError
 from clipfnd.train.objective import ClipObjective
 
 # the paper's thresholds: a constant start (1.0), no offset (these tests check its rule)
 PAPER = {"init": "constant", "offset": False}
 PAPER_ITEMS = ["fnd.init=constant", "fnd.offset=false"]
+
+
+def update(det, anchor_type, index, sims, exclude, num_negatives, epoch=0):
+    """New rows for anchors ``index`` from their ``K`` similarity rows (``sims``: ``K`` tensors
+    ``[b, M]``; ``exclude``: per row set, the columns that are no negatives): the flags at the
+    stored thresholds, then the update training makes (``update_from_flags``)."""
+    lam = det.tables.rows(f"glofnd.lambda_{anchor_type}", index, sims[0].device)
+    flags = [det.flags(s, lam, ex) for s, ex in zip(sims, exclude)]
+    return det.update_from_flags(anchor_type, index, flags, num_negatives, epoch=epoch)
 
 
 def unit(n, d, seed):
@@ -40,7 +49,7 @@ def test_thresholds_converge_to_quantile(alpha):
         for k in range(N // B):
             idx = perm[k * B : (k + 1) * B]
             tables.write_rows(
-                idx, det.update("view", idx, [S[idx][:, idx]], [[torch.arange(B)]], B - 1)
+                idx, update(det, "view", idx, [S[idx][:, idx]], [[torch.arange(B)]], B - 1)
             )
     others = S.masked_select(~torch.eye(N, dtype=torch.bool)).view(N, N - 1)
     target = torch.quantile(others, 1 - alpha, dim=1)
@@ -126,7 +135,7 @@ def test_update_matches_naive_loop(optimizer, bias, views):
     ]  # updates starting at epoch 15, as the paper's
     for (idx, rows, negs, excludes), epoch in zip(steps, epochs):
         tables.write_rows(
-            idx, det.update("a", idx, rows, excludes, int(negs[0][0].sum()), epoch=epoch)
+            idx, update(det, "a", idx, rows, excludes, int(negs[0][0].sum()), epoch=epoch)
         )
     lam, counts = naive_glofnd(
         [st[:3] for st in steps], N, alpha, lr, 0.9, 0.98, optimizer, epochs, bias
@@ -147,7 +156,7 @@ def test_thresholds_start_at_one_and_stay_clamped():
     sims = torch.full((4, 4), -1.0)
     for _ in range(3):  # g = alpha > 0 pushes lambda down, hard
         tables.write_rows(
-            torch.arange(4), det.update("a", torch.arange(4), [sims], [[torch.arange(4)]], 3)
+            torch.arange(4), update(det, "a", torch.arange(4), [sims], [[torch.arange(4)]], 3)
         )
     assert tables["glofnd.lambda_a"].tolist() == [-1.0] * 4
 

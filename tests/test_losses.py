@@ -7,14 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_path import clip_loss
 
 from clipfnd.losses import (
     attraction,
-    clip_loss,
     gamma_schedule,
     global_contrastive_loss,
     kept_negatives,
     negative_ratio,
+    temperature_penalty,
     temperature_terms,
 )
 
@@ -205,7 +206,7 @@ def test_global_loss_empty_kept_set_is_zero_and_finite():
 def test_fastclip_v3_temperature_terms_and_gradient():
     u = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
     tau = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
-    t = temperature_terms(u, tau, rho=6.5)
+    t = temperature_terms(u, tau) + temperature_penalty(tau, 6.5)  # per anchor type + once
     want = 6.5 * 0.07 + 0.07 * (math.log(0.5) + math.log(2.0) + math.log(1.5)) / 3
     assert abs(t.item() - want) < 1e-12
     t.backward()

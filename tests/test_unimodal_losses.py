@@ -10,7 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipfnd.losses.unimodal import Mixing, debiased_rows, draw_mixing, ntxent_rows, view_columns
+from clipfnd.losses import info_nce_rows
+from clipfnd.losses.unimodal import Mixing, debiased_rows, draw_mixing, view_columns
+
+
+def ntxent_rows(anchors, others, pos, self_col, tau, fn_mask=None, removal="eliminate"):
+    """Per-view NT-Xent losses as the ``simclr`` method computes them (``info_nce_rows`` at
+    ``1/tau``), each view's own column no negative, as the vision-only objective marks it."""
+    n = anchors.shape[0]
+    own = torch.zeros(n, others.shape[0], dtype=torch.bool)
+    own[torch.arange(n), self_col] = True
+    return info_nce_rows(anchors, others, pos, 1.0 / tau, fn_mask, removal, True, own)
 
 
 def views(B: int, d: int, seed: int) -> torch.Tensor:

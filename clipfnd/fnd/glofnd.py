@@ -411,26 +411,6 @@ class GloFND(Detector):
         return (self.alpha - above / (len(flags) * n)).to(torch.float32)
 
     @torch.no_grad()
-    def update(
-        self,
-        anchor_type: str,
-        index: torch.Tensor,
-        sims: list[torch.Tensor],
-        exclude: list[list[torch.Tensor]],
-        num_negatives: int,
-        epoch: int = 0,
-    ) -> dict[str, torch.Tensor]:
-        """New rows for anchors ``index`` from their ``K`` similarity rows (not yet written).
-
-        Args:
-            sims: ``K`` tensors ``[b, M]``; exclude: per similarity row set, the columns that
-                are not negatives (see ``flags``); num_negatives: ``|N_i|``.
-        """
-        lam = self.tables.rows(f"glofnd.lambda_{anchor_type}", index, sims[0].device)
-        flags = [self.flags(s, lam, ex) for s, ex in zip(sims, exclude)]
-        return self.update_from_flags(anchor_type, index, flags, num_negatives, epoch=epoch)
-
-    @torch.no_grad()
     def update_from_flags(
         self,
         anchor_type: str,

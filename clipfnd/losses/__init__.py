@@ -3,7 +3,7 @@
 ``clip`` (mini-batch InfoNCE rows), ``global_contrastive`` (SogCLR / FastCLIP), ``unimodal``
 (NT-Xent, DCL, HCL, SSCL over two views of each image)."""
 
-from .clip import clip_loss, contrastive_rows, info_nce_rows
+from .clip import contrastive_rows, info_nce_rows
 from .global_contrastive import (
     attraction,
     gamma_schedule,
@@ -17,7 +17,6 @@ from .global_contrastive import (
 
 __all__ = [
     "attraction",
-    "clip_loss",
     "contrastive_rows",
     "info_nce_rows",
     "gamma_schedule",

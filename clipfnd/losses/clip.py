@@ -99,38 +99,3 @@ def info_nce_rows(
     losses of one anchor type (``[b, d]`` anchors against ``[M, d]`` candidates). ``[b]``."""
     logits = logit_scale * anchors @ others.T
     return contrastive_rows(logits, pos, fn_mask, removal, rescale, not_negative)
-
-
-def clip_loss(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    image_all: torch.Tensor,
-    text_all: torch.Tensor,
-    logit_scale: torch.Tensor,
-    offset: int = 0,
-    fn_i2t: torch.Tensor | None = None,
-    fn_t2i: torch.Tensor | None = None,
-    removal: str = "eliminate",
-    rescale: bool = True,
-    not_negative: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Bidirectional CLIP loss of this rank's anchors.
-
-    Shape:
-        image, text: ``[b, d]`` local normalised features; image_all, text_all: ``[B, d]``
-        gathered (with gradient) features; logit_scale: scalar ``1/tau``; fn_i2t, fn_t2i:
-        optional ``[b, B]`` bool false-negative masks of the image and text anchors;
-        not_negative: optional ``[b, B]`` bool, copies of the anchor's own sample (both ways).
-
-    Returns the mean over local anchors; the mean of this over ranks is the loss of the
-    global batch (and DDP's gradient averaging gives that loss's gradient).
-    """
-    b = image.shape[0]
-    pos = torch.arange(b, device=image.device) + offset
-    loss_i = info_nce_rows(
-        image, text_all, pos, logit_scale, fn_i2t, removal, rescale, not_negative
-    )
-    loss_t = info_nce_rows(
-        text, image_all, pos, logit_scale, fn_t2i, removal, rescale, not_negative
-    )
-    return 0.5 * (loss_i.mean() + loss_t.mean())

@@ -109,9 +109,10 @@ def temperature_penalty(tau: torch.Tensor, rho: float) -> torch.Tensor:
     return rho * tau
 
 
-def temperature_terms(u: torch.Tensor, tau: torch.Tensor, rho: float) -> torch.Tensor:
-    """FastCLIP-v3's extra terms for one anchor type: ``rho * tau + tau * mean log u``."""
-    return rho * tau + tau * torch.log(u).mean()
+def temperature_terms(u: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """FastCLIP-v3's extra term for one anchor type: ``tau * mean log u`` (its ``rho * tau`` is
+    ``temperature_penalty``, added once a step)."""
+    return tau * torch.log(u).mean()
 
 
 def moving_average(

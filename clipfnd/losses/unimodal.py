@@ -43,8 +43,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .clip import info_nce_rows
-
 
 def view_columns(b: int, B: int, offset: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pos, self_col)`` of the ``2b`` local views among the ``2B`` gathered ones.
@@ -68,27 +66,6 @@ def _not_negative(
     if not_negative is not None:
         excluded |= not_negative
     return excluded
-
-
-def ntxent_rows(
-    anchors: torch.Tensor,
-    others: torch.Tensor,
-    pos: torch.Tensor,
-    self_col: torch.Tensor,
-    tau: torch.Tensor | float,
-    fn_mask: torch.Tensor | None = None,
-    removal: str = "eliminate",
-    rescale: bool = True,
-    not_negative: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-anchor NT-Xent losses ``[2b]``, with flagged false negatives removed or attracted
-    (as ``contrastive_rows``).
-
-    Shape: anchors ``[n, d]``, others ``[M, d]`` (normalised); pos, self_col ``[n]``; fn_mask,
-    not_negative ``[n, M]`` bool.
-    """
-    excluded = _not_negative(others.shape[0], self_col, not_negative)
-    return info_nce_rows(anchors, others, pos, 1.0 / tau, fn_mask, removal, rescale, excluded)
 
 
 @dataclass

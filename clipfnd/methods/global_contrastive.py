@@ -126,7 +126,7 @@ class FastCLIPv3(SogCLR):
         return 1.0 / logit_scale
 
     def temperature_terms(self, u: torch.Tensor, tau: torch.Tensor) -> torch.Tensor | None:
-        return temperature_terms(u, tau, rho=0.0)  # rho * tau is added once, below
+        return temperature_terms(u, tau)  # rho * tau is added once: temperature_penalty
 
     def temperature_penalty(self, tau: torch.Tensor) -> torch.Tensor | None:
         return temperature_penalty(tau, self.cfg.loss.rho)

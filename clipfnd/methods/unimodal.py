@@ -40,7 +40,6 @@ class Debiased(ConstantTemperature, Clip):
     ``tau_plus``, and (SSCL) ``num_synthetic`` negatives mixed from each anchor's ``top_k``
     hardest. Flagged false negatives leave the negative pool (``eliminate`` only)."""
 
-    name = "debiased"
     modes = ("simclr",)
     synthesis = False
     hard = True
@@ -86,17 +85,15 @@ class Debiased(ConstantTemperature, Clip):
             excluded = torch.zeros(n, m, dtype=torch.bool, device=r.anchors.device)
             if r.not_negative is not None:
                 excluded |= r.not_negative
-            if r.self_col is not None:
-                excluded[torch.arange(n, device=excluded.device), r.self_col] = True
+            excluded[torch.arange(n, device=excluded.device), r.self_col] = True
             if r.fn_mask is not None:
                 excluded |= r.fn_mask
-            self_col = r.self_col if r.self_col is not None else r.pos  # bimodal: unused column
             per_type.append(
                 debiased_rows(
                     r.anchors,
                     r.others,
                     r.pos,
-                    self_col,
+                    r.self_col,
                     self.tau,
                     self.tau_plus,
                     self.beta,
