@@ -187,7 +187,10 @@ def clustering_cost(root: Path, n: int, batch: int) -> dict:
     index, feats = embed_training_set(cfg, s)
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
-    s.objective.detector.start_epoch(cfg.fnd.start_update, lambda: (index, feats), fresh=True)
+    start = s.objective.detector.start_epoch(
+        cfg.fnd.start_update, lambda: (index, feats), fresh=True
+    )
+    start.write(s.tables)
     t_kmeans = time.perf_counter() - t0
 
     # GloFND's overhead: the objective on fixed features, with and without the detector

@@ -1,5 +1,5 @@
 """Reading checkpoints: the folder layout, ``trainer_state.json``, and a checkpoint as an
-inference model. A leaf module: training (which writes checkpoints, ``clipfnd.train.checkpoint``),
+inference model. A leaf module: training (which writes checkpoints and resumes from them, ``clipfnd.train.save_resume``),
 evaluation and export all read through it, and it imports none of them.
 
 A training checkpoint (``RUN/checkpoints/step_NNNNNNNN/``) holds the model's state dict

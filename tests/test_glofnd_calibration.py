@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipfnd.config import FNDConfig
+from clipfnd.config import FNDConfig, MaskStart
 from clipfnd.fnd import GloFND
 from clipfnd.fnd.base import DetectionInput
-from clipfnd.fnd.calibration import HIST_BINS, MaskStart, histogram, upper_quantile
+from clipfnd.fnd.calibration import HIST_BINS, histogram, upper_quantile
 from clipfnd.state import StateTables
 
 WIDTH = 4.0 / HIST_BINS  # one bin

@@ -62,8 +62,8 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(
     import pytest
 
     from clipfnd.config import load_config
-    from clipfnd.train.checkpoint import CheckpointWriteError
     from clipfnd.train.loop import train
+    from clipfnd.train.save_resume import CheckpointWriteError
 
     def full(self, *a, **k):
         raise RuntimeError(

@@ -75,7 +75,7 @@ def run_steps(rank: int, world: int, overrides: dict):
     for step in range(STEPS):
         epoch = step // PER_EPOCH
         if step % PER_EPOCH == 0:
-            obj.detector.start_epoch(epoch, embed, fresh=True)
+            obj.detector.start_epoch(epoch, embed, fresh=True).write(obj.tables)
         gen = torch.Generator().manual_seed(100 + step)
         order = torch.randperm(N, generator=gen)[:B]
         if repeats:

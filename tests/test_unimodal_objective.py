@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from clipfnd.config import load_config
-from clipfnd.fnd.base import DetectionInput
+from clipfnd.fnd.base import DetectionInput, EpochStart
 from clipfnd.fnd.clustering import acceptance_ratio
 from clipfnd.losses.unimodal import view_columns
 from clipfnd.state import StateTables
@@ -175,9 +175,9 @@ def test_ifnd_clusters_on_schedule_and_accepts_the_rising_share():
         calls.append(1)
         return _embed()
 
-    assert det.start_epoch(0, embed, fresh=True) == {}  # before start_update
+    assert det.start_epoch(0, embed, fresh=True) == EpochStart()  # before start_update
     for epoch in range(1, 6):
-        det.start_epoch(epoch, embed, fresh=True)
+        det.start_epoch(epoch, embed, fresh=True).write(tables)
         ratio = acceptance_ratio(epoch, 1, 5, 0.25)
         for g in range(2):
             label = tables[f"ifnd.label_{g}"]
@@ -191,7 +191,7 @@ def test_ifnd_clusters_on_schedule_and_accepts_the_rising_share():
     assert len(calls) == 3  # epochs 1, 3, 5 (cluster_every = 2)
     # a resume inside an epoch does not cluster again, and leaves the tables alone
     before = {n: tables[n].clone() for n in tables.names()}
-    det.start_epoch(5, embed, fresh=False)
+    det.start_epoch(5, embed, fresh=False).write(tables)
     assert len(calls) == 3
     assert all(torch.equal(before[n], tables[n]) for n in tables.names())
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Detection, DetectionInput, Detector, NoDetector
+from ..config import ConfigError
+from .base import Detection, DetectionInput, Detector, EpochStart, NoDetector
 from .glofnd import GloFND
 from .ifnd import IFND
 from .oracle import Oracle
@@ -32,8 +33,6 @@ def build_detector(
     """The detector ``cfg.fnd`` names, its tables added to ``tables``, for anchor types
     ``anchor_types`` (default: ``ANCHOR_TYPES[cfg.mode]``). ``ConfigError`` when it needs
     labels and the data has none (``has_labels``)."""
-    from ..config import ConfigError  # here: clipfnd.config and this package may import each other
-
     detector_cls = DETECTORS[cfg.fnd.detector]
     if detector_cls.needs_labels and not has_labels:
         raise ConfigError(
@@ -55,6 +54,7 @@ __all__ = [
     "DETECTORS",
     "Detection",
     "DetectionInput",
+    "EpochStart",
     "Detector",
     "GloFND",
     "IFND",

@@ -1,9 +1,9 @@
 """What every false-negative detector provides (docs/methods.md, "Removing detected false
 negatives"): similarities, dataset indices, labels and the epoch in; flags and the table rows
-to commit out. A detector never edits a loss, and during a step it never writes a table
-itself: ``detect`` returns the rows, and the training step commits them in one synchronised
-call. The one exception is ``start_epoch``: IFND writes its own tables there (the clustering's
-clusters, confidences and pseudo-labels, the same values on every process).
+to commit out. A detector never edits a loss and never writes a table itself: ``detect``
+returns the rows, which the training step commits in one synchronised call, and
+``start_epoch`` returns whole columns (IFND's clusters, confidences and pseudo-labels, the same
+on every process), which the training loop writes before the epoch's first step.
 
 Adding a detector: a class with ``from_config`` and one line in ``DETECTORS``
 (``clipfnd/fnd/__init__.py``).
@@ -64,6 +64,22 @@ class Detection:
     # processes before ``after_step`` (GloFND: flagged and negatives counts per anchor type)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # this step's, for the log line
+
+
+@dataclass
+class EpochStart:
+    """What a detector's epoch start hands the training loop: scalars for a metrics line of
+    their own, and whole columns of its tables (every dataset row, the same on every process)
+    that the loop writes (``write``) before the epoch's first step."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    columns: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def write(self, tables: StateTables) -> None:
+        """Set each column in ``tables`` (replicated: every row; sharded: the rows this
+        process holds)."""
+        for name, values in self.columns.items():
+            tables.assign(name, torch.arange(tables.num_rows), values)
 
 
 class Detector(ABC):
@@ -157,15 +173,16 @@ class Detector(ABC):
         a run at most; None: nothing to say)."""
         return None
 
-    def start_epoch(self, epoch: int, embed: EmbedFn, fresh: bool) -> dict[str, float]:
+    def start_epoch(self, epoch: int, embed: EmbedFn, fresh: bool) -> EpochStart:
         """Called on every process at the start of each epoch, before its first step.
 
         ``embed()`` returns ``(index [N'], features [N', d])`` of the whole training set
         (un-augmented, all processes together; the same on every process). ``fresh`` is False
-        when a run resumes inside the epoch (the tables already hold what this call wrote).
-        Returns scalars for the metrics line. Default: nothing to do.
+        when a run resumes inside the epoch (the tables already hold what this epoch's start
+        wrote). Returns the scalars for the metrics line and the columns to write; it writes
+        nothing itself. Default: nothing to do.
         """
-        return {}
+        return EpochStart()
 
     def state_metrics(self) -> dict[str, float]:
         """Scalars about the detector's state for the metrics line (none by default)."""

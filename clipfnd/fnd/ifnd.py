@@ -28,7 +28,7 @@ import torch
 
 from .. import distributed
 from ..state import StateTables
-from .base import Detection, DetectionInput, Detector, EmbedFn
+from .base import Detection, DetectionInput, Detector, EmbedFn, EpochStart
 from .clustering import accept, acceptance_ratio, cluster_hierarchy, flags_from_labels
 
 if TYPE_CHECKING:
@@ -132,13 +132,19 @@ class IFND(Detector):
         return -1.0
 
     @torch.no_grad()
-    def start_epoch(self, epoch: int, embed: EmbedFn, fresh: bool) -> dict[str, float]:
+    def start_epoch(self, epoch: int, embed: EmbedFn, fresh: bool) -> EpochStart:
+        """Cluster the training set (on the epochs ``clusters_at`` names; rank 0 clusters and
+        broadcasts, so every process gets the same labels), then accept the most confident
+        share of this epoch: columns ``ifnd.cluster_g`` / ``ifnd.confidence_g`` (when it
+        clustered; samples that could not be read: -1 / -inf) and ``ifnd.label_g`` (-1: not
+        accepted) for the loop to write."""
         if not fresh or epoch < self.start_update:
-            return {}
-        G = len(self.num_clusters)
+            return EpochStart()
+        G, dev = len(self.num_clusters), self.tables.device
+        columns: dict[str, torch.Tensor] = {}
         if self.clusters_at(epoch):
             index, feats = embed()
-            G_n = (len(self.num_clusters), index.numel())
+            G_n = (G, index.numel())
             assign = torch.empty(G_n, dtype=torch.long, device=feats.device)
             confidence = torch.empty(G_n, dtype=torch.float32, device=feats.device)
             if distributed.rank() == 0:  # one clustering, the same labels on every process
@@ -154,20 +160,24 @@ class IFND(Detector):
                 confidence.copy_(c)
             distributed.broadcast(assign)
             distributed.broadcast(confidence)
-            idx = index.to(self.tables.device)
-            for g in range(G):  # samples that could not be read keep no cluster
-                self._column("cluster", g).fill_(-1.0)
-                self._column("confidence", g).fill_(float("-inf"))
-                self._column("cluster", g)[idx] = assign[g].to(self.tables.device).float()
-                self._column("confidence", g)[idx] = confidence[g].to(self.tables.device)
+            idx = index.to(dev)
+            cluster = torch.full((G, self.tables.num_rows), -1.0, device=dev)
+            conf = torch.full((G, self.tables.num_rows), float("-inf"), device=dev)
+            cluster[:, idx] = assign.to(dev).float()
+            conf[:, idx] = confidence.to(dev)
+            for g in range(G):
+                columns[f"ifnd.cluster_{g}"] = cluster[g]
+                columns[f"ifnd.confidence_{g}"] = conf[g]
+        else:
+            cluster = torch.stack([self._column("cluster", g) for g in range(G)])
+            conf = torch.stack([self._column("confidence", g) for g in range(G)])
         ratio = self.accepted_ratio(epoch)
-        conf = torch.stack([self._column("confidence", g) for g in range(G)])
-        valid = self._column("cluster", 0) >= 0
-        accepted = accept(conf, ratio, valid)
+        accepted = accept(conf, ratio, cluster[0] >= 0)
         for g in range(G):
-            label = torch.where(accepted[g], self._column("cluster", g), -1.0)
-            self._column("label", g).copy_(label)
-        return {"fnd/accepted_share": ratio, "fnd/accepted": float(accepted[0].sum())}
+            columns[f"ifnd.label_{g}"] = torch.where(accepted[g], cluster[g], -1.0)
+        return EpochStart(
+            {"fnd/accepted_share": ratio, "fnd/accepted": float(accepted[0].sum())}, columns
+        )
 
     def labels(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``[n, G]`` pseudo-labels of dataset indices ``index`` (-1: none)."""

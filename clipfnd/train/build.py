@@ -6,7 +6,7 @@ optimiser and its schedule, claims the run folder and writes ``config.yaml``. Wh
 fail on the user's input (model name, data, batch size, detector needs) is checked before the
 folder is created, so a run that cannot start leaves nothing behind.
 
-``Run`` holds what was built. The step (``step.py``), the checkpoints (``checkpoint.py``) and
+``Run`` holds what was built. The step (``step.py``), the checkpoints (``save_resume.py``) and
 the metrics (``metrics.py``) take the pieces they need as arguments and never see a ``Run``.
 """
 
@@ -38,7 +38,7 @@ from ..models.factory import SCHEMAS
 from ..models.vision import vision_from_config
 from ..registry import check_choices
 from ..state import ShardedTables, StateTables
-from .checkpoint import Stateful
+from .save_resume import Stateful
 from .lock import RunLock, RunLocked
 from .objective import OBJECTIVES, Objective
 from .schedule import build_scheduler, optimizer_steps_in_epoch
@@ -66,7 +66,7 @@ class Run:
     tau_group: int | None = None  # the temperature's own parameter group, if it has one
     lock: RunLock | None = None  # the run folder's lock (main process)
     # every parameter group's hyperparameters as this run's config built them (a resume
-    # applies those that changed: ``checkpoint.apply_changed_settings``)
+    # applies those that changed: ``save_resume.apply_changed_settings``)
     fresh_hyperparameters: list[dict[str, Any]] = field(default_factory=list)
 
     def stateful(self) -> Stateful:

@@ -8,7 +8,7 @@ without CUDA the processes form a real gloo group on the CPU.
 
 Where the rest lives: building the run in ``build.py``; the step (forward, objective, finite
 check, backward, commit) in ``step.py``; the loss of a batch in ``objective.py`` (methods and
-detectors behind it); ``save`` and ``resume`` in ``checkpoint.py``; the metrics line and its
+detectors behind it); ``save`` and ``resume`` in ``save_resume.py``; the metrics line and its
 window in ``metrics.py``; learning-rate schedules in ``schedule.py``.
 """
 
@@ -38,7 +38,7 @@ from ..checkpoints import find_latest
 from ..config import Config, eval_tasks
 from ..models.vision import Projections
 from ..plots import PlotWriter
-from . import checkpoint as ckpt
+from . import save_resume as ckpt
 from .build import Run, build_run
 from .metrics import LogWindow, MetricsWriter, log_record, now, per_second
 from .schedule import optimizer_steps_in_epoch
@@ -192,10 +192,13 @@ def show_progress(cfg: Config, s: Run) -> bool:
 
 
 def start_epoch_hooks(cfg: Config, s: Run, epoch: int, fresh: bool) -> dict[str, float]:
-    """The detector's epoch start (IFND clusters the training set here); what it reports
-    (e.g. the accepted share) becomes a metrics line of its own."""
+    """The detector's epoch start (IFND clusters the training set here): the columns it hands
+    back are written into the tables, and what it reports (e.g. the accepted share) becomes a
+    metrics line of its own."""
     t0 = time.perf_counter()
-    out = s.objective.detector.start_epoch(epoch, lambda: embed_training_set(cfg, s), fresh)
+    start = s.objective.detector.start_epoch(epoch, lambda: embed_training_set(cfg, s), fresh)
+    start.write(s.tables)
+    out = dict(start.metrics)
     if out:
         out["fnd/epoch_start_seconds"] = time.perf_counter() - t0
     return out

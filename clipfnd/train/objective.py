@@ -36,12 +36,17 @@ import torch
 
 from .. import distributed
 from ..config import Config
-from ..fnd import DetectionInput, build_detector, detection_counts, detection_metrics, same_label
+from ..fnd import (
+    ANCHOR_TYPES,
+    DetectionInput,
+    build_detector,
+    detection_counts,
+    detection_metrics,
+    same_label,
+)
 from ..losses.unimodal import view_columns
 from ..methods import METHODS, AnchorRows
 from ..state import StateTables
-
-ANCHORS = ("img", "txt")
 
 
 @dataclass
@@ -107,7 +112,7 @@ class Objective(ABC):
         has_labels: the data carries labels (enables the oracle and detection quality).
     """
 
-    anchor_types: tuple[str, ...] = ANCHORS
+    anchor_types: tuple[str, ...] = ANCHOR_TYPES["clip"]
 
     def __init__(self, cfg: Config, tables: StateTables, has_labels: bool):
         self.tables = tables
@@ -319,7 +324,7 @@ class SimCLRObjective(Objective):
     both rows).
     """
 
-    anchor_types = ("view",)
+    anchor_types = ANCHOR_TYPES["simclr"]
 
     def features(self, model, batch, device):
         image = batch["image"].to(device)  # [b, 2, C, H, W]
