@@ -123,3 +123,70 @@ def test_no_function_in_train_is_over_80_lines():
                 if n > 80:
                     long.append(f"{path.name}:{node.name} ({n} lines)")
     assert long == []
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or (parts[1:] and parts[1] in PACKAGES) else module
+
+
+PACKAGES = ("models", "losses", "methods", "fnd", "state", "train", "export", "report", "cli")
+
+# what each room may import of the project (docs/architecture.md, "Rooms")
+ALLOWED = {
+    "clipfnd.errors": set(),
+    "clipfnd.config": {"clipfnd.errors"},
+    "clipfnd.distributed": set(),
+    "clipfnd.plots": set(),
+    "clipfnd.losses": set(),
+    "clipfnd.models": {"clipfnd.errors"},
+    "clipfnd.state": {"clipfnd.distributed", "clipfnd.errors"},
+    "clipfnd.methods": {"clipfnd.losses", "clipfnd.state", "clipfnd.config"},
+    "clipfnd.fnd": {"clipfnd.state", "clipfnd.distributed", "clipfnd.config"},
+    "clipfnd.registry": {"clipfnd.config", "clipfnd.methods", "clipfnd.fnd"},
+    "clipfnd.checkpoints": {"clipfnd.models", "clipfnd.errors"},
+    "clipfnd.export": {"clipfnd.checkpoints", "clipfnd.models", "clipfnd.errors"},
+    "clipfnd.report": {
+        "clipfnd.checkpoints",
+        "clipfnd.config",
+        "clipfnd.registry",
+        "clipfnd.fnd",
+        "clipfnd.state",
+        "clipfnd.plots",
+        "clipfnd.errors",
+    },
+}
+
+
+def test_each_room_imports_only_what_the_architecture_page_allows():
+    uses: dict[str, set[str]] = {}
+    for name, deps in _graph().items():
+        room = _room(name)
+        uses.setdefault(room, set()).update(_room(d) for d in deps if _room(d) != room)
+    train_may = set(uses) - {"clipfnd.train", "clipfnd.report", "clipfnd.cli", "clipfnd.export"}
+    for room, deps in uses.items():
+        if room == "clipfnd.train":
+            assert deps <= train_may, deps - train_may
+        elif room in ALLOWED:
+            assert deps <= ALLOWED[room], f"{room} imports {sorted(deps - ALLOWED[room])}"
+
+
+def _project_imports(folder: Path) -> set[str]:
+    out = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+                if node.module == "clipfnd":  # from clipfnd import distributed
+                    names = [f"clipfnd.{a.name}" for a in node.names]
+            out |= {_room(n) for n in names if n.split(".")[0] == "clipfnd"}
+    return out
+
+
+def test_data_pipelines_and_eval_stay_below_training():
+    assert _project_imports(ROOT / "data_pipelines") == set()
+    allowed = {"clipfnd.checkpoints", "clipfnd.models", "clipfnd.distributed", "clipfnd.errors"}
+    assert _project_imports(ROOT / "eval") <= allowed

@@ -132,7 +132,7 @@ def objective_flags(scores, mode: str) -> dict[str, torch.Tensor]:
     tables = read_tables(scores.ckpt)
     obj = OBJECTIVES[mode](cfg, tables, has_labels=True)
     load_tables(tables, scores.ckpt.path)
-    load_detector_state(obj.detector, scores.ckpt.path)
+    load_detector_state(obj.detector, scores.ckpt.path, scores.ckpt.step or 0)
     seen = {}
     detect = obj.detector.detect
 

@@ -81,13 +81,9 @@ class Debiased(ConstantTemperature, Clip):
     ) -> MethodOutput:
         per_type = []
         for r in rows.values():
-            n, m = r.anchors.shape[0], r.others.shape[0]
-            excluded = torch.zeros(n, m, dtype=torch.bool, device=r.anchors.device)
-            if r.not_negative is not None:
-                excluded |= r.not_negative
-            excluded[torch.arange(n, device=excluded.device), r.self_col] = True
-            if r.fn_mask is not None:
-                excluded |= r.fn_mask
+            # the pairs' columns that are no negatives (the view's own column among them),
+            # and the flagged false negatives: out of the negative pool
+            excluded = r.not_negative if r.fn_mask is None else r.not_negative | r.fn_mask
             per_type.append(
                 debiased_rows(
                     r.anchors,

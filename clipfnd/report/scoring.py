@@ -274,7 +274,7 @@ def score(
             "no thresholds of their own. GloFND's flags use the median learned threshold for "
             "every anchor; IFND's pseudo-labels belong to training samples and flag nothing here."
         )
-    load_detector_state(det, ckpt.path)
+    load_detector_state(det, ckpt.path, ckpt.step or 0)
     epoch = int(ckpt.epoch or 0)
     if det.masked_from is None and det.name != "none":
         notes.append(

@@ -27,7 +27,6 @@ from .tables import ShardedTables, StateTables
 
 TABLES_FILE = "tables.safetensors"
 DETECTOR_FILE = "detector.json"
-_TRAINER_STATE = "trainer_state.json"  # clipfnd.checkpoints.TRAINER_STATE
 
 # rows read from a checkpoint's tables at a time when they are put into another layout
 ROWS_PER_READ = 1 << 22
@@ -166,29 +165,13 @@ def save_detector_state(detector, folder: Path) -> None:
     _write_json(folder / DETECTOR_FILE, detector.state_dict())
 
 
-def _saved_step(ckpt: Path) -> int:
-    """The step ``ckpt``'s ``trainer_state.json`` records (0 when it says none)."""
-    path = ckpt / _TRAINER_STATE
-    try:
-        state = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {_TRAINER_STATE})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt: {e}") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is corrupt: not a JSON object")
-    step = state.get("step", 0)
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CheckpointError(f"{path} is corrupt: step={step!r} is not an integer >= 0")
-    return step
-
-
-def load_detector_state(detector, ckpt: Path) -> None:
+def load_detector_state(detector, ckpt: Path, steps: int) -> None:
     """The detector's run-wide state from ``ckpt`` (``detector.json``; a checkpoint written
-    before it existed: the steps taken, from ``trainer_state.json``, and nothing else)."""
+    before it existed: ``steps``, the optimiser steps the checkpoint's ``trainer_state.json``
+    records, and nothing else)."""
     path = ckpt / DETECTOR_FILE
     if not path.is_file():
-        detector.load_state_dict({"steps": _saved_step(ckpt)})
+        detector.load_state_dict({"steps": steps})
         return
     try:
         detector.load_state_dict(json.loads(path.read_text()))

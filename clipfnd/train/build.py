@@ -38,9 +38,9 @@ from ..models.factory import SCHEMAS
 from ..models.vision import vision_from_config
 from ..registry import check_choices
 from ..state import ShardedTables, StateTables
-from .save_resume import Stateful
 from .lock import RunLock, RunLocked
 from .objective import OBJECTIVES, Objective
+from .save_resume import Stateful
 from .schedule import build_scheduler, optimizer_steps_in_epoch
 from .step import StepResult, optimizer_step
 

@@ -145,6 +145,17 @@ class Objective(ABC):
         """This rank's loss and rows from ``features``' output (rows in the same order)."""
         return self.score(self.pairs(feats, index, label), logit_scale, epoch, measure)
 
+    def __call__(self, *args, epoch: int | None = None, measure: bool = True) -> StepOutput:
+        """This rank's loss from normalised features (for callers that hold features, not a
+        batch): ``objective(image_features, text_features, logit_scale, index, label,
+        epoch)`` in CLIP training, ``objective(z, logit_scale, index, label, epoch)`` with two
+        views (``z`` ``[2b, d]``: view 1 of the ``b`` images, then view 2); ``measure``: also
+        count detection quality."""
+        if epoch is None:
+            *args, epoch = args
+        *feats, logit_scale, index, label = args
+        return self.loss_from(tuple(feats), logit_scale, index, label, epoch, measure)
+
     def batch_loss(
         self, model: torch.nn.Module, batch: dict, device: torch.device, epoch: int, measure: bool
     ) -> StepOutput:
@@ -290,28 +301,6 @@ class ClipObjective(Objective):
             duplicates,
         )
 
-    def __call__(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        index: torch.Tensor,
-        label: torch.Tensor,
-        epoch: int,
-        measure: bool = True,
-    ) -> StepOutput:
-        """Loss of this rank's anchors.
-
-        Args:
-            image_features, text_features: ``[b, d]`` normalised features of this rank.
-            logit_scale: ``1/tau`` as the model outputs it (``exp`` of its parameter).
-            index, label: ``[b]`` dataset indices and labels (-1: none) of this rank's samples.
-            epoch: the current epoch (schedules).
-            measure: also count detection quality (the training loop asks on logged steps).
-        """
-        feats = (image_features, text_features)
-        return self.loss_from(feats, logit_scale, index, label, epoch, measure)
-
 
 class SimCLRObjective(Objective):
     """Loss of one batch for vision-only training (``mode: simclr``): two views per image.
@@ -371,24 +360,6 @@ class SimCLRObjective(Objective):
             self_col=self_col,
             columns_index=columns_index,
         )
-
-    def __call__(
-        self,
-        z: torch.Tensor,
-        logit_scale: torch.Tensor,
-        index: torch.Tensor,
-        label: torch.Tensor,
-        epoch: int,
-        measure: bool = True,
-    ) -> StepOutput:
-        """Loss of this rank's views.
-
-        Args:
-            z: ``[2b, d]`` normalised projections, view 1 of the ``b`` images then view 2.
-            logit_scale: ``1/tau``; index, label: ``[b]``; epoch, measure: as ``ClipObjective``.
-        """
-        b = index.numel()
-        return self.loss_from((z[:b], z[b:]), logit_scale, index, label, epoch, measure)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"clip": ClipObjective, "simclr": SimCLRObjective}

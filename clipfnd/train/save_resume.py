@@ -242,7 +242,7 @@ def _load(path: Path, accelerator: Accelerator, parts: Stateful) -> None:
     accelerator.load_state(str(path))
     load_tables(parts.tables, path)
     parts.scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
-    load_detector_state(parts.detector, path)
+    load_detector_state(parts.detector, path, read_trainer_state(path).get("step", 0))
 
 
 def resume(
