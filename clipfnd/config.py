@@ -58,6 +58,10 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement (endless stream)
     samples_per_epoch: int | None = None  # epoch length with resampled (default: dataset size)
     on_error: str = "skip"  # skip | raise: what a bad sample does
+    # a remote shard (s3://, gs://, https://, pipe:) is re-read after a transient failure
+    # (connection reset, 5xx, timeout) this many times, waiting 0.5 s, 1 s, 2 s, ...; then it
+    # counts as bad (on_error=skip) or stops the run (raise)
+    retries: int = 3
     # simclr: the two augmented views (SimCLR's crop, flip, colour jitter, grayscale, blur)
     image_size: int = 32  # side of each view in pixels
     augment_strength: float = 0.5  # colour jitter strength s (SimCLR: 1.0 ImageNet, 0.5 CIFAR)
@@ -387,6 +391,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1, got {get(key)}")
     for key in [
         "data.num_workers",
+        "data.retries",
         "optim.warmup_steps",
         "train.checkpoint_every",
         "eval.every_steps",

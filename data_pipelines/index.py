@@ -38,6 +38,7 @@ import webdataset as wds
 from .labels import label_map
 from .progress import bar_disable
 from .shards import FORMAT_NAME, IMAGE_EXTENSIONS, USABLE_RULE, DataError, unusable_reason
+from .urls import is_remote, public
 
 FORMAT_VERSION_IN_PLACE = 2
 # members read whole (small); every other member is only sized from its header
@@ -51,8 +52,8 @@ class ShardScan:
     """What one shard holds, from its headers and small members."""
 
     path: str
-    size: int
-    mtime_ns: int
+    size: int | None
+    mtime_ns: int | None
     num_raw: int = 0
     num_samples: int = 0
     keys: Counter = field(default_factory=Counter)
@@ -62,19 +63,28 @@ class ShardScan:
     label_error: str | None = None
     cross_check: str | None = None  # a disagreement with img2dataset's own counts
     error: str | None = None
+    etag: str | None = None  # a remote shard's, where the store gives one
 
 
-def expand_sources(sources: list[str]) -> list[list[Path]]:
-    """Each source (arguments, and ``::``-joined parts) as its ordered list of shard files."""
+def _split_sources(arg: str) -> list[str]:
+    """The ``::``-joined parts of one argument (open_clip's ``--train-data`` syntax)."""
+    return [part.strip() for part in arg.split("::") if part.strip()]
+
+
+def expand_sources(sources: list[str]) -> list[list[Path | str]]:
+    """Each source (arguments, and ``::``-joined parts) as its ordered list of shard files
+    (remote ones as URLs: ``data_pipelines.remote.expand_remote``)."""
     from braceexpand import braceexpand
 
-    out = []
+    out: list[list[Path | str]] = []
     for arg in sources:
-        for spec in arg.split("::"):
-            spec = spec.strip()
-            if not spec:
+        for spec in _split_sources(arg):
+            if is_remote(spec):
+                from .remote import expand_remote
+
+                out.append(list(expand_remote(spec)))
                 continue
-            files: list[Path] = []
+            files: list[Path | str] = []
             for item in braceexpand(spec):
                 p = Path(item).expanduser()
                 if p.is_dir():  # hidden files (macOS's ._00000.tar, say) are not shards
@@ -113,38 +123,17 @@ def _members(tar: tarfile.TarFile, url: str) -> Iterator[dict[str, Any]]:
 
 
 def scan_shard(path: str, images_only: bool, label_field: str | None) -> ShardScan:
-    """Count one shard's samples (grouped by key exactly as webdataset groups them)."""
+    """Count one shard's samples (grouped by key exactly as webdataset groups them). A remote
+    shard (``data_pipelines.remote``) is streamed once (retried from its start after a
+    transient failure); its size and ETag are recorded."""
+    if is_remote(path):
+        return _scan_remote(path, images_only, label_field)
     scan = ShardScan(path, 0, 0)
-    with_image = 0
     try:
         st = os.stat(path)
         scan.size, scan.mtime_ns = st.st_size, st.st_mtime_ns
         with tarfile.open(path, mode="r:") as tar:
-            for s in wds.tariterators.group_by_keys(_members(tar, path)):
-                scan.num_raw += 1
-                for k in s:
-                    if not k.startswith("__"):
-                        scan.keys[k] += 1
-                ext = next((e for e in IMAGE_EXTENSIONS if e in s), None)
-                size = s[ext] if ext else None
-                reason = unusable_reason(size, s.get("txt"), s.get("json"), images_only=images_only)
-                with_image += ext is not None
-                if reason is not None:
-                    scan.skipped[reason.split(" (")[0]] += 1
-                    continue
-                scan.num_samples += 1
-                if label_field is not None:
-                    meta = json.loads(s["json"]) if "json" in s else {}
-                    value = meta.get(label_field)  # a usable sample's .json is a dict
-                    if value is None or value == "":
-                        scan.unlabelled += 1
-                    elif isinstance(value, (int, str)) and not isinstance(value, bool):
-                        scan.labels[value] += 1
-                    elif scan.label_error is None:
-                        scan.label_error = (
-                            f"{path} sample {s['__key__']}: .json field {label_field!r} holds "
-                            f"{json.dumps(value)[:60]}; labels must be integers or strings"
-                        )
+            with_image = _count(scan, tar, path, images_only, label_field)
             end = tar.offset  # where tarfile stopped reading headers
         with open(path, "rb") as f:  # past the end marker only zero padding may follow
             f.seek(end)
@@ -161,6 +150,89 @@ def scan_shard(path: str, images_only: bool, label_field: str | None) -> ShardSc
     except Exception as e:  # their files are only a cross-check: never a reason to stop
         scan.cross_check = f"could not read img2dataset's counts: {type(e).__name__}: {e}"
     return scan
+
+
+def _count(
+    scan: ShardScan, tar: tarfile.TarFile, path: str, images_only: bool, label_field: str | None
+) -> int:
+    """Count the samples of an open tar into ``scan``; returns how many have an image."""
+    with_image = 0
+    for s in wds.tariterators.group_by_keys(_members(tar, path)):
+        scan.num_raw += 1
+        for k in s:
+            if not k.startswith("__"):
+                scan.keys[k] += 1
+        ext = next((e for e in IMAGE_EXTENSIONS if e in s), None)
+        size = s[ext] if ext else None
+        reason = unusable_reason(size, s.get("txt"), s.get("json"), images_only=images_only)
+        with_image += ext is not None
+        if reason is not None:
+            scan.skipped[reason.split(" (")[0]] += 1
+            continue
+        scan.num_samples += 1
+        if label_field is not None:
+            meta = json.loads(s["json"]) if "json" in s else {}
+            value = meta.get(label_field)  # a usable sample's .json is a dict
+            if value is None or value == "":
+                scan.unlabelled += 1
+            elif isinstance(value, (int, str)) and not isinstance(value, bool):
+                scan.labels[value] += 1
+            elif scan.label_error is None:
+                scan.label_error = (
+                    f"{path} sample {s['__key__']}: .json field {label_field!r} holds "
+                    f"{json.dumps(value)[:60]}; labels must be integers or strings"
+                )
+    return with_image
+
+
+class _Tail:
+    """A stream that counts the bytes read and keeps the last ``keep`` of them."""
+
+    def __init__(self, stream, keep: int = 1 << 21):
+        self.stream, self.keep, self.read_bytes, self.tail = stream, keep, 0, bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.read_bytes += len(data)
+        self.tail += data
+        del self.tail[: max(0, len(self.tail) - self.keep)]
+        return data
+
+
+def _scan_remote(url: str, images_only: bool, label_field: str | None) -> ShardScan:
+    """``scan_shard`` of a remote shard: streamed once (headers and the small members kept),
+    the whole scan retried after a transient failure."""
+    from .remote import open_remote, remote_info, with_retries
+
+    def attempt() -> ShardScan:
+        scan = ShardScan(public(url), 0, 0)
+        info = remote_info(url)
+        scan.size, scan.etag = info.size, info.etag
+        stream = open_remote(url)
+        try:
+            counted = _Tail(stream)
+            with tarfile.open(fileobj=counted, mode="r|") as tar:
+                _count(scan, tar, url, images_only, label_field)
+                end = tar.offset
+            while counted.read(1 << 20):  # to the end: only zero padding may follow
+                pass
+        finally:
+            stream.close()
+        if scan.size is not None and counted.read_bytes != scan.size:
+            raise EOFError(f"read {counted.read_bytes} of its {scan.size} bytes")
+        after = counted.read_bytes - end
+        if after > len(counted.tail) or bytes(counted.tail[len(counted.tail) - after :]).strip(
+            b"\0"
+        ):
+            raise tarfile.ReadError(f"no valid tar header at byte {end} (corrupt or not a tar)")
+        return scan
+
+    try:
+        return with_retries("indexing shard", url, attempt)
+    except (OSError, EOFError, ValueError, tarfile.TarError) as e:
+        scan = ShardScan(public(url), 0, 0)
+        scan.error = f"{type(e).__name__}: {e}"
+        return scan
 
 
 def _cross_check(path: Path, with_image: int) -> str | None:
@@ -219,7 +291,7 @@ def index_shards(
     files = [(str(p), w) for group, w in zip(groups, upsampling_factors) for p in group]
     seen: dict[str, int] = {}
     for i, (f, _) in enumerate(files):
-        real = os.path.realpath(f)
+        real = f if is_remote(f) else os.path.realpath(f)
         if real in seen:
             raise DataError(f"{f} is given twice (as shard {seen[real]} and {i})")
         seen[real] = i
@@ -273,9 +345,12 @@ def index_shards(
     for scan, (_, weight) in zip(scans, files):
         if scan.error:
             continue
-        p = Path(scan.path).resolve()
-        rel = os.path.relpath(p, base)
-        name = str(p) if absolute_paths or rel.startswith("..") else rel
+        if is_remote(scan.path):
+            name = public(scan.path)  # never a URL's user part: credentials stay out
+        else:
+            p = Path(scan.path).resolve()
+            rel = os.path.relpath(p, base)
+            name = str(p) if absolute_paths or rel.startswith("..") else rel
         entries.append(
             {
                 "file": name,
@@ -284,6 +359,7 @@ def index_shards(
                 "offset": offset,
                 "size": scan.size,
                 "mtime_ns": scan.mtime_ns,
+                **({"etag": scan.etag} if is_remote(scan.path) else {}),
                 "weight": weight,
                 "keys": dict(sorted(scan.keys.items())),
                 "skipped": dict(sorted(scan.skipped.items())),
@@ -311,9 +387,9 @@ def index_shards(
         "num_labels": 0 if labels is None else len(labels.names),
         "unlabelled": sum(s.unlabelled for s in scans),
         "skipped": dict(sorted(skipped.items())),
-        "unreadable_shards": [{"file": s.path, "error": s.error} for s in bad],
+        "unreadable_shards": [{"file": public(s.path), "error": s.error} for s in bad],
         "cross_check": checks,
-        "meta": {"source": "index", "sources": list(sources)},
+        "meta": {"source": "index", "sources": [public(src) for src in sources]},
     }
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")

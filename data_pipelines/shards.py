@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .progress import bar_disable
+from .urls import is_remote
 
 if TYPE_CHECKING:
     import webdataset as wds
@@ -76,6 +77,10 @@ class ShardInfo:
     offset: int | None = None
     num_raw: int | None = None
     weight: float = 1.0  # upsampling factor under data.resampled
+    # a remote shard (``data_pipelines.remote``): its size and ETag when indexed, checked
+    # before each read (None: the store gave none)
+    size: int | None = None
+    etag: str | None = None
 
 
 @dataclass
@@ -356,9 +361,12 @@ def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
             raise DataError(f'{manifest_path}: shard entry {i} has no "file" name')
         file = entry["file"]
+        remote = is_remote(file)
         fields = {k: entry.get(k) for k in ("num_samples", "num_raw", "offset", "size")}
+        if remote and fields["size"] is None:  # pipe: sources have no size
+            fields.pop("size")
         bad = [k for k, v in fields.items() if not isinstance(v, int) or v < 0]
-        if bad or not isinstance(entry.get("mtime_ns"), int):
+        if bad or not (remote or isinstance(entry.get("mtime_ns"), int)):
             raise DataError(
                 f"{manifest_path}: shard {file} has no valid {', '.join(bad) or 'mtime_ns'}; "
                 "re-run `clipfnd data index`"
@@ -371,6 +379,23 @@ def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
                 "was edited: re-run `clipfnd data index`"
             )
         offset += fields["num_samples"]
+        weight = entry.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or not weight > 0:
+            raise DataError(f"{manifest_path}: shard {file} has weight {weight!r}; expected > 0")
+        if remote:  # its size and ETag are checked when it is read (data_pipelines.remote)
+            etag = entry.get("etag")
+            shards.append(
+                ShardInfo(
+                    file,
+                    fields["num_samples"],
+                    offset - fields["num_samples"],
+                    fields["num_raw"],
+                    float(weight),
+                    fields.get("size"),
+                    etag if isinstance(etag, str) else None,
+                )
+            )
+            continue
         p = root / file
         _check_shard_file(p, manifest_path)
         st = p.stat()
@@ -384,9 +409,6 @@ def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
                 f"shard {p} changed since it was indexed into {manifest_path} ({what}): its "
                 "samples and their dataset indices may differ; re-run `clipfnd data index`"
             )
-        weight = entry.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or not weight > 0:
-            raise DataError(f"{manifest_path}: shard {file} has weight {weight!r}; expected > 0")
         shards.append(
             ShardInfo(
                 str(p),
@@ -492,11 +514,26 @@ def image_ext(sample: dict[str, Any]) -> str | None:
     return next((e for e in IMAGE_EXTENSIONS if e in sample), None)
 
 
-def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(path: str, shard: ShardInfo | None = None) -> Iterator[dict[str, Any]]:
     """The samples of one tar, its members grouped by key (no decoding), by webdataset's own
-    tar iterators: ``{"__key__", "__url__", ext: bytes, ...}`` with lower-case extensions."""
+    tar iterators: ``{"__key__", "__url__", ext: bytes, ...}`` with lower-case extensions. A
+    remote shard is streamed (``data_pipelines.remote``: checked against the size and ETag
+    ``shard`` recorded, transient failures retried); a read error is raised."""
     import webdataset as wds
 
+    if is_remote(path):
+        from .remote import remote_samples
+
+        def fail(exn: Exception) -> bool:
+            raise exn
+
+        yield from remote_samples(
+            path,
+            fail,
+            size=shard.size if shard else None,
+            etag=shard.etag if shard else None,
+        )
+        return
     with open(path, "rb") as stream:
         members = wds.tariterators.tar_file_iterator(stream)
         yield from wds.tariterators.group_by_keys({**m, "__url__": path} for m in members)

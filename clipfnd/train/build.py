@@ -379,6 +379,7 @@ def _stream(cfg: Config, shard_set: ShardSet, bundle, accelerator: Accelerator) 
         on_error=cfg.data.on_error,
         resampled=cfg.data.resampled,
         samples_per_epoch=cfg.data.samples_per_epoch,
+        retries=cfg.data.retries,
     )
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..remote import DEFAULT_RETRIES
 from ..shards import DataError, ShardInfo, ShardSet
 from .batcher import EpochIterator
 from .state import LoaderState, mix_seed
@@ -56,6 +57,7 @@ class ShardStream:
         resampled: bool = False,
         samples_per_epoch: int | None = None,
         prefetch_factor: int = 4,
+        retries: int = DEFAULT_RETRIES,
     ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -76,6 +78,7 @@ class ShardStream:
         self.resampled = resampled
         self.samples_per_epoch = samples_per_epoch or shard_set.num_samples
         self.prefetch_factor = prefetch_factor
+        self.retries = retries  # of a remote shard's read (data_pipelines.remote)
         self.num_samples = shard_set.num_samples
         n = shard_set.num_shards
         if resampled and self.samples_per_epoch > shard_set.num_samples:

@@ -15,7 +15,9 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..images import to_rgb
+from ..remote import remote_samples
 from ..shards import DataError, ShardInfo, caption_not_utf8, image_ext
+from ..urls import is_remote
 from .state import SAMPLE_FIELDS, BadSample, Chunk, LoaderState, mix_seed
 
 if TYPE_CHECKING:
@@ -49,7 +51,9 @@ def _shard_of(exn: Exception) -> str:
     return "?"
 
 
-def _shard_samples(sh: ShardInfo, errors: _ErrorLog, shard_set) -> Iterator[dict[str, Any]]:
+def _shard_samples(
+    sh: ShardInfo, errors: _ErrorLog, shard_set, retries: int
+) -> Iterator[dict[str, Any]]:
     """The samples of one shard (webdataset's tar reader), its sample count checked against
     the manifest once read to its end: a mismatch (a shard that yields nothing included) is
     a ``DataError`` under ``on_error=raise``, else a fault recorded like a bad sample.
@@ -57,12 +61,19 @@ def _shard_samples(sh: ShardInfo, errors: _ErrorLog, shard_set) -> Iterator[dict
     Shards indexed in place (``offset`` set) count raw samples; their usable ones get
     ``__index__ = offset + position among usable`` and the others (``unusable_reason``,
     counted at indexing) are left out here, before positions are given, so that resume
-    positions do not depend on them.
+    positions do not depend on them. A remote shard (``data_pipelines.remote``) is checked
+    against its size and ETag first and read with up to ``retries`` retries.
     """
     url, offset = sh.path, sh.offset
     expected = sh.num_raw if offset is not None else sh.num_samples
     n = k = 0
-    for sample in wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=errors):
+    if is_remote(url):
+        raw = remote_samples(
+            url, errors, size=sh.size, etag=sh.etag, manifest=shard_set.root, retries=retries
+        )
+    else:
+        raw = wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=errors)
+    for sample in raw:
         n += 1
         if offset is not None:
             if shard_set.unusable(sample) is not None:
@@ -131,7 +142,7 @@ class RankStream(IterableDataset):
 
         def samples() -> Iterator[dict[str, Any]]:
             for sh in mine:
-                yield from _shard_samples(sh, errors, o.shard_set)
+                yield from _shard_samples(sh, errors, o.shard_set, o.retries)
 
         stream = samples()
         if o.shuffle_buffer > 1:
