@@ -37,7 +37,14 @@ import webdataset as wds
 
 from .labels import label_map
 from .progress import bar_disable
-from .shards import FORMAT_NAME, IMAGE_EXTENSIONS, USABLE_RULE, DataError, unusable_reason
+from .shards import (
+    FORMAT_NAME,
+    IMAGE_EXTENSIONS,
+    USABLE_RULE,
+    DataError,
+    HeaderFingerprint,
+    unusable_reason,
+)
 from .urls import is_remote, public
 
 FORMAT_VERSION_IN_PLACE = 2
@@ -64,6 +71,7 @@ class ShardScan:
     cross_check: str | None = None  # a disagreement with img2dataset's own counts
     error: str | None = None
     etag: str | None = None  # a remote shard's, where the store gives one
+    fingerprint: str | None = None  # its member headers' (shards.HeaderFingerprint)
 
 
 def _split_sources(arg: str) -> list[str]:
@@ -102,10 +110,13 @@ def expand_sources(sources: list[str]) -> list[list[Path | str]]:
     return out
 
 
-def _members(tar: tarfile.TarFile, url: str) -> Iterator[dict[str, Any]]:
+def _members(
+    tar: tarfile.TarFile, url: str, fingerprint: HeaderFingerprint
+) -> Iterator[dict[str, Any]]:
     """Members as webdataset's tar reader yields them (same filters), with the bytes of text
-    members and only the size of the others."""
+    members and only the size of the others; every header goes into ``fingerprint``."""
     for info in tar:
+        fingerprint.add(info)
         name = info.name
         if not info.isreg() or name is None:
             continue
@@ -157,7 +168,8 @@ def _count(
 ) -> int:
     """Count the samples of an open tar into ``scan``; returns how many have an image."""
     with_image = 0
-    for s in wds.tariterators.group_by_keys(_members(tar, path)):
+    fingerprint = HeaderFingerprint()
+    for s in wds.tariterators.group_by_keys(_members(tar, path, fingerprint)):
         scan.num_raw += 1
         for k in s:
             if not k.startswith("__"):
@@ -182,6 +194,7 @@ def _count(
                     f"{path} sample {s['__key__']}: .json field {label_field!r} holds "
                     f"{json.dumps(value)[:60]}; labels must be integers or strings"
                 )
+    scan.fingerprint = fingerprint.hexdigest()
     return with_image
 
 
@@ -360,6 +373,7 @@ def index_shards(
                 "size": scan.size,
                 "mtime_ns": scan.mtime_ns,
                 **({"etag": scan.etag} if is_remote(scan.path) else {}),
+                "fingerprint": scan.fingerprint,
                 "weight": weight,
                 "keys": dict(sorted(scan.keys.items())),
                 "skipped": dict(sorted(scan.skipped.items())),

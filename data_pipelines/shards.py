@@ -16,10 +16,13 @@ data came from.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import stat
+import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from .progress import bar_disable
 from .urls import is_remote
+
+log = logging.getLogger("data_pipelines")
 
 if TYPE_CHECKING:
     import webdataset as wds
@@ -356,7 +361,7 @@ def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
     entries = manifest.get("shards")
     if not isinstance(entries, list) or not entries:
         raise DataError(f'{manifest_path} lists no shards (its "shards" must be a non-empty list)')
-    shards, offset = [], 0
+    shards, offset, copies = [], 0, 0
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
             raise DataError(f'{manifest_path}: shard entry {i} has no "file" name')
@@ -400,15 +405,18 @@ def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
         _check_shard_file(p, manifest_path)
         st = p.stat()
         if st.st_size != fields["size"] or st.st_mtime_ns != entry["mtime_ns"]:
-            what = (
-                f"{fields['size']} -> {st.st_size} bytes"
-                if st.st_size != fields["size"]
-                else "modified"
-            )
-            raise DataError(
-                f"shard {p} changed since it was indexed into {manifest_path} ({what}): its "
-                "samples and their dataset indices may differ; re-run `clipfnd data index`"
-            )
+            resized = st.st_size != fields["size"]
+            if not resized and _same_headers(p, entry.get("fingerprint")):
+                copies += 1  # a copy (new mtime, same size and member headers)
+            else:
+                what = f"{fields['size']} -> {st.st_size} bytes" if resized else "modified"
+                if not resized and "fingerprint" not in entry:
+                    what += "; its manifest predates header fingerprints, which accept copies"
+                raise DataError(
+                    f"shard {p} changed since it was indexed into {manifest_path} ({what}): "
+                    "its samples and their dataset indices may differ; re-run `clipfnd data "
+                    "index`"
+                )
         shards.append(
             ShardInfo(
                 str(p),
@@ -417,6 +425,13 @@ def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
                 fields["num_raw"],
                 float(weight),
             )
+        )
+    if copies:
+        log.info(
+            "%s: %d shard(s) have new mtimes and the sizes and tar headers that were indexed "
+            "(copies): accepted",
+            manifest_path,
+            copies,
         )
     if offset == 0:
         raise DataError(f"{manifest_path}: none of its shards holds a usable sample")
@@ -454,6 +469,43 @@ def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
 # dataset indices, so it is refused.
 USABLE_RULE = 1
 TAR_MIN_BYTES = 1024  # a tar ends with two 512-byte zero blocks
+
+
+class HeaderFingerprint:
+    """A digest of a tar's member headers (each member's name, size, mtime and type, in
+    order): the same for a byte-identical copy of a shard, whatever the copy's file mtime
+    (``cp -r`` to local disk), and different when a member was added, removed, renamed or
+    resized. ``clipfnd data index`` records it; the loader compares it when a shard's size
+    matches the manifest and its mtime does not."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.blake2b(digest_size=16)
+
+    def add(self, info: tarfile.TarInfo) -> None:
+        self._h.update(f"{info.name}\0{info.size}\0{info.mtime}\0{info.type!r}\n".encode())
+
+    def hexdigest(self) -> str:
+        return "blake2b-128:" + self._h.hexdigest()
+
+
+def tar_fingerprint(path: str | os.PathLike) -> str:
+    """``HeaderFingerprint`` of a local tar (its headers only are read)."""
+    fp = HeaderFingerprint()
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            fp.add(info)
+            tar.members = []  # headers are not kept
+    return fp.hexdigest()
+
+
+def _same_headers(p: Path, fingerprint: Any) -> bool:
+    """Whether shard ``p`` has the member headers ``fingerprint`` (a manifest's) describes."""
+    if not isinstance(fingerprint, str):
+        return False
+    try:
+        return tar_fingerprint(p) == fingerprint
+    except (OSError, EOFError, tarfile.TarError):
+        return False
 
 
 def _check_shard_file(p: Path, manifest_path: Path) -> None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import shutil
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,12 +107,24 @@ def test_resume_mid_epoch_is_exact(shards):
             assert torch.equal(a[key], b[key]), key
 
 
+def _rename_first_member(shard: Path) -> None:
+    """Upper-case the last letter of the first member's name, in place (same size, a valid
+    header checksum): the shard's bytes change, its size does not."""
+    with tarfile.open(shard) as tar:
+        at = tar.next().offset_data - 512  # the member's own header (after any pax header)
+    data = bytearray(shard.read_bytes())
+    end = data.index(b"\0", at)
+    data[end - 1 : end] = bytes([data[end - 1]]).upper()
+    data[at + 148 : at + 156] = b" " * 8
+    data[at + 148 : at + 156] = b"%06o\0 " % sum(data[at : at + 512])
+    shard.write_bytes(bytes(data))
+
+
 def test_a_shard_changed_after_indexing_is_refused(shards, tmp_path):
     shutil.copytree(shards / "cc", tmp_path / "cc")
     index_shards([str(tmp_path / "cc")], tmp_path / "m.json", progress=False, workers=1)
     shard = tmp_path / "cc" / "00002.tar"
-    st = shard.stat()
-    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _rename_first_member(shard)  # same size, other member headers
     with pytest.raises(DataError, match=r"00002\.tar changed since it was indexed .*modified"):
         load_shard_set(tmp_path / "m.json")
     with open(shard, "ab") as f:
@@ -118,6 +133,23 @@ def test_a_shard_changed_after_indexing_is_refused(shards, tmp_path):
         DataError, match=r"00002\.tar changed .*\d+ -> \d+ bytes.*clipfnd data index"
     ):
         load_shard_set(tmp_path / "m.json")
+
+
+def test_a_copy_with_new_mtimes_keeps_its_manifest(shards, tmp_path, caplog):
+    """``cp -r`` to local disk (same bytes, new file mtimes): the sizes and the tar headers
+    match the manifest's fingerprints, so the copy is accepted, and says so."""
+    shutil.copytree(shards / "cc", tmp_path / "cc", copy_function=shutil.copyfile)
+    shutil.copy(shards / "cc.json", tmp_path / "cc.json")
+    for p in (tmp_path / "cc").glob("*.tar"):
+        st = p.stat()
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with caplog.at_level(logging.INFO, logger="data_pipelines"):
+        copy = load_shard_set(tmp_path / "cc.json")
+    assert "4 shard(s) have new mtimes" in caplog.text
+    original = load_shard_set(shards / "cc.json")
+    for a, b in zip(stream(copy).epoch(0), stream(original).epoch(0)):
+        for key in ("index", "label", "text", "image"):
+            assert torch.equal(a[key], b[key]), key
 
 
 def test_sources_brace_patterns_double_colon_and_upsampling(shards, tmp_path):
