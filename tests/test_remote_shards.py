@@ -22,12 +22,13 @@ from data_pipelines.index import index_shards
 from data_pipelines.loader import LoaderState
 
 from img2dataset_shards import write_shards
+from runs import assert_same_losses, launch, launch_and_kill, write_config
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-SHARDS, PER_SHARD = 3, 24  # 18 usable per shard
-N = 54
+SHARDS, PER_SHARD = 4, 24  # 18 usable per shard
+N = 72
 BUCKET = "clipfnd-test"
 
 
@@ -168,7 +169,7 @@ def test_http_faults_are_retried_and_logged_and_the_samples_are_exact(
 ):
     url = http.replace("http://", "http://someone:hunter2@")  # a user part is never kept
     m = index_shards(
-        [f"{url}/cc/{{00000..00002}}.tar"], tmp_path / "h.json", label_field="class", workers=1
+        [f"{url}/cc/{{00000..00003}}.tar"], tmp_path / "h.json", label_field="class", workers=1
     )
     assert "hunter2" not in (tmp_path / "h.json").read_text()
     assert m["shards"][0]["file"] == f"{http}/cc/00000.tar"
@@ -184,7 +185,7 @@ def test_http_faults_are_retried_and_logged_and_the_samples_are_exact(
 
 def test_a_shard_that_stays_unreachable_is_counted_or_stops_the_run(shards, http, tmp_path):
     index_shards(
-        [f"{http}/cc/{{00000..00002}}.tar"], tmp_path / "h.json", label_field="class", workers=1
+        [f"{http}/cc/{{00000..00003}}.tar"], tmp_path / "h.json", label_field="class", workers=1
     )
     ss = load_shard_set(tmp_path / "h.json")
     FaultyHandler.faults["00000.tar"] = ["down"]
@@ -201,7 +202,7 @@ def test_a_shard_that_stays_unreachable_is_counted_or_stops_the_run(shards, http
 
 
 def test_a_pipe_source_reads_as_open_clip_gives_it(shards, tmp_path):
-    src = f"pipe:cat {shards / 'cc'}/{{00000..00002}}.tar"
+    src = f"pipe:cat {shards / 'cc'}/{{00000..00003}}.tar"
     m = index_shards([src], tmp_path / "p.json", label_field="class", progress=False, workers=1)
     assert m["num_samples"] == N and m["shards"][0]["size"] is None
     _same(
@@ -210,53 +211,37 @@ def test_a_pipe_source_reads_as_open_clip_gives_it(shards, tmp_path):
     )
 
 
-def _train(manifest: Path, run: Path, *extra: str) -> dict:
-    from clipfnd.config import load_config
-    from clipfnd.train.loop import train
-
-    over = [
-        "model.name=clipfnd-tiny-vit",
-        f"data.train={manifest}",
-        "data.val=null",
-        "data.batch_size=18",
-        "data.num_workers=0",
-        "fnd.detector=glofnd",
-        "fnd.start_mask=0",
-        "optim.schedule=constant",  # a run stopped early keeps the same learning rates
-        "optim.warmup_steps=0",
-        "train.epochs=2",
-        "train.log_every=1",
-        "train.progress=false",
-        "train.report_to=none",
-        "train.plots=false",
-        f"output_dir={run}",
-    ]
-    return train(load_config(None, over + list(extra)))
-
-
-def _losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+def _config(path: Path, manifest: Path, run: Path) -> Path:
+    """2 processes, 9 samples each a step, 4 steps an epoch, 2 epochs, a checkpoint every 2."""
+    extra = {
+        "data.train": str(manifest),
+        "data.val": None,
+        "data.batch_size": 18,
+        "data.shuffle_buffer": 20,
+        "train.checkpoint_every": 2,
+        "fnd.start_mask": 0,
+    }
+    return write_config(path, manifest.parent, run, extra)
 
 
 @pytest.mark.slow
-def test_train_stop_resume_and_evaluate_from_s3_equal_the_same_shards_on_disk(
-    shards, s3, tmp_path
-):
+def test_train_kill_resume_and_evaluate_from_s3_equal_the_same_shards_on_disk(shards, s3, tmp_path):
+    """Two processes, loader workers reading from the S3 server: killed (SIGKILL) after step
+    3, resumed from the checkpoint of step 2 (inside the first epoch), they log every step's
+    loss as the uninterrupted run on the same shards on disk does, and evaluate the same."""
     from clipfnd.cli.main import main
 
     index_shards([f"s3://{BUCKET}/cc/"], tmp_path / "s3.json", label_field="class", workers=1)
-    local = _train(shards / "local.json", tmp_path / "local")
-    assert local["steps"] == 6
-    stopped = _train(tmp_path / "s3.json", tmp_path / "s3", "train.max_steps=4")
-    assert stopped["steps"] == 4  # stopped inside the second epoch, with a checkpoint
-    resumed = _train(tmp_path / "s3.json", tmp_path / "s3", "resume=latest")
-    assert resumed["steps"] == 6
-    assert _losses(tmp_path / "s3") == _losses(tmp_path / "local")
+    local, remote = tmp_path / "local", tmp_path / "s3"
+    launch(_config(tmp_path / "local.yaml", shards / "local.json", local))
+    config = _config(tmp_path / "s3.yaml", tmp_path / "s3.json", remote)
+    launch_and_kill(config, remote, 3)
+    launch(config, "resume=latest")
+    assert_same_losses(remote, local, range(1, 9))
     results = []
-    for run, manifest in (("local", shards / "local.json"), ("s3", tmp_path / "s3.json")):
-        args = ["eval", "--checkpoint", str(tmp_path / run), "--data", str(manifest)]
+    for run, manifest in ((local, shards / "local.json"), (remote, tmp_path / "s3.json")):
+        args = ["eval", "--checkpoint", str(run), "--data", str(manifest)]
         args += ["--task", "knn", "--train-data", str(manifest), "--no-progress"]
-        assert main([*args, "--out", str(tmp_path / f"{run}.json")]) == 0
-        results.append(json.loads((tmp_path / f"{run}.json").read_text())["metrics"])
+        assert main([*args, "--out", str(run / "eval.json")]) == 0
+        results.append(json.loads((run / "eval.json").read_text())["metrics"])
     assert results[0] == results[1]
