@@ -20,6 +20,7 @@ from test_index import stream
 from data_pipelines import DataError, load_shard_set
 from data_pipelines.index import index_shards
 from data_pipelines.loader import LoaderState
+from data_pipelines.verify import verify_split
 
 from img2dataset_shards import write_shards
 from runs import assert_same_losses, launch, launch_and_kill, write_config
@@ -140,6 +141,8 @@ def test_s3_shards_index_and_stream_as_from_disk(shards, s3, tmp_path):
     assert remote.num_samples == N and remote.num_labels == disk.num_labels
     _same(_batches(remote), _batches(disk))
     _same(_batches(remote, rank=1, world=2), _batches(disk, rank=1, world=2))
+    report = verify_split(tmp_path / "s3.json", progress=False)  # clipfnd data verify
+    assert report.ok, report.problems
 
 
 def test_resume_mid_epoch_with_remote_shards_is_exact(shards, s3, tmp_path):
