@@ -294,10 +294,33 @@ def build_run(cfg: Config) -> Run:
     )
 
 
+# what `accelerate launch --use_fsdp / --use_deepspeed` set for the processes it starts
+SHARDING_LAUNCHES = {
+    "ACCELERATE_USE_FSDP": "--use_fsdp",
+    "ACCELERATE_USE_DEEPSPEED": "--use_deepspeed",
+}
+
+
+def refuse_unsupported_sharding() -> None:
+    """clipfnd trains with DDP; a launch that asks for FSDP or DeepSpeed is refused at once.
+    Accelerate would otherwise shard the model where CUDA is (and checkpoints, the
+    temperature and the tables were never checked under it), or, on a machine without GPUs,
+    quietly run DDP where the user asked for FSDP."""
+    for env, flag in SHARDING_LAUNCHES.items():
+        if os.environ.get(env, "false").lower() in ("true", "1", "yes"):
+            raise ConfigError(
+                f"`accelerate launch {flag}` ({env}=true): clipfnd trains with DDP (every "
+                "process holds the whole model) and does not support sharded training yet; "
+                "launch with --multi_gpu instead, and use train.grad_checkpointing=true, "
+                "train.mixed_precision=bf16 or model.lock_image=true to fit a larger model"
+            )
+
+
 def _accelerator(cfg: Config) -> Accelerator:
     """The accelerator (the CPU where there is no CUDA), its process group checked against
     the launch and the global batch."""
     use_cpu = not torch.cuda.is_available()
+    refuse_unsupported_sharding()
     if cfg.train.mixed_precision == "fp16" and use_cpu:
         raise ConfigError("train.mixed_precision=fp16 needs CUDA; use bf16 or no on the CPU")
     if cfg.mode == "clip":
