@@ -141,19 +141,26 @@ def with_retries(
         except Exception as e:
             if not is_transient(e) or attempt == retries:
                 raise
-            wait = backoff * 2**attempt
-            log.warning(
-                "%s %s failed (%s: %s); retry %d of %d in %.1f s",
-                what,
-                public(url),
-                type(e).__name__,
-                _first_line(e),
-                attempt + 1,
-                retries,
-                wait,
-            )
-            time.sleep(wait)
+            _wait_before_retry(f"{what} {public(url)} failed", e, attempt, retries, backoff)
     raise AssertionError("unreachable")
+
+
+def _wait_before_retry(
+    what: str, e: BaseException, attempt: int, retries: int, backoff: float
+) -> None:
+    """Log retry ``attempt + 1`` of ``retries`` (``what`` failed with ``e``), then wait
+    ``backoff * 2**attempt`` seconds."""
+    wait = backoff * 2**attempt
+    log.warning(
+        "%s (%s: %s); retry %d of %d in %.1f s",
+        what,
+        type(e).__name__,
+        _first_line(e),
+        attempt + 1,
+        retries,
+        wait,
+    )
+    time.sleep(wait)
 
 
 def _first_line(e: BaseException) -> str:
@@ -219,19 +226,9 @@ def remote_samples(
                     )
                 )
                 return
-            wait = backoff * 2**attempt
+            what = f"reading shard {public(url)} failed after {done} samples"
+            _wait_before_retry(what, e, attempt, retries, backoff)
             attempt += 1
-            log.warning(
-                "reading shard %s failed after %d samples (%s: %s); retry %d of %d in %.1f s",
-                public(url),
-                done,
-                type(e).__name__,
-                _first_line(e),
-                attempt,
-                retries,
-                wait,
-            )
-            time.sleep(wait)
 
 
 def expand_remote(spec: str) -> list[str]:
