@@ -72,16 +72,25 @@ def file_checksums(ckpt: Path, names: list[str] | None = None) -> dict[str, str]
     """sha256 of every file of a checkpoint folder but ``trainer_state.json`` (of those in
     ``names`` only, when given; a name that is not a file is left out)."""
     out = {}
-    for p in sorted(ckpt.iterdir()):
-        if names is not None and p.name not in names:
+    for name in _files(ckpt):
+        if names is not None and name not in names:
             continue
-        if p.is_file() and p.name != TRAINER_STATE:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[p.name] = h.hexdigest()
+        h = hashlib.sha256()
+        with open(ckpt / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out[name] = h.hexdigest()
     return out
+
+
+def _files(ckpt: Path) -> list[str]:
+    """The files of a checkpoint folder but ``trainer_state.json``, by their path inside it
+    (``optimizer_fsdp/shard-00001-...safetensors`` for a file in a subfolder), sorted."""
+    return sorted(
+        p.relative_to(ckpt).as_posix()
+        for p in ckpt.rglob("*")
+        if p.is_file() and p.relative_to(ckpt).as_posix() != TRAINER_STATE
+    )
 
 
 def verify_checksums(ckpt: Path, state: dict[str, Any], share: tuple[int, int] = (0, 1)) -> None:
@@ -96,7 +105,7 @@ def verify_checksums(ckpt: Path, state: dict[str, Any], share: tuple[int, int] =
         if share[0] == 0:
             log.warning("%s records no checksums (an older checkpoint): files not verified", ckpt)
         return
-    present = sorted(p.name for p in ckpt.iterdir() if p.is_file() and p.name != TRAINER_STATE)
+    present = _files(ckpt)
     names = sorted(set(recorded) | set(present))[share[0] :: share[1]]
     found = file_checksums(ckpt, names)
     for name in names:

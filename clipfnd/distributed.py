@@ -115,6 +115,19 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     return x
 
 
+def full(x: torch.Tensor) -> torch.Tensor:
+    """A parameter as one whole tensor: under FSDP a ``DTensor`` holds only this process's
+    shard, and is gathered (with its gradient: every process calls it); any other tensor is
+    returned as it is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def temperature(logit_scale: torch.Tensor) -> torch.Tensor:
+    """The model's ``logit_scale`` as a 0-d tensor, whole (``full``), whatever its shape: 0-d,
+    or the 1-element vector it is under FSDP (which shards no 0-d parameter)."""
+    return full(logit_scale).reshape(())
+
+
 def label_offset(local_batch: int) -> int:
     """Index of this rank's first sample in the gathered global batch."""
     return rank() * local_batch

@@ -54,11 +54,16 @@ def write_config(path: Path, shapes: Path, run_dir: Path, extra: dict | None = N
 
 
 def launch(
-    config: Path, *overrides: str, processes: int = 2, timeout: int = 400, expect_ok: bool = True
+    config: Path,
+    *overrides: str,
+    processes: int = 2,
+    timeout: int = 400,
+    expect_ok: bool = True,
+    fsdp: bool = False,
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        launch_cmd(config, overrides, processes),
+        launch_cmd(config, overrides, processes, fsdp),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -81,13 +86,16 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def launch_cmd(config: Path, overrides: tuple[str, ...], processes: int) -> list[str]:
+def launch_cmd(
+    config: Path, overrides: tuple[str, ...], processes: int, fsdp: bool = False
+) -> list[str]:
+    """``accelerate launch`` of ``processes`` (DDP; ``fsdp``: FSDP2) or, for one, ``python -m``."""
     if processes > 1:
         return [
             sys.executable,
             "-m",
             "accelerate.commands.launch",
-            "--multi_gpu",
+            *(["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]),
             "--num_processes",
             str(processes),
             "--num_machines",
@@ -114,13 +122,14 @@ def launch_and_kill(
     *overrides: str,
     processes: int = 2,
     timeout: float = 300,
+    fsdp: bool = False,
 ) -> None:
     """Start a run and SIGKILL its whole process group once ``after_step`` is logged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log_path = run_dir.parent / f"{run_dir.name}.killed.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            launch_cmd(config, overrides, processes),
+            launch_cmd(config, overrides, processes, fsdp),
             stdout=log,
             stderr=log,
             env=env,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from clipfnd_eval.layouts import open_dataset
 from data_pipelines import DataError, ShardSet, load_shard_set
@@ -239,6 +239,8 @@ def build_run(cfg: Config) -> Run:
     objective = OBJECTIVES[cfg.mode](cfg, tables, has_labels=shard_set.num_labels > 0)
     temperature = objective.method.temperature_policy()
     temperature.apply(model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _prepare_for_fsdp(model, accelerator)
     stream = _stream(cfg, shard_set, bundle, accelerator)
     groups = param_groups(model, cfg.optim.weight_decay, temperature)
     optimizer = build_optimizer(groups, cfg)
@@ -294,26 +296,16 @@ def build_run(cfg: Config) -> Run:
     )
 
 
-# what `accelerate launch --use_fsdp / --use_deepspeed` set for the processes it starts
-SHARDING_LAUNCHES = {
-    "ACCELERATE_USE_FSDP": "--use_fsdp",
-    "ACCELERATE_USE_DEEPSPEED": "--use_deepspeed",
-}
-
-
 def refuse_unsupported_sharding() -> None:
-    """clipfnd trains with DDP; a launch that asks for FSDP or DeepSpeed is refused at once.
-    Accelerate would otherwise shard the model where CUDA is (and checkpoints, the
-    temperature and the tables were never checked under it), or, on a machine without GPUs,
-    quietly run DDP where the user asked for FSDP."""
-    for env, flag in SHARDING_LAUNCHES.items():
-        if os.environ.get(env, "false").lower() in ("true", "1", "yes"):
-            raise ConfigError(
-                f"`accelerate launch {flag}` ({env}=true): clipfnd trains with DDP (every "
-                "process holds the whole model) and does not support sharded training yet; "
-                "launch with --multi_gpu instead, and use train.grad_checkpointing=true, "
-                "train.mixed_precision=bf16 or model.lock_image=true to fit a larger model"
-            )
+    """clipfnd trains with DDP or FSDP2; a launch that asks for DeepSpeed (``accelerate launch
+    --use_deepspeed``) is refused at once: its sharded optimiser was never checked against
+    clipfnd's checkpoints, temperature and tables."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1", "yes"):
+        raise ConfigError(
+            "`accelerate launch --use_deepspeed` (ACCELERATE_USE_DEEPSPEED=true): clipfnd does "
+            "not support DeepSpeed; launch with --multi_gpu (DDP), or shard a model that does "
+            "not fit one device with --use_fsdp --fsdp_version 2"
+        )
 
 
 def _accelerator(cfg: Config) -> Accelerator:
@@ -336,6 +328,17 @@ def _accelerator(cfg: Config) -> Accelerator:
         log_with=trackers(cfg) or None,
         project_dir=cfg.output_dir,
     )
+    _fsdp_on_cpu(accelerator)
+    fsdp = (
+        accelerator.state.fsdp_plugin
+        if accelerator.distributed_type == DistributedType.FSDP
+        else None
+    )
+    if fsdp is not None and fsdp.fsdp_version != 2:
+        raise ConfigError(
+            f"FSDP version {fsdp.fsdp_version}: clipfnd trains with FSDP2 (fully_shard); launch "
+            "with --use_fsdp --fsdp_version 2"
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
         raise RuntimeError(
@@ -350,6 +353,52 @@ def _accelerator(cfg: Config) -> Accelerator:
             f"open_clip's --batch-size is per GPU) does not divide by {world} processes"
         )
     return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Accelerate runs its FSDP plugin only on GPU-like devices: on the CPU (gloo) it would
+    quietly run DDP. There, clipfnd turns Accelerate's FSDP2 path on itself."""
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not asked or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables of the launch
+    # both shared states: Accelerate copies PartialState's over AcceleratorState's whenever an
+    # AcceleratorState is made again
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    if accelerator.mixed_precision != "no":  # as Accelerate does where it runs FSDP itself
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+
+
+# the blocks each tower repeats: FSDP's units of sharding unless the launch names others
+# (--fsdp_transformer_layer_cls_to_wrap)
+FSDP_BLOCKS = ("ResidualAttentionBlock", "Bottleneck", "BasicBlock")
+
+
+def _prepare_for_fsdp(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Before ``accelerator.prepare`` shards the model: FSDP2 shards every parameter on its
+    first dimension and takes no 0-d one, so the temperature (``logit_scale``) becomes a
+    1-element vector while training (``distributed.temperature`` reads it; checkpoints keep
+    its 0-d shape). Unless the launch chose a wrapping policy, each tower's repeated blocks
+    (open_clip's ``ResidualAttentionBlock``, torchvision's ResNet blocks) are sharded one by
+    one, and the rest (embeddings, projections, the temperature) with the root."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    p = model.logit_scale
+    model.logit_scale = torch.nn.Parameter(
+        p.detach().reshape(1).clone(), requires_grad=p.requires_grad
+    )
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.auto_wrap_policy is None:
+        present = {type(m).__name__ for m in model.modules()}
+        blocks = [b for b in FSDP_BLOCKS if b in present]
+        if blocks:
+            plugin.auto_wrap_policy = transformer_auto_wrap_policy
+            plugin.transformer_cls_names_to_wrap = blocks
 
 
 def _model(cfg: Config, accelerator: Accelerator):

@@ -128,7 +128,7 @@ def log_record(
         "epoch": epoch,
         "loss": loss_mean,
         "lr": last.lrs[0],  # the learning rate this step ran with
-        "logit_scale": logit_scale.exp().item(),
+        "logit_scale": distributed.temperature(logit_scale).detach().exp().item(),
         "samples_per_sec": per_second(
             window.steps * samples_per_step, time.perf_counter() - window.start
         ),

@@ -267,7 +267,8 @@ class ClipObjective(Objective):
 
     def features(self, model, batch, device):
         out = model(image=batch["image"].to(device), text=batch["text"].to(device))
-        return (out["image_features"], out["text_features"]), out["logit_scale"]
+        # 0-d (a 1-element vector under FSDP, gathered in the forward)
+        return (out["image_features"], out["text_features"]), out["logit_scale"].reshape(())
 
     def pairs(self, feats, index, label):
         """Image anchors against the gathered texts and text anchors against the gathered
@@ -320,7 +321,8 @@ class SimCLRObjective(Objective):
         b = image.shape[0]
         views = image.transpose(0, 1).reshape(-1, *image.shape[2:])  # [2b, C, H, W]
         z = model(views)
-        logit_scale = getattr(model, "module", model).logit_scale.exp()  # DDP wraps the model
+        # DDP wraps the model; FSDP shards the parameter (``distributed.temperature``)
+        logit_scale = distributed.temperature(getattr(model, "module", model).logit_scale).exp()
         return (z[:b], z[b:]), logit_scale  # view 1, view 2 of each image
 
     def pairs(self, feats, index, label):

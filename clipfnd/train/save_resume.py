@@ -60,6 +60,7 @@ from ..state import (
     save_tables,
     shard_file,
 )
+from . import sharded
 from .schedule import optimizer_steps_in_epoch
 
 if TYPE_CHECKING:
@@ -239,7 +240,12 @@ def _check(path: Path, cfg: Config, accelerator: Accelerator) -> tuple[dict[str,
 def _load(path: Path, accelerator: Accelerator, parts: Stateful) -> None:
     """Load checkpoint ``path`` into the run (weights, optimiser, RNG, tables, schedule, the
     detector's run-wide state)."""
-    accelerator.load_state(str(path))
+    if sharded.written_sharded(path):  # by a run under FSDP: into FSDP or DDP
+        sharded.load(accelerator, parts.model, parts.optimizer, path)
+    elif sharded.is_sharded(accelerator):  # by a run under DDP, into FSDP
+        sharded.load_unsharded(accelerator, parts.model, parts.optimizer, path)
+    else:
+        accelerator.load_state(str(path))
     load_tables(parts.tables, path)
     parts.scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
     load_detector_state(parts.detector, path, read_trainer_state(path).get("step", 0))
@@ -403,7 +409,9 @@ def all_finite(parts: Stateful, device: torch.device) -> bool:
     tensors = [p.detach() for p in parts.model.parameters()]
     for state in parts.optimizer.state.values():
         tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
-    finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+    # under FSDP each process checks the shard it holds
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    finite = all(bool(torch.isfinite(t).all()) for t in local)
     return distributed.all_true(finite, device)
 
 
@@ -443,7 +451,10 @@ def save(
             tmp.mkdir(parents=True)
 
     def write_parts() -> None:
-        acc.save_state(str(tmp), safe_serialization=True)
+        if sharded.is_sharded(acc):
+            sharded.save(acc, parts.model, parts.optimizer, tmp)
+        else:
+            acc.save_state(str(tmp), safe_serialization=True)
         if isinstance(parts.tables, ShardedTables):  # every rank its own rows
             save_tables(parts.tables, tmp / shard_file(parts.tables.rank, parts.tables.world))
         elif acc.is_main_process:  # replicated: one copy

@@ -110,7 +110,8 @@ def optimizer_step(
         optimizer.zero_grad(set_to_none=True)
         return StepResult("skipped")
     if tau_group is not None:
-        tau = 1.0 / acc.unwrap_model(model).logit_scale.detach().exp().item()
+        logit_scale = distributed.temperature(acc.unwrap_model(model).logit_scale)
+        tau = 1.0 / logit_scale.detach().exp().item()
         temperature_lr_before_step(optimizer, tau_group, temperature, tau)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

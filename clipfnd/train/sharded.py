@@ -1,0 +1,184 @@
+"""Checkpoints of a run sharded with FSDP (``accelerate launch --use_fsdp --fsdp_version 2``).
+
+What Accelerate's ``save_state`` writes for DDP (the weights, the optimiser, the RNG states),
+written here for a model whose parameters each process holds only a shard of:
+
+- ``model.safetensors``: the whole weights, gathered to the main process (as under DDP, with
+  the temperature's 0-d shape), so that ``clipfnd eval`` and ``clipfnd export`` read an FSDP
+  checkpoint as any other;
+- ``optimizer_fsdp/``: the optimiser state, sharded: ``torch.distributed.checkpoint`` with its
+  safetensors storage, each process writing its own shard (the largest part of a checkpoint:
+  AdamW keeps two tensors per parameter), and a resume on any number of processes reading the
+  pieces it holds; its layout (``optimizer_fsdp.json``) is JSON. Nothing is pickled: DCP's
+  safetensors reader takes the layout from the files' headers;
+- ``random_states_{rank}.pkl``: each process's RNG states, through Accelerate (loaded with
+  ``weights_only``, as under DDP).
+
+The per-sample tables, the schedule, the detector and the loader's position are written by
+``save_resume`` as under DDP.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_DIR = "optimizer_fsdp"
+OPTIMIZER_LAYOUT = "optimizer_fsdp.json"
+
+
+def is_sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+
+
+def _flatten(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimiser state dict (keyed by parameter name) as flat tensors and a JSON layout."""
+    tensors, values = {}, {}
+    for name, state in osd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{name}/{key}"] = value
+            else:
+                values[f"{name}/{key}"] = value
+    return tensors, {"param_groups": osd["param_groups"], "values": values}
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *layout["values"].items()]:
+        name, key = flat.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": layout["param_groups"]}
+
+
+def save(accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
+    """Write the weights, the sharded optimiser state and the RNG states (every process)."""
+    from accelerate.checkpointing import save_accelerator_state
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    whole = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if accelerator.is_main_process:
+        weights = {k: v.detach().contiguous() for k, v in whole.items()}
+        weights = {k: v.reshape(()) if _is_temperature(k, v) else v for k, v in weights.items()}
+        safetensors.torch.save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    tensors, layout = _flatten(get_optimizer_state_dict(model, _torch_optimizer(optimizer)))
+    dcp_save(
+        tensors,
+        storage_writer=HuggingFaceStorageWriter(str(folder / OPTIMIZER_DIR), save_distributed=True),
+    )
+    if accelerator.is_main_process:
+        (folder / OPTIMIZER_LAYOUT).write_text(json.dumps(layout, indent=1, sort_keys=True))
+    save_accelerator_state(
+        str(folder), [], [], [], [], accelerator.process_index, 0, scaler=accelerator.scaler
+    )
+
+
+def written_sharded(folder: Path) -> bool:
+    """Whether checkpoint ``folder`` was written by a run under FSDP."""
+    return (folder / OPTIMIZER_DIR).is_dir()
+
+
+def load(accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
+    """Load what ``save`` wrote (every process), into a model prepared with FSDP on any number
+    of processes (each reads the pieces it holds), or into one under DDP (each reads all)."""
+    from accelerate.checkpointing import load_accelerator_state
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    _load_weights(accelerator, model, folder)
+    opt = _torch_optimizer(optimizer)
+    tensors, _ = _flatten(get_optimizer_state_dict(model, opt))  # the pieces this process holds
+    reader = HuggingFaceStorageReader(str(folder / OPTIMIZER_DIR))
+    saved = reader.read_metadata().state_dict_metadata
+    reshaped = {}  # a 0-d temperature state here, saved as a 1-element vector under FSDP
+    for key, t in tensors.items():
+        size = getattr(saved.get(key), "size", None)
+        if size is not None and tuple(size) != tuple(t.shape) and not hasattr(t, "to_local"):
+            reshaped[key] = t.shape
+            tensors[key] = torch.empty(tuple(size), dtype=t.dtype)
+    dcp_load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / OPTIMIZER_DIR)))
+    for key, shape in reshaped.items():
+        tensors[key] = tensors[key].reshape(shape)
+    layout = json.loads((folder / OPTIMIZER_LAYOUT).read_text())
+    set_optimizer_state_dict(model, opt, _unflatten(tensors, layout))
+    load_accelerator_state(
+        str(folder), [], [], [], [], accelerator.process_index, scaler=accelerator.scaler
+    )
+
+
+def load_unsharded(accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
+    """Load a checkpoint that a run under DDP wrote (Accelerate's ``save_state``: the weights,
+    ``optimizer.bin`` keyed by parameter position, the RNG states) into a model prepared with
+    FSDP (every process)."""
+    from accelerate.checkpointing import load_accelerator_state
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    _load_weights(accelerator, model, folder)
+    opt = _torch_optimizer(optimizer)
+    saved = torch.load(folder / "optimizer.bin", map_location="cpu", weights_only=True)
+    params = accelerator.unwrap_model(model).named_parameters()
+    names = {id(p): n for n, p in params}
+    shapes = {n: p.shape for n, p in accelerator.unwrap_model(model).named_parameters()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    state = {
+        order[int(i)]: {
+            k: v.reshape(shapes[order[int(i)]]) if _is_temperature(order[int(i)], v) else v
+            for k, v in st.items()
+        }
+        for i, st in saved["state"].items()
+    }
+    groups = [{**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]
+    set_optimizer_state_dict(
+        model,
+        opt,
+        {"state": state, "param_groups": groups},
+        options=StateDictOptions(full_state_dict=True),
+    )
+    load_accelerator_state(
+        str(folder), [], [], [], [], accelerator.process_index, scaler=accelerator.scaler
+    )
+
+
+def _load_weights(accelerator, model: torch.nn.Module, folder: Path) -> None:
+    """The whole weights of ``folder`` into ``model`` (FSDP keeps the pieces it shards here),
+    the temperature in the shape the model has (0-d, or a 1-element vector under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    shapes = {n: p.shape for n, p in accelerator.unwrap_model(model).named_parameters()}
+    weights = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
+    weights = {
+        k: v.reshape(shapes[k]) if _is_temperature(k, v) and k in shapes else v
+        for k, v in weights.items()
+    }
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+def _is_temperature(name: str, value: torch.Tensor) -> bool:
+    """The temperature: 0-d in every checkpoint, a 1-element vector while FSDP trains."""
+    return name.rsplit(".", 1)[-1] == "logit_scale" and value.numel() == 1
