@@ -381,17 +381,21 @@ FSDP_BLOCKS = ("ResidualAttentionBlock", "Bottleneck", "BasicBlock")
 
 def _prepare_for_fsdp(model: torch.nn.Module, accelerator: Accelerator) -> None:
     """Before ``accelerator.prepare`` shards the model: FSDP2 shards every parameter on its
-    first dimension and takes no 0-d one, so the temperature (``logit_scale``) becomes a
-    1-element vector while training (``distributed.temperature`` reads it; checkpoints keep
-    its 0-d shape). Unless the launch chose a wrapping policy, each tower's repeated blocks
+    first dimension and takes no 0-d one, so each 0-d parameter (the temperature,
+    ``logit_scale``) becomes a 1-element vector while training (``distributed.temperature``
+    reads it; checkpoints keep the 0-d shape). Unless the launch chose a wrapping policy, each tower's repeated blocks
     (open_clip's ``ResidualAttentionBlock``, torchvision's ResNet blocks) are sharded one by
     one, and the rest (embeddings, projections, the temperature) with the root."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    p = model.logit_scale
-    model.logit_scale = torch.nn.Parameter(
-        p.detach().reshape(1).clone(), requires_grad=p.requires_grad
-    )
+    scalars = []  # 0-d parameters: the temperature (and e.g. SigLIP's logit_bias)
+    for prefix, module in model.named_modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dim() == 0:
+                vector = torch.nn.Parameter(p.detach().reshape(1).clone(), p.requires_grad)
+                setattr(module, name, vector)
+                scalars.append(f"{prefix}.{name}" if prefix else name)
+    model.clipfnd_scalar_parameters = tuple(scalars)  # 0-d again in checkpoints (sharded.py)
     plugin = accelerator.state.fsdp_plugin
     if plugin.auto_wrap_policy is None:
         present = {type(m).__name__ for m in model.modules()}

@@ -4,7 +4,7 @@ What Accelerate's ``save_state`` writes for DDP (the weights, the optimiser, the
 written here for a model whose parameters each process holds only a shard of:
 
 - ``model.safetensors``: the whole weights, gathered to the main process (as under DDP, with
-  the temperature's 0-d shape), so that ``clipfnd eval`` and ``clipfnd export`` read an FSDP
+  0-d parameters such as the temperature 0-d again), so that ``clipfnd eval`` and ``clipfnd export`` read an FSDP
   checkpoint as any other;
 - ``optimizer_fsdp/``: the optimiser state, sharded: ``torch.distributed.checkpoint`` with its
   safetensors storage, each process writing its own shard (the largest part of a checkpoint:
@@ -21,6 +21,7 @@ The per-sample tables, the schedule, the detector and the loader's position are 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,9 @@ def save(accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
     if accelerator.is_main_process:
+        scalars = getattr(accelerator.unwrap_model(model), "clipfnd_scalar_parameters", ())
         weights = {k: v.detach().contiguous() for k, v in whole.items()}
-        weights = {k: v.reshape(()) if _is_temperature(k, v) else v for k, v in weights.items()}
+        weights = {k: v.reshape(()) if k in scalars else v for k, v in weights.items()}
         safetensors.torch.save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     tensors, layout = _flatten(get_optimizer_state_dict(model, _torch_optimizer(optimizer)))
     dcp_save(
@@ -148,8 +150,7 @@ def load_unsharded(accelerator, model: torch.nn.Module, optimizer, folder: Path)
     order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
     state = {
         order[int(i)]: {
-            k: v.reshape(shapes[order[int(i)]]) if _is_temperature(order[int(i)], v) else v
-            for k, v in st.items()
+            k: v if k == "step" else _shaped(v, shapes[order[int(i)]]) for k, v in st.items()
         }
         for i, st in saved["state"].items()
     }
@@ -172,13 +173,16 @@ def _load_weights(accelerator, model: torch.nn.Module, folder: Path) -> None:
 
     shapes = {n: p.shape for n, p in accelerator.unwrap_model(model).named_parameters()}
     weights = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
-    weights = {
-        k: v.reshape(shapes[k]) if _is_temperature(k, v) and k in shapes else v
-        for k, v in weights.items()
-    }
+    weights = {k: _shaped(v, shapes[k]) if k in shapes else v for k, v in weights.items()}
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
-def _is_temperature(name: str, value: torch.Tensor) -> bool:
-    """The temperature: 0-d in every checkpoint, a 1-element vector while FSDP trains."""
-    return name.rsplit(".", 1)[-1] == "logit_scale" and value.numel() == 1
+def _shaped(value, shape: torch.Size):
+    """A saved tensor in the shape the live parameter has, where only that differs: a 0-d
+    parameter is a 1-element vector while FSDP trains (``build._prepare_for_fsdp``) and 0-d in
+    every checkpoint. Other values (a step count, a tensor of another size) stay as they are."""
+    if not torch.is_tensor(value) or value.dim() == 0 and len(shape) == 0:
+        return value
+    if tuple(value.shape) != tuple(shape) and value.numel() == 1 == math.prod(shape):
+        return value.reshape(shape)
+    return value
