@@ -45,6 +45,7 @@ bench: install
 	$(PY) benchmarks/fn_benefit.py --quick
 	$(PY) benchmarks/fn_regime.py --quick
 	$(PY) benchmarks/vision_results.py --study glofnd --quick
+	$(PY) benchmarks/fsdp_memory.py --model clipfnd-tiny-vit --worlds 1 2 --out runs/fsdp_memory_quick.json
 
 clean:
 	rm -rf runs data

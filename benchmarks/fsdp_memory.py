@@ -121,6 +121,7 @@ def main() -> None:
             r = run(a.model, world, fsdp) | {"world": world, "sharding": "fsdp" if fsdp else "ddp"}
             rows.append(r)
             print(json.dumps(r), flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"model": a.model, "rows": rows}, indent=1) + "\n")
     base = next(r["total_mib"] for r in rows if r["world"] == 1)
     print(f"\n{a.model}: parameters + AdamW state held by the largest process (MiB)\n")
