@@ -37,6 +37,7 @@ EXTRA = {
     "train.epochs": 1,
     "train.checkpoint_every": 2,
     "data.val": None,
+    "data.num_workers": 0,  # the sharding is under test here, not the loader
 }
 TOL = 1e-5
 

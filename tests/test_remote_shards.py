@@ -244,7 +244,10 @@ def test_train_kill_resume_and_evaluate_from_s3_equal_the_same_shards_on_disk(sh
     results = []
     for run, manifest in ((local, shards / "local.json"), (remote, tmp_path / "s3.json")):
         args = ["eval", "--checkpoint", str(run), "--data", str(manifest)]
+        # read in this process: loader workers would come from a fork server started before
+        # this module set the S3 credentials (a user sets them before launching)
         args += ["--task", "knn", "--train-data", str(manifest), "--no-progress"]
+        args += ["--num-workers", "0"]
         assert main([*args, "--out", str(run / "eval.json")]) == 0
         results.append(json.loads((run / "eval.json").read_text())["metrics"])
     assert results[0] == results[1]
