@@ -42,6 +42,7 @@ from .lock import RunLock, RunLocked
 from .objective import OBJECTIVES, Objective
 from .save_resume import Stateful
 from .schedule import build_scheduler, optimizer_steps_in_epoch
+from .sharded import is_sharded
 from .step import StepResult, optimizer_step
 
 log = logging.getLogger("clipfnd.train")
@@ -239,7 +240,7 @@ def build_run(cfg: Config) -> Run:
     objective = OBJECTIVES[cfg.mode](cfg, tables, has_labels=shard_set.num_labels > 0)
     temperature = objective.method.temperature_policy()
     temperature.apply(model)
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if is_sharded(accelerator):
         _prepare_for_fsdp(model, accelerator)
     stream = _stream(cfg, shard_set, bundle, accelerator)
     groups = param_groups(model, cfg.optim.weight_decay, temperature)
@@ -329,11 +330,7 @@ def _accelerator(cfg: Config) -> Accelerator:
         project_dir=cfg.output_dir,
     )
     _fsdp_on_cpu(accelerator)
-    fsdp = (
-        accelerator.state.fsdp_plugin
-        if accelerator.distributed_type == DistributedType.FSDP
-        else None
-    )
+    fsdp = accelerator.state.fsdp_plugin if is_sharded(accelerator) else None
     if fsdp is not None and fsdp.fsdp_version != 2:
         raise ConfigError(
             f"FSDP version {fsdp.fsdp_version}: clipfnd trains with FSDP2 (fully_shard); launch "

@@ -121,7 +121,7 @@ def load(accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
         if size is not None and tuple(size) != tuple(t.shape) and not hasattr(t, "to_local"):
             reshaped[key] = t.shape
             tensors[key] = torch.empty(tuple(size), dtype=t.dtype)
-    dcp_load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / OPTIMIZER_DIR)))
+    dcp_load(tensors, storage_reader=reader)
     for key, shape in reshaped.items():
         tensors[key] = tensors[key].reshape(shape)
     layout = json.loads((folder / OPTIMIZER_LAYOUT).read_text())
@@ -144,9 +144,9 @@ def load_unsharded(accelerator, model: torch.nn.Module, optimizer, folder: Path)
     _load_weights(accelerator, model, folder)
     opt = _torch_optimizer(optimizer)
     saved = torch.load(folder / "optimizer.bin", map_location="cpu", weights_only=True)
-    params = accelerator.unwrap_model(model).named_parameters()
+    params = list(accelerator.unwrap_model(model).named_parameters())
     names = {id(p): n for n, p in params}
-    shapes = {n: p.shape for n, p in accelerator.unwrap_model(model).named_parameters()}
+    shapes = {n: p.shape for n, p in params}
     order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
     state = {
         order[int(i)]: {
@@ -181,8 +181,7 @@ def _shaped(value, shape: torch.Size):
     """A saved tensor in the shape the live parameter has, where only that differs: a 0-d
     parameter is a 1-element vector while FSDP trains (``build._prepare_for_fsdp``) and 0-d in
     every checkpoint. Other values (a step count, a tensor of another size) stay as they are."""
-    if not torch.is_tensor(value) or value.dim() == 0 and len(shape) == 0:
-        return value
-    if tuple(value.shape) != tuple(shape) and value.numel() == 1 == math.prod(shape):
-        return value.reshape(shape)
+    if torch.is_tensor(value) and tuple(value.shape) != tuple(shape):
+        if value.numel() == 1 == math.prod(shape):
+            return value.reshape(shape)
     return value
