@@ -4,23 +4,15 @@ runs themselves are what ``python benchmarks/fn_benefit.py --quick`` exercises).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def fb():
-    spec = importlib.util.spec_from_file_location(
-        "fn_benefit", ROOT / "benchmarks" / "fn_benefit.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fn_benefit")
 
 
 def run(concept: float, precision=None) -> dict:

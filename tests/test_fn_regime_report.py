@@ -3,23 +3,15 @@ runs themselves are what ``python benchmarks/fn_regime.py --quick`` exercises)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def fr():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # fn_regime imports fn_benefit's helpers
-    spec = importlib.util.spec_from_file_location("fn_regime", ROOT / "benchmarks" / "fn_regime.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fn_regime")
 
 
 def run(seed: int, concept: float, cal: float | None = None) -> dict:

@@ -5,22 +5,14 @@ themselves are what ``--study glofnd --quick`` exercises."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def vr():
-    spec = importlib.util.spec_from_file_location(
-        "vision_results", ROOT / "benchmarks" / "vision_results.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("vision_results")
 
 
 def run(knn: float, cal: float | None = None) -> dict:
