@@ -74,20 +74,20 @@ def save(accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
         get_optimizer_state_dict,
     )
 
+    # the collectives first (a write that fails on one process after them hangs no other)
     whole = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    tensors, layout = _flatten(get_optimizer_state_dict(model, _torch_optimizer(optimizer)))
+    dcp_save(  # DCP raises a failure on any process on every process
+        tensors,
+        storage_writer=HuggingFaceStorageWriter(str(folder / OPTIMIZER_DIR), save_distributed=True),
     )
     if accelerator.is_main_process:
         scalars = getattr(accelerator.unwrap_model(model), "clipfnd_scalar_parameters", ())
         weights = {k: v.detach().contiguous() for k, v in whole.items()}
         weights = {k: v.reshape(()) if k in scalars else v for k, v in weights.items()}
         safetensors.torch.save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    tensors, layout = _flatten(get_optimizer_state_dict(model, _torch_optimizer(optimizer)))
-    dcp_save(
-        tensors,
-        storage_writer=HuggingFaceStorageWriter(str(folder / OPTIMIZER_DIR), save_distributed=True),
-    )
-    if accelerator.is_main_process:
         (folder / OPTIMIZER_LAYOUT).write_text(json.dumps(layout, indent=1, sort_keys=True))
     save_accelerator_state(
         str(folder), [], [], [], [], accelerator.process_index, 0, scaler=accelerator.scaler
