@@ -16,7 +16,16 @@ few ulps (about 1e-7 relative) and grows through training. Measured on these fou
 (2026-12-05, AMD EPYC with AVX-512, 2 threads; values written there): AVX-512 equal bit for
 bit, AVX2 at most 1.9e-7, ``default`` at most 8.1e-7 (the demo run; with the values before
 GloFND's calibrated defaults, whose runs flagged nothing, it was 5.6e-7, and another machine
-with AVX-512 and AMX gave 3.1e-7). ``REL_TOL = 1e-5`` is 12x the largest of those. What it
+with AVX-512 and AMX gave 3.1e-7). ``REL_TOL = 1e-5`` is 12x the largest of those.
+
+Steps where false negatives are removed get a looser bound, ``MASKED_REL_TOL = 1e-4``. A flag
+is a comparison (a similarity against a threshold), and a similarity within rounding of its
+threshold flips under other kernels; a flip also moves GloFND's threshold by a whole
+learning-rate step. Measured when the loader's images became uint8 (2026-12-05): under the
+``default`` kernels ``clip_glofnd_attract_accum`` stayed within 1.2e-7 for four steps, then
+gave 1.5e-6 and 1.0e-5 at steps 5 and 6, its first two with masks (AVX2: 6.4e-8); the other
+runs stayed within 1.6e-6. The steps before masking keep the tight bound, and a change of
+the learning rate, Adam or the data shows there from step 2. What it
 still catches, measured the same way: the learning rate changed by 0.1% moves these losses
 by 4.4e-5 to 8.2e-4, Adam's eps 1e-6 -> 1e-5 by 2.2e-3 to 7.4e-3, beta2 0.98 -> 0.981 by
 5.4e-6 to 7.6e-4 (caught in three of the four runs). ``test_golden_under_other_kernels``
@@ -42,6 +51,8 @@ from clipfnd.train.loop import train
 GOLDEN = Path(__file__).parent / "golden" / "losses.json"
 CONFIG = Path(__file__).parent.parent / "configs" / "demo.yaml"
 REL_TOL = 1e-5  # see the module docstring
+MASKED_REL_TOL = 1e-4  # steps with masks on: a flag can flip under other kernels
+TRAIN_SAMPLES = 512  # the test shapes' training split (conftest.shapes)
 
 # 8 steps an epoch on the test shapes; thresholds learn from step 1, negatives are removed
 # from epoch 1 (steps 9-12), so every part of each objective runs.
@@ -81,15 +92,28 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in recs if "loss" in r]
 
 
-def golden_mismatches(name: str, got: list[float], want: list[float]) -> list[str]:
-    """The steps whose loss is off by more than ``REL_TOL`` (relative), described."""
+def first_masked_step(name: str) -> int:
+    """The first optimiser step of epoch 1, where ``fnd.start_mask=1`` turns masks on."""
+    overrides = dict(o.split("=", 1) for o in COMMON + RUNS[name])
+    per_step = int(overrides["data.batch_size"]) * int(overrides.get("optim.accum_steps", 1))
+    return TRAIN_SAMPLES // per_step + 1
+
+
+def golden_mismatches(
+    name: str, got: list[float], want: list[float], masked_from: int | None = None
+) -> list[str]:
+    """The steps whose loss is off by more than ``REL_TOL`` (relative; ``MASKED_REL_TOL``
+    from step ``masked_from`` on), described."""
     if len(got) != len(want):
         return [f"{name}: {len(got)} losses logged, {len(want)} golden"]
-    return [
-        f"{name} step {step}: {a!r} vs golden {b!r} (relative {abs(a - b) / abs(b):.2e})"
-        for step, (a, b) in enumerate(zip(got, want), start=1)
-        if abs(a - b) > REL_TOL * abs(b)
-    ]
+    out = []
+    for step, (a, b) in enumerate(zip(got, want), start=1):
+        tol = MASKED_REL_TOL if masked_from is not None and step >= masked_from else REL_TOL
+        if abs(a - b) > tol * abs(b):
+            out.append(
+                f"{name} step {step}: {a!r} vs golden {b!r} (relative {abs(a - b) / abs(b):.2e})"
+            )
+    return out
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -116,7 +140,8 @@ def test_seeded_losses_equal_the_golden_ones(name, shapes, tmp_path):
         golden[name] = got
         GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
         pytest.skip(f"CLIPFND_WRITE_GOLDEN: wrote the golden losses of {name}; nothing compared")
-    assert not golden_mismatches(name, got, json.loads(GOLDEN.read_text())[name])
+    want = json.loads(GOLDEN.read_text())[name]
+    assert not golden_mismatches(name, got, want, first_masked_step(name))
 
 
 def test_the_bound_catches_a_real_change_and_passes_rounding():
@@ -126,6 +151,10 @@ def test_the_bound_catches_a_real_change_and_passes_rounding():
     assert not golden_mismatches("x", [3.872929334640503, 3.2031986], want)  # 3e-7, 4.4e-7
     assert golden_mismatches("x", [want[0], want[1] * (1 + 4.4e-5)], want)
     assert golden_mismatches("x", want[:1], want)
+    # with masks on from step 2: 4.4e-5 passes there, not before; 1.1e-4 fails
+    assert not golden_mismatches("x", [want[0], want[1] * (1 + 4.4e-5)], want, masked_from=2)
+    assert golden_mismatches("x", [want[0], want[1] * (1 + 1.1e-4)], want, masked_from=2)
+    assert [first_masked_step(n) for n in RUNS] == [9, 9, 9, 5]
 
 
 KERNELS = ["default"] + (["avx2"] if platform.machine().lower() in ("x86_64", "amd64") else [])

@@ -33,6 +33,8 @@ def test_two_process_run_trains_and_reports(two_process_run):
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
     assert {"step", "epoch", "loss", "lr", "logit_scale", "samples_per_sec"} <= set(steps[0])
+    # where the time goes (open_clip's data_time / batch_time), seconds per step
+    assert all(0 <= r["data_time"] < r["batch_time"] for r in steps)
     first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-3:]) / 3
     assert last < first - 0.3, (first, last)
     assert any("fnd/precision" in r for r in steps if r["epoch"] >= 1)  # detection logged

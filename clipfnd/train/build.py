@@ -27,6 +27,7 @@ from accelerate.utils import DistributedType, set_seed
 from clipfnd_eval.layouts import open_dataset
 from data_pipelines import DataError, ShardSet, load_shard_set
 from data_pipelines.loader import ShardStream
+from data_pipelines.pixels import fast_transform
 
 from .. import distributed
 from ..checkpoints import checkpoint_dir, list_checkpoints
@@ -237,12 +238,18 @@ def build_run(cfg: Config) -> Run:
         )
     else:
         tables = StateTables(shard_set.num_samples, table_device)
-    objective = OBJECTIVES[cfg.mode](cfg, tables, has_labels=shard_set.num_labels > 0)
+    transform = fast_transform(bundle.preprocess_train)  # uint8 images, normalised on device
+    objective = OBJECTIVES[cfg.mode](
+        cfg,
+        tables,
+        has_labels=shard_set.num_labels > 0,
+        normalize=getattr(transform, "normalize", None),
+    )
     temperature = objective.method.temperature_policy()
     temperature.apply(model)
     if is_sharded(accelerator):
         _prepare_for_fsdp(model, accelerator)
-    stream = _stream(cfg, shard_set, bundle, accelerator)
+    stream = _stream(cfg, shard_set, transform, bundle.tokenizer, accelerator)
     groups = param_groups(model, cfg.optim.weight_decay, temperature)
     optimizer = build_optimizer(groups, cfg)
     k = cfg.optim.accum_steps
@@ -437,14 +444,16 @@ def _model(cfg: Config, accelerator: Accelerator):
     return bundle
 
 
-def _stream(cfg: Config, shard_set: ShardSet, bundle, accelerator: Accelerator) -> ShardStream:
+def _stream(
+    cfg: Config, shard_set: ShardSet, transform, tokenizer, accelerator: Accelerator
+) -> ShardStream:
     return ShardStream(
         shard_set,
         global_batch_size=cfg.data.batch_size,
         rank=accelerator.process_index,
         world=accelerator.num_processes,
-        image_transform=bundle.preprocess_train,
-        tokenize=bundle.tokenizer,
+        image_transform=transform,
+        tokenize=tokenizer,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,

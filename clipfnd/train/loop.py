@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from ..models.vision import Projections
 from ..plots import PlotWriter
 from . import save_resume as ckpt
 from .build import Run, build_run
-from .metrics import LogWindow, MetricsWriter, log_record, now, per_second
+from .metrics import DataClock, LogWindow, MetricsWriter, log_record, now, per_second
 from .schedule import optimizer_steps_in_epoch
 from .step import FaultCounter, NonFiniteError, StepResult
 
@@ -62,6 +63,7 @@ class RunCounters:
     duplicates: int = 0
     last_record: dict[str, Any] = field(default_factory=dict)
     last_eval: tuple[int, dict[str, float]] = (-1, {})  # (step, results) of the latest eval
+    warned_data_wait: bool = False
     started: float = field(default_factory=time.perf_counter)
     elapsed_before: float = 0.0  # seconds the run trained before this attempt (resumed)
 
@@ -218,7 +220,7 @@ def train_epoch(
     of the last good weights and names it."""
     k = cfg.optim.accum_steps
     usable = optimizer_steps_in_epoch(s.stream, epoch, k) * k  # micro-batches this epoch uses
-    batches = iter(it)
+    batches = DataClock(iter(it), lambda: run.window)
     s.model.train()
     while it.batches + k <= usable and run.step < s.total_steps:
         logged = (run.step + 1) % cfg.train.log_every == 0 or run.step + 1 == s.total_steps
@@ -288,6 +290,8 @@ def after_step(
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if s.accelerator.is_main_process:
             log_progress(cfg, s, it, epoch, record)
+            if not run.warned_data_wait:
+                run.warned_data_wait = warn_data_wait(cfg, record)
         run.last_record, run.window = record, LogWindow()
     if (
         cfg.train.checkpoint_every
@@ -318,6 +322,31 @@ def log_progress(
         record["lr"],
         record["samples_per_sec"],
     )
+
+
+DATA_WAIT_SHARE = 0.25  # of the step's time, beyond which the loader is said to starve it
+
+
+def warn_data_wait(cfg: Config, record: dict[str, Any]) -> bool:
+    """(Main process.) Warn when the step waited on the loader more than a quarter of its
+    time over the logged window; True once warned (the run warns once)."""
+    share = record["data_time"] / max(record["batch_time"], 1e-9)
+    if share <= DATA_WAIT_SHARE:
+        return False
+    log.warning(
+        "the model waited for data %.0f%% of the time over the last %d step(s) (data_time "
+        "%.3f s of batch_time %.3f s a step): the loader does not keep up. Raise "
+        "data.num_workers (now %d; this machine has %d CPU cores), check that /dev/shm and "
+        "the shards' disk or network are not the limit, or lower data.shuffle_buffer if the "
+        "wait is the buffer filling. benchmarks/loader.py measures the loader alone.",
+        100 * share,
+        cfg.train.log_every,
+        record["data_time"],
+        record["batch_time"],
+        cfg.data.num_workers,
+        os.cpu_count() or 1,
+    )
+    return True
 
 
 def evaluate_now(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,13 +84,16 @@ def _step_of(line: str) -> int | None:
 
 
 class LogWindow:
-    """Losses, detection counts and steps since the last log line."""
+    """Losses, detection counts and steps since the last log line, and the seconds the step
+    waited for the loader in them (``DataClock``)."""
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []
         self.detection: torch.Tensor | None = None
         self.steps = 0
         self.start = time.perf_counter()
+        self.data_wait = 0.0  # waiting for a batch, after an epoch's first
+        self.startup = 0.0  # waiting for an epoch's first batch (the workers' start-up)
 
     def add(self, r: StepResult) -> None:
         self.steps += 1
@@ -100,6 +103,32 @@ class LogWindow:
                 self.detection = (
                     o.detection if self.detection is None else self.detection + o.detection
                 )
+
+
+class DataClock:
+    """An epoch's batches, with the time spent waiting for each added to the current log
+    window (``window()``): open_clip's ``data_time``. The wait for the epoch's first batch
+    (workers starting, shuffle buffers filling) is kept apart as start-up."""
+
+    def __init__(self, batches: Iterator[dict], window: Callable[[], LogWindow]):
+        self._batches = batches
+        self._window = window
+        self._first = True
+
+    def __iter__(self) -> DataClock:
+        return self
+
+    def __next__(self) -> dict:
+        t = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            waited = time.perf_counter() - t
+            if self._first:
+                self._window().startup += waited
+                self._first = False
+            else:
+                self._window().data_wait += waited
 
 
 def log_record(
@@ -123,15 +152,19 @@ def log_record(
     loss_mean = (
         distributed.all_reduce_sum(torch.stack(window.losses).mean()).item() / acc.num_processes
     )
+    wall = time.perf_counter() - window.start
+    # seconds per step over the window, less the workers' start-up; the mean over processes
+    waits = torch.tensor([window.data_wait, wall - window.startup], dtype=torch.float64)
+    data_time, batch_time = (distributed.all_reduce_sum(waits) / acc.num_processes).tolist()
     record = {
         "step": step,
         "epoch": epoch,
         "loss": loss_mean,
         "lr": last.lrs[0],  # the learning rate this step ran with
         "logit_scale": distributed.temperature(logit_scale).detach().exp().item(),
-        "samples_per_sec": per_second(
-            window.steps * samples_per_step, time.perf_counter() - window.start
-        ),
+        "samples_per_sec": per_second(window.steps * samples_per_step, wall),
+        "data_time": data_time / window.steps,
+        "batch_time": batch_time / window.steps,
         **last.outputs[-1].metrics,
     }
     if tau_group is not None:

@@ -30,6 +30,7 @@ its first occurrence in the gathered batch (``StateTables.write_rows``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -110,15 +111,34 @@ class Objective(ABC):
         cfg: the run config (``loss`` picks the method, ``fnd`` the detector).
         tables: per-sample tables of the training set (the method's and the detector's).
         has_labels: the data carries labels (enables the oracle and detection quality).
+        normalize: ``uint8`` images -> the model's float input, applied on the device
+            (``data_pipelines.pixels``: the loader hands over ``uint8``); None: the loader's
+            images are the model's input as they are.
     """
 
     anchor_types: tuple[str, ...] = ANCHOR_TYPES["clip"]
 
-    def __init__(self, cfg: Config, tables: StateTables, has_labels: bool):
+    def __init__(
+        self,
+        cfg: Config,
+        tables: StateTables,
+        has_labels: bool,
+        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.tables = tables
         self.has_labels = has_labels
+        self.normalize = normalize
         self.detector = build_detector(cfg, tables, has_labels, self.anchor_types)
         self.method = METHODS[cfg.loss.name].from_config(cfg, tables, self.anchor_types)
+
+    def images(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """The batch's images on ``device``, normalised there if the loader sent ``uint8``."""
+        image = batch["image"].to(device, non_blocking=True)
+        if image.dtype != torch.uint8:
+            return image
+        if self.normalize is None:
+            raise TypeError("uint8 images from the loader, but no normalize was given")
+        return self.normalize(image)
 
     @abstractmethod
     def features(
@@ -266,7 +286,7 @@ class ClipObjective(Objective):
     """Loss of one batch for CLIP training, with optional false-negative detection."""
 
     def features(self, model, batch, device):
-        out = model(image=batch["image"].to(device), text=batch["text"].to(device))
+        out = model(image=self.images(batch, device), text=batch["text"].to(device))
         # 0-d (a 1-element vector under FSDP, gathered in the forward)
         return (out["image_features"], out["text_features"]), out["logit_scale"].reshape(())
 
@@ -317,7 +337,7 @@ class SimCLRObjective(Objective):
     anchor_types = ANCHOR_TYPES["simclr"]
 
     def features(self, model, batch, device):
-        image = batch["image"].to(device)  # [b, 2, C, H, W]
+        image = self.images(batch, device)  # [b, 2, C, H, W]
         b = image.shape[0]
         views = image.transpose(0, 1).reshape(-1, *image.shape[2:])  # [2b, C, H, W]
         z = model(views)

@@ -187,19 +187,23 @@ class RankStream(IterableDataset):
         label = o.shard_set.label_of(meta)
         if not sample[ext]:
             return BadSample(url, key, "zero-byte image")
-        try:
-            with Image.open(io.BytesIO(sample[ext])) as im:
-                image = to_rgb(im)
-        except Exception as e:
-            return BadSample(url, key, f"unreadable image ({type(e).__name__})")
         # The CPU generator only: ``torch.manual_seed`` would also queue a seed for every
         # accelerator backend not yet initialised, capturing a stack trace each time (about
-        # 2 ms per sample, a sixth of a small run's time).
+        # 2 ms per sample, a sixth of a small run's time). The seeded draws may start before
+        # decoding (``Uint8Transform.prepare``: the crop, which sets the JPEG's reduction).
+        transform = o.image_transform
+        prepare = getattr(transform, "prepare", None)
         gen = torch.random.default_generator
         saved = gen.get_state()
         try:
             gen.manual_seed(mix_seed(o.seed, self.epoch, self.rank, worker, pos, 3))
-            image = o.image_transform(image)
+            try:
+                with Image.open(io.BytesIO(sample[ext])) as im:
+                    plan = prepare(im) if prepare is not None else None
+                    image = to_rgb(im)
+            except Exception as e:
+                return BadSample(url, key, f"unreadable image ({type(e).__name__})")
+            image = transform(image) if prepare is None else transform(image, plan)
         finally:
             gen.set_state(saved)
         return image, caption, index, label
