@@ -19,9 +19,11 @@ peak memory on the same model, shards, batch, precision and steps, runs alternat
   takes everything else (torch, open_clip) from this one.
 - Both: one process, ``--workers``/``data.num_workers`` loader processes, no gradient
   clipping, one epoch of ``samples / batch`` steps, no evaluation, no checkpoint in between.
-- Throughput: the median of the trainers' own per-interval samples/s after the first
-  quarter of the steps (open_clip's log lines: the last step's; clipfnd's ``metrics.jsonl``:
-  the steps since the last line), a line every ``--log-every`` steps in both. Peak memory: the
+- Throughput: the median over log lines, after the first quarter of the steps, of each
+  trainer's own mean over the steps since its last line (open_clip: the batch over its
+  ``Batch (t)``, the window's mean step time; its ``/s/gpu`` is the last step's alone, which
+  earlier versions of this script took; clipfnd: ``samples_per_sec`` of ``metrics.jsonl``),
+  a line every ``--log-every`` steps in both. Peak memory: the
   peak resident set of the trainer process.
 
 - Where the time goes: each trainer's own data-wait and step times (open_clip's
@@ -134,10 +136,12 @@ def run_open_clip(a, model: str, train: Path, shards: int, i: int) -> dict:
     cmd += ["--report-to", "", "--device", a.device]
     out = sh([sys.executable, "-c", _peak_wrapper(a), *cmd], capture_output=True, env=_env(a))
     text = out.stdout + out.stderr
-    rates = [float(x) for x in re.findall(r"([0-9.]+)/s/gpu", text)]
-    if not rates:
-        raise RuntimeError("open_clip printed no throughput:\n" + text[-3000:])
     times = re.findall(r"Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+)", text)
+    if not times:
+        raise RuntimeError("open_clip printed no step times:\n" + text[-3000:])
+    # its "/s/gpu" is the last step's alone; the window's mean step time, as clipfnd's
+    # samples_per_sec is over its window, is the batch over "Batch (t)" (the window's mean)
+    rates = [a.batch / float(b) for _, b in times]
     return {
         "samples_per_sec": _steady(rates),
         "wait": _steady([float(d) / float(b) for d, b in times]) if times else float("nan"),
@@ -149,7 +153,7 @@ def run_clipfnd(a, model: str, train: Path, i: int, extra: list[str]) -> dict:
     run = BENCH / "runs" / f"cf_{os.getpid()}_{i}"
     cmd = [sys.executable, "-m", "clipfnd", "train", str(ROOT / "configs" / "demo.yaml")]
     cmd += [f"model.name={model}", f"data.train={train}", "data.val=null"]
-    cmd += [f"train.mixed_precision={'bf16' if a.precision == 'bf16' else 'no'}"]
+    cmd += ["train.mixed_precision=bf16"] if a.precision == "bf16" else []
     cmd += [f"data.batch_size={a.batch}", f"data.num_workers={a.workers}", "optim.grad_clip=null"]
     cmd += ["optim.warmup_steps=4", "train.epochs=1", f"train.log_every={a.log_every}"]
     cmd += ["train.progress=false"]

@@ -62,6 +62,9 @@ class DataConfig:
     # (connection reset, 5xx, timeout) this many times, waiting 0.5 s, 1 s, 2 s, ...; then it
     # counts as bad (on_error=skip) or stops the run (raise)
     retries: int = 3
+    # decode a JPEG at 1/2, 1/4 or 1/8 of its size when the training crop still keeps twice
+    # the model's side (data_pipelines/pixels.py); only images over twice the side are touched
+    reduced_jpeg_decoding: bool = True
     # simclr: the two augmented views (SimCLR's crop, flip, colour jitter, grayscale, blur)
     image_size: int = 32  # side of each view in pixels
     augment_strength: float = 0.5  # colour jitter strength s (SimCLR: 1.0 ImageNet, 0.5 CIFAR)

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedType, set_seed
 from clipfnd_eval.layouts import open_dataset
 from data_pipelines import DataError, ShardSet, load_shard_set
 from data_pipelines.loader import ShardStream
-from data_pipelines.pixels import fast_transform
+from data_pipelines.pixels import REDUCING_GAP, fast_transform
 
 from .. import distributed
 from ..checkpoints import checkpoint_dir, list_checkpoints
@@ -238,7 +238,9 @@ def build_run(cfg: Config) -> Run:
         )
     else:
         tables = StateTables(shard_set.num_samples, table_device)
-    transform = fast_transform(bundle.preprocess_train)  # uint8 images, normalised on device
+    # uint8 images from the workers, normalised on the device (data_pipelines/pixels.py)
+    gap = REDUCING_GAP if cfg.data.reduced_jpeg_decoding else None
+    transform = fast_transform(bundle.preprocess_train, reducing_gap=gap)
     objective = OBJECTIVES[cfg.mode](
         cfg,
         tables,

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -100,7 +101,8 @@ class EpochIterator:
             multiprocessing_context=worker_context(),
         )
         try:
-            yield from loader
+            for chunk in loader:
+                yield chunk.after_transfer()
         except DataError as e:  # raised in a worker: the DataLoader wraps it in its traceback
             raise DataError(worker_message(e)) from None
 
@@ -200,8 +202,18 @@ class EpochIterator:
                 rest = [tail] + pending[i + 1 :]
                 break
         # image-only streams (no tokenizer) carry no ``text``
-        batch = {k: torch.cat(v) for k, v in parts.items() if v}
+        batch = {k: _concat(v) for k, v in parts.items() if v}
         return batch, rest
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` of CPU tensors, in this thread alone (numpy's copy). ``torch.cat`` of a
+    batch's images runs on the intra-op thread pool, and while the loader workers keep the
+    other cores busy its threads wait for a core: 26-36 ms for a 1.5 MB batch measured on
+    2 cores with one busy worker, against under 1 ms with the cores free."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.from_numpy(np.concatenate([p.numpy() for p in parts]))
 
 
 def worker_message(e: Exception) -> str:

@@ -4,6 +4,7 @@ steps every rank can fill) and the door to an epoch's batches (``epoch``)."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -35,6 +36,8 @@ class ShardStream:
         seed: shard order, sample shuffle and augmentation all derive from it and the epoch.
         shuffle_buffer: samples held for shuffling in each worker (<= 1: no shuffling).
         chunk_size: raw samples per worker chunk (a unit of transfer to the main process).
+        prefetch_factor: chunks each worker keeps ready (default: two batches over all
+            workers, at least two chunks each).
         on_error: ``skip`` bad samples (counted per shard) or ``raise`` at the first one.
         resampled: draw shards with replacement (an endless stream) instead of splitting them.
         samples_per_epoch: with ``resampled``, the length of an epoch (default: the dataset size).
@@ -56,7 +59,7 @@ class ShardStream:
         on_error: str = "skip",
         resampled: bool = False,
         samples_per_epoch: int | None = None,
-        prefetch_factor: int = 4,
+        prefetch_factor: int | None = None,
         retries: int = DEFAULT_RETRIES,
     ):
         if on_error not in ON_ERROR:
@@ -77,7 +80,6 @@ class ShardStream:
         self.on_error = on_error
         self.resampled = resampled
         self.samples_per_epoch = samples_per_epoch or shard_set.num_samples
-        self.prefetch_factor = prefetch_factor
         self.retries = retries  # of a remote shard's read (data_pipelines.remote)
         self.num_samples = shard_set.num_samples
         n = shard_set.num_shards
@@ -126,6 +128,11 @@ class ShardStream:
             )
             num_workers = per_rank
         self.num_workers = num_workers
+        # chunks each worker keeps ready: by default two batches over all workers (at least
+        # two chunks each), so that a step that ends early does not wait for the next batch
+        self.prefetch_factor = prefetch_factor or max(
+            2, math.ceil(2 * self.local_batch_size / (self.chunk_size * max(num_workers, 1)))
+        )
         if self.steps_per_epoch(0) < 1:
             raise DataError(
                 f"{shard_set.root}: {shard_set.num_samples} samples cannot fill one batch of "

@@ -18,7 +18,7 @@ from ..images import to_rgb
 from ..remote import remote_samples
 from ..shards import DataError, ShardInfo, caption_not_utf8, image_ext
 from ..urls import is_remote
-from .state import SAMPLE_FIELDS, BadSample, Chunk, LoaderState, mix_seed
+from .state import BadSample, Chunk, LoaderState, mix_seed
 
 if TYPE_CHECKING:
     from .stream import ShardStream
@@ -213,8 +213,9 @@ class RankStream(IterableDataset):
     ) -> Chunk:
         chunk = self._assemble(items, bad, worker, start, end)
         if get_worker_info() is not None:
-            fields = [getattr(chunk, f) for f in ("pos", *SAMPLE_FIELDS)]
-            share_from_worker([t for t in fields if t is not None], f"loader worker {worker}")
+            if chunk.image is not None:
+                share_from_worker([chunk.image], f"loader worker {worker}")
+            chunk.for_transfer()
         return chunk
 
     def _assemble(
