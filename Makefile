@@ -42,6 +42,10 @@ bench: install
 	$(PY) benchmarks/accumulation.py --batch 512 --k 4 --steps 3 --rounds 2 --glofnd
 	$(PY) benchmarks/index_shards.py --shards 20 --rounds 1
 	$(PY) benchmarks/vs_open_clip.py --samples 1024 --rounds 1 --log-every 4
+	$(PY) benchmarks/vs_open_clip.py --samples 512 --rounds 1 --log-every 2 --precision bf16 --settings open_clip clipfnd
+	$(PY) benchmarks/loader.py --quick
+	$(PY) benchmarks/step_overhead.py --repeats 3
+	$(PY) benchmarks/communication.py --quick
 	$(PY) benchmarks/fn_benefit.py --quick
 	$(PY) benchmarks/fn_regime.py --quick
 	$(PY) benchmarks/vision_results.py --study glofnd --quick

@@ -10,7 +10,8 @@ with gradients, as the towers' outputs are) and a learned temperature, computes 
 runs the backward, ``--repeats`` times. Counted: every collective the step calls
 (``torch.distributed`` wrapped where the step calls it), and the bytes each process sends in
 it at the ring algorithms' minimum (all-gather and all-to-all: the ``W - 1`` parts for the
-others; all-reduce: ``2 (W - 1) / W`` of the tensor). Timed: the median of the step (forward
+others; all-reduce: ``2 (W - 1) / W`` of the tensor). The backward of a gather with
+gradients is a reduce-scatter (NCCL) or, on gloo, an all-to-all made of ``W`` scatters. Timed: the median of the step (forward
 and backward of the loss alone, one thread a process). What grows with what is printed beside
 the counts: features are ``2 (W - 1) b d`` floats each way, and everything else is per sample
 or per step. For scale, the gradient all-reduce of data-parallel training sends
@@ -25,12 +26,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the gloo group runner the tests use
 
 SETTINGS = {
     "open_clip ClipLoss(gather_with_grad)": None,
@@ -48,7 +49,7 @@ SETTINGS = {
 class Tally:
     """Wraps ``torch.distributed``'s collectives to count calls and bytes sent."""
 
-    NAMES = ("all_gather", "all_to_all", "reduce_scatter", "all_reduce", "broadcast")
+    NAMES = ("all_gather", "all_to_all", "reduce_scatter", "scatter", "all_reduce", "broadcast")
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -84,6 +85,9 @@ class Tally:
             return sum(self._size(t) for t in args[1]) * (w - 1) // w
         if name == "reduce_scatter":  # (output, inputs)
             return sum(self._size(t) for t in args[1]) * (w - 1) // w
+        if name == "scatter":  # (output, inputs on the source, None elsewhere, source)
+            parts = args[1] if len(args) > 1 else None
+            return 0 if parts is None else sum(self._size(t) for t in parts) * (w - 1) // w
         if name == "all_reduce":
             return 2 * (w - 1) * self._size(args[0]) // w
         return self._size(args[0]) if self.dist.get_rank() == 0 else 0  # broadcast
@@ -112,7 +116,7 @@ def _worker(rank: int, world: int, name: str, b: int, d: int, repeats: int):
         )
     else:
         cfg = load_config(None, ["data.train=unused"] + [f"{k}={v}" for k, v in overrides.items()])
-        objective = ClipObjective(cfg, StateTables(B * repeats), has_labels=False)
+        objective = ClipObjective(cfg, StateTables(B * (repeats + 1)), has_labels=False)
     log_scale = torch.nn.Parameter(torch.tensor(2.659))
     tally = Tally()
     times = []
@@ -140,6 +144,43 @@ def _worker(rank: int, world: int, name: str, b: int, d: int, repeats: int):
     return {"calls": tally.calls, "bytes": tally.bytes, "seconds": statistics.median(times)}
 
 
+def _entry(rank: int, world: int, init_file: str, out_dir: str, args: tuple) -> None:
+    """One process of the group: its result saved, then ``os._exit``. A process that returns
+    normally from the GloFND settings at b = 256 sometimes aborts at interpreter exit, after
+    its result is written ("terminate called without an active exception", no Python frame:
+    a C++ thread torn down at exit), which would fail the whole group."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(_worker(rank, world, *args), Path(out_dir) / f"{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def run_group(world: int, *args) -> list[dict]:
+    import os
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        os.makedirs(os.path.join(d, "out"))
+        mp.start_processes(
+            _entry,
+            args=(world, os.path.join(d, "rendezvous"), os.path.join(d, "out"), args),
+            nprocs=world,
+            start_method="spawn",
+            join=True,
+        )
+        return [torch.load(Path(d) / "out" / f"{r}.pt") for r in range(world)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
@@ -150,15 +191,13 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         a.worlds, a.local_batch, a.repeats = [2], [32], 3
-    from gloo import run_group
-
     print(f"d = {a.dim}, float32 features; bytes each process sends per step; median step time")
     print(f"{'W':>2} {'b':>4}  {'setting':<50} {'KiB sent':>9} {'ms':>8}  collectives")
     for w in a.worlds:
         for b in a.local_batch:
             feats = 2 * (w - 1) * b * a.dim * 4 / 1024
             for name in SETTINGS:
-                r = run_group(_worker, w, name, b, a.dim, a.repeats)[0]
+                r = run_group(w, name, b, a.dim, a.repeats)[0]
                 calls = ", ".join(f"{k} x{v}" for k, v in sorted(r["calls"].items()))
                 print(
                     f"{w:>2} {b:>4}  {name:<50} {r['bytes'] / 1024:9.1f} "
