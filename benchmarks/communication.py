@@ -15,7 +15,7 @@ gradients is a reduce-scatter (NCCL) or, on gloo, an all-to-all made of ``W`` sc
 and backward of the loss alone, one thread a process). What grows with what is printed beside
 the counts: features are ``2 (W - 1) b d`` floats each way, and everything else is per sample
 or per step. For scale, the gradient all-reduce of data-parallel training sends
-``2 (W - 1) / W`` of the parameters every step (ViT-B-32: 151 M parameters, 1.1 GiB at
+``2 (W - 1) / W`` of the parameters every step (ViT-B-32: 151 M parameters, 866 MiB at
 ``W = 4``), whatever the batch.
 
 On a 2-core machine four processes share two cores: compare times within a world size.

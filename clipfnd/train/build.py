@@ -228,16 +228,7 @@ def build_run(cfg: Config) -> Run:
     check_eval_data(cfg)
     bundle = _model(cfg, accelerator)
     model = bundle.model
-    table_device = "cpu" if cfg.fnd.state_on_cpu else accelerator.device
-    if cfg.fnd.state == "sharded":
-        tables: StateTables = ShardedTables(
-            shard_set.num_samples,
-            table_device,
-            rank=accelerator.process_index,
-            world=accelerator.num_processes,
-        )
-    else:
-        tables = StateTables(shard_set.num_samples, table_device)
+    tables = _tables(cfg, shard_set, accelerator)
     # uint8 images from the workers, normalised on the device (data_pipelines/pixels.py)
     gap = REDUCING_GAP if cfg.data.reduced_jpeg_decoding else None
     transform = fast_transform(bundle.preprocess_train, reducing_gap=gap)
@@ -409,6 +400,19 @@ def _prepare_for_fsdp(model: torch.nn.Module, accelerator: Accelerator) -> None:
         if blocks:
             plugin.auto_wrap_policy = transformer_auto_wrap_policy
             plugin.transformer_cls_names_to_wrap = blocks
+
+
+def _tables(cfg: Config, shard_set: ShardSet, accelerator: Accelerator) -> StateTables:
+    """The per-sample tables of the training set: whole on every process, or sharded."""
+    device = "cpu" if cfg.fnd.state_on_cpu else accelerator.device
+    if cfg.fnd.state == "sharded":
+        return ShardedTables(
+            shard_set.num_samples,
+            device,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+        )
+    return StateTables(shard_set.num_samples, device)
 
 
 def _model(cfg: Config, accelerator: Accelerator):

@@ -64,6 +64,7 @@ class RunCounters:
     last_record: dict[str, Any] = field(default_factory=dict)
     last_eval: tuple[int, dict[str, float]] = (-1, {})  # (step, results) of the latest eval
     warned_data_wait: bool = False
+    starved_windows: int = 0  # log windows in a row where the loader starved the step
     started: float = field(default_factory=time.perf_counter)
     elapsed_before: float = 0.0  # seconds the run trained before this attempt (resumed)
 
@@ -290,8 +291,11 @@ def after_step(
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if s.accelerator.is_main_process:
             log_progress(cfg, s, it, epoch, record)
-            if not run.warned_data_wait:
-                run.warned_data_wait = warn_data_wait(cfg, record)
+            # once, and only when two windows in a row starve (not a start-up hiccup)
+            run.starved_windows = run.starved_windows + 1 if data_starved(cfg, record) else 0
+            if run.starved_windows == 2 and not run.warned_data_wait:
+                warn_data_wait(cfg, record)
+                run.warned_data_wait = True
         run.last_record, run.window = record, LogWindow()
     if (
         cfg.train.checkpoint_every
@@ -327,12 +331,17 @@ def log_progress(
 DATA_WAIT_SHARE = 0.25  # of the step's time, beyond which the loader is said to starve it
 
 
-def warn_data_wait(cfg: Config, record: dict[str, Any]) -> bool:
-    """(Main process.) Warn when the step waited on the loader more than a quarter of its
-    time over the logged window; True once warned (the run warns once)."""
+def data_starved(cfg: Config, record: dict[str, Any]) -> bool:
+    """The step waited on loader workers more than a quarter of its time over the logged
+    window (with ``data.num_workers=0`` loading in the training process is a choice, and
+    ``data_time`` shows its cost)."""
+    waited = record["data_time"] > DATA_WAIT_SHARE * record["batch_time"]
+    return cfg.data.num_workers > 0 and waited
+
+
+def warn_data_wait(cfg: Config, record: dict[str, Any]) -> None:
+    """(Main process.) The warning of a starved step, with the keys that help."""
     share = record["data_time"] / max(record["batch_time"], 1e-9)
-    if share <= DATA_WAIT_SHARE:
-        return False
     log.warning(
         "the model waited for data %.0f%% of the time over the last %d step(s) (data_time "
         "%.3f s of batch_time %.3f s a step): the loader does not keep up. Raise "
@@ -346,7 +355,6 @@ def warn_data_wait(cfg: Config, record: dict[str, Any]) -> bool:
         cfg.data.num_workers,
         os.cpu_count() or 1,
     )
-    return True
 
 
 def evaluate_now(
