@@ -32,35 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from vs_open_clip import BENCH, MODEL  # noqa: E402
+from vs_open_clip import model_and_data  # noqa: E402
 
 
 def build(a):
     """clipfnd's run on synthetic shards at the model's side, and a few batches of it."""
-    import json
-    import subprocess
-
     from clipfnd.config import load_config
     from clipfnd.train.build import build_run
 
-    model = a.model
-    if a.model == "tiny":
-        model_dir = BENCH / "model"
-        model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / "open_clip_config.json").write_text(
-            json.dumps({"model_cfg": MODEL, "preprocess_cfg": {}}, indent=2)
-        )
-        model = f"local-dir:{model_dir}"
-    size = 64 if a.model == "tiny" else 256
-    data = BENCH / f"data_{4 * a.batch}_{size}px"
-    if not (data / "train" / "manifest.json").exists():
-        subprocess.run(
-            [sys.executable, "-m", "clipfnd", "data", "synthetic", "--out", str(data)]
-            + ["--num-samples", str(4 * a.batch), "--num-val", "0", "--image-size", str(size)]
-            + ["--shard-size", str(a.batch)],
-            check=True,
-            capture_output=True,
-        )
+    model, data = model_and_data(a.model, 4 * a.batch, shard_size=a.batch)
     run_dir = tempfile.mkdtemp(prefix="step_overhead_")
     overrides = [
         f"model.name={model}",

@@ -83,25 +83,33 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, text=True, **kw)
 
 
-def prepare(a: argparse.Namespace) -> tuple[str, Path, int]:
-    """The model's name for both trainers, the training shards and their count."""
-    model = a.model
-    if a.model == "tiny":
+def model_and_data(model: str, samples: int, shard_size: int = 512) -> tuple[str, Path]:
+    """The model's name for both trainers (``tiny``: the small ViT's ``local-dir:`` folder)
+    and synthetic shards of ``samples`` at its side, made once under ``.bench/``."""
+    name = model
+    if model == "tiny":
         model_dir = BENCH / "model"
         model_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / "open_clip_config.json").write_text(
             json.dumps({"model_cfg": MODEL, "preprocess_cfg": {}}, indent=2)
         )
-        model = f"local-dir:{model_dir}"
-    size = 64 if a.model == "tiny" else 256
-    data = BENCH / f"data_{a.samples}_{size}px"
+        name = f"local-dir:{model_dir}"
+    size = 64 if model == "tiny" else 256
+    data = BENCH / f"data_{samples}_{size}px"
     if not (data / "train" / "manifest.json").exists():
         sh(
             [sys.executable, "-m", "clipfnd", "data", "synthetic", "--out", str(data)]
-            + ["--num-samples", str(a.samples), "--num-val", "0", "--image-size", str(size)]
-            + ["--num-concepts", "64", "--shard-size", "512"],
+            + ["--num-samples", str(samples), "--num-val", "0", "--image-size", str(size)]
+            + ["--num-concepts", "64", "--shard-size", str(shard_size)],
             capture_output=True,
         )
+    return name, data
+
+
+def prepare(a: argparse.Namespace) -> tuple[str, Path, int]:
+    """The model's name for both trainers, the training shards and their count; open_clip's
+    virtual environment made if missing."""
+    model, data = model_and_data(a.model, a.samples)
     shards = len(json.loads((data / "train" / "manifest.json").read_text())["shards"])
     if not (VENV / "bin" / "python").exists():
         sh([sys.executable, "-m", "venv", str(VENV)])
