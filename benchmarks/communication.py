@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the gloo group runner the tests use
 
 SETTINGS = {
     "open_clip ClipLoss(gather_with_grad)": None,
@@ -144,43 +144,6 @@ def _worker(rank: int, world: int, name: str, b: int, d: int, repeats: int):
     return {"calls": tally.calls, "bytes": tally.bytes, "seconds": statistics.median(times)}
 
 
-def _entry(rank: int, world: int, init_file: str, out_dir: str, args: tuple) -> None:
-    """One process of the group: its result saved, then ``os._exit``. A process that returns
-    normally from the GloFND settings at b = 256 sometimes aborts at interpreter exit, after
-    its result is written ("terminate called without an active exception", no Python frame:
-    a C++ thread torn down at exit), which would fail the whole group."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.save(_worker(rank, world, *args), Path(out_dir) / f"{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
-
-
-def run_group(world: int, *args) -> list[dict]:
-    import os
-
-    import torch
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as d:
-        os.makedirs(os.path.join(d, "out"))
-        mp.start_processes(
-            _entry,
-            args=(world, os.path.join(d, "rendezvous"), os.path.join(d, "out"), args),
-            nprocs=world,
-            start_method="spawn",
-            join=True,
-        )
-        return [torch.load(Path(d) / "out" / f"{r}.pt") for r in range(world)]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
@@ -191,13 +154,18 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         a.worlds, a.local_batch, a.repeats = [2], [32], 3
+    # processes of the GloFND settings at b = 256 sometimes abort in the interpreter's
+    # teardown, after their results are written ("terminate called without an active
+    # exception", no Python frame): end them with os._exit
+    from gloo import run_group
+
     print(f"d = {a.dim}, float32 features; bytes each process sends per step; median step time")
     print(f"{'W':>2} {'b':>4}  {'setting':<50} {'KiB sent':>9} {'ms':>8}  collectives")
     for w in a.worlds:
         for b in a.local_batch:
             feats = 2 * (w - 1) * b * a.dim * 4 / 1024
             for name in SETTINGS:
-                r = run_group(w, name, b, a.dim, a.repeats)[0]
+                r = run_group(_worker, w, name, b, a.dim, a.repeats, hard_exit=True)[0]
                 calls = ", ".join(f"{k} x{v}" for k, v in sorted(r["calls"].items()))
                 print(
                     f"{w:>2} {b:>4}  {name:<50} {r['bytes'] / 1024:9.1f} "

@@ -39,28 +39,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the photo-like JPEGs the pixel tests use too
+
+from img2dataset_shards import photo_jpeg  # noqa: E402
+
 SETTINGS = ("webdataset", "clipfnd, float", "clipfnd, uint8", "clipfnd, uint8 + draft")
-
-
-def photo_like(rng: random.Random, size: int) -> bytes:
-    """A JPEG (quality 90) of a smooth random field with noise: about a photo's entropy."""
-    import numpy as np
-    from PIL import Image
-
-    g = np.random.default_rng(rng.getrandbits(32))
-    coarse = g.uniform(0, 255, (6, 6, 3)).astype(np.uint8)
-    im = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
-    a = np.asarray(im).astype(np.float32) + g.normal(0, 10, (size, size, 3))
-    buf = io.BytesIO()
-    Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def write_shards(root: Path, n: int, size: int, per_shard: int = 512) -> None:
     """img2dataset's layout: ``00000.tar`` with ``000000123.jpg``/``.txt``/``.json``."""
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    images = [photo_like(rng, size) for _ in range(256)]
+    images = [photo_jpeg(rng.getrandbits(32), (size, size)) for _ in range(256)]
     words = ["a", "photo", "of", "the", "red", "small", "dog", "on", "grass", "city", "at", "night"]
     for s in range(0, n, per_shard):
         with tarfile.open(root / f"{s // per_shard:05d}.tar", "w") as tar:

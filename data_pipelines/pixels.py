@@ -49,6 +49,8 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor
 
+from .augment import TwoViews
+
 REDUCING_GAP = 2.0  # Pillow's default for thumbnail(): draft only to twice the output's side
 _MODES = {
     T.InterpolationMode.BILINEAR: "bilinear",
@@ -182,7 +184,7 @@ class Uint8TwoViews:
 def fast_transform(transform: Any, reducing_gap: float | None = REDUCING_GAP) -> Any:
     """``transform`` as a ``Uint8Transform`` where it ends in a float-and-normalise tail (see
     the module docstring), else ``transform`` itself."""
-    if type(transform).__name__ == "TwoViews":  # data_pipelines.augment.TwoViews
+    if isinstance(transform, TwoViews):
         inner = fast_transform(transform.transform, reducing_gap)
         return Uint8TwoViews(inner) if isinstance(inner, Uint8Transform) else transform
     steps = list(getattr(transform, "transforms", None) or [])

@@ -9,6 +9,7 @@ comes back in rank order. A failure in any process fails the caller with its tra
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -18,7 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, fn, world: int, init_file: str, out_dir: str, args: tuple) -> None:
+def _entry(
+    rank: int, fn, world: int, init_file: str, out_dir: str, args: tuple, hard_exit: bool
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -29,9 +32,15 @@ def _entry(rank: int, fn, world: int, init_file: str, out_dir: str, args: tuple)
         raise
     finally:
         dist.destroy_process_group()
+    if hard_exit:  # the result is written: skip the interpreter's teardown
+        sys.stdout.flush()
+        os._exit(0)
 
 
-def run_group(fn, world: int, *args):
+def run_group(fn, world: int, *args, hard_exit: bool = False):
+    """``hard_exit``: end each process with ``os._exit`` once its result is written (a
+    benchmark whose processes can abort in the interpreter's teardown; tests keep it off, so
+    that such an abort fails them)."""
     with tempfile.TemporaryDirectory() as d:
         init_file = os.path.join(d, "rendezvous")
         out_dir = os.path.join(d, "out")
@@ -39,7 +48,7 @@ def run_group(fn, world: int, *args):
         try:
             mp.start_processes(
                 _entry,
-                args=(fn, world, init_file, out_dir, args),
+                args=(fn, world, init_file, out_dir, args, hard_exit),
                 nprocs=world,
                 start_method="spawn",
                 join=True,

@@ -35,6 +35,21 @@ def _jpegs(size: int, noise: bool) -> list[bytes]:
     return out
 
 
+def photo_jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    """A JPEG (quality 90) of a smooth random field (6 x 6 colours, bicubic) with noise on top:
+    edges, texture and about the bytes per pixel of a photo (the loader benchmark, the pixel
+    tests)."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    coarse = Image.fromarray(g.uniform(0, 255, (6, 6, 3)).astype(np.uint8))
+    a = np.asarray(coarse.resize(size, Image.BICUBIC)).astype(np.float32)
+    a = a + g.normal(0, 10, a.shape)
+    buf = io.BytesIO()
+    Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def unusable_kind(shard: int, pos: int) -> str | None:
     """Which samples are made unusable (None: usable): a fixed pattern per position."""
     j = (pos + 3 * shard) % 12

@@ -27,16 +27,7 @@ from data_pipelines.loader import LoaderState, ShardStream
 from data_pipelines.pixels import Uint8Transform, Uint8TwoViews, fast_transform
 from data_pipelines.shards import load_shard_set
 
-
-def _photo(seed: int, size: tuple[int, int]) -> bytes:
-    """A JPEG of a smooth random field with noise (edges and texture, like a photo)."""
-    g = np.random.default_rng(seed)
-    coarse = Image.fromarray(g.uniform(0, 255, (5, 5, 3)).astype(np.uint8))
-    a = np.asarray(coarse.resize(size, Image.BICUBIC)).astype(np.float32)
-    a = (a + g.normal(0, 12, a.shape)).clip(0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+from img2dataset_shards import photo_jpeg
 
 
 def _old_and_new(transform, fast, data: bytes, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +62,7 @@ def test_openclip_train_transform_is_fused_and_within_rounding(clip_train):
     counts = np.zeros(256, dtype=np.int64)
     # sources smaller and larger than the 32 px output: the kernel upsamples and downsamples
     for k, size in enumerate([(24, 20), (32, 32), (60, 50), (48, 65)] * 4):
-        old, new = _old_and_new(clip_train, fast, _photo(k, size), seed=k)
+        old, new = _old_and_new(clip_train, fast, photo_jpeg(k, size), seed=k)
         assert old.shape == new.shape == (3, *fast.size)
         counts += np.bincount(_levels(old, new, std).ravel(), minlength=256)
     share = counts / counts.sum()
@@ -84,7 +75,7 @@ def test_same_crop_as_torchvision(clip_train):
     fast = fast_transform(clip_train, reducing_gap=None)
     crop = clip_train.transforms[0]
     for k in range(20):
-        data = _photo(k, (90, 70))
+        data = photo_jpeg(k, (90, 70))
         torch.manual_seed(k)
         expected = crop.get_params(to_rgb(Image.open(io.BytesIO(data))), crop.scale, crop.ratio)
         torch.manual_seed(k)
@@ -107,7 +98,7 @@ def test_split_tails_are_bitwise_equal():
     fast_pil = fast_transform(pil_head)
     assert isinstance(fast_pil, Uint8Transform) and fast_pil.crop is None
     for k in range(6):
-        data = _photo(k, (48, 40))
+        data = photo_jpeg(k, (48, 40))
         old, new = _old_and_new(views, fast, data, k)
         assert old.shape == new.shape == (2, 3, 32, 32)
         assert torch.equal(old, new)
@@ -122,14 +113,14 @@ def test_transforms_without_the_tail_are_kept():
 
 
 def test_reduced_jpeg_decoding_only_where_the_gap_allows(clip_train):
-    big = _photo(1, (400, 360))  # over twice the 32 px output at a quarter
+    big = photo_jpeg(1, (400, 360))  # over twice the 32 px output at a quarter
     fast = fast_transform(clip_train)
     torch.manual_seed(0)
     with Image.open(io.BytesIO(big)) as im:
         fast.prepare(im)
         assert im.size[0] < 400  # the decoder reduces
     torch.manual_seed(0)
-    with Image.open(io.BytesIO(_photo(1, (100, 90)))) as im:
+    with Image.open(io.BytesIO(photo_jpeg(1, (100, 90)))) as im:
         fast.prepare(im)
         assert im.size == (100, 90)  # a reduction would leave less than twice the output
     std = clip_train.transforms[-1].std
