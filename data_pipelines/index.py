@@ -24,7 +24,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -42,16 +41,14 @@ from .shards import (
     IMAGE_EXTENSIONS,
     USABLE_RULE,
     DataError,
-    HeaderFingerprint,
     unusable_reason,
 )
-from .urls import is_remote, public
+from .tars import HeaderFingerprint, is_sample_member
+from .urls import is_remote, public, redact
 
 FORMAT_VERSION_IN_PLACE = 2
 # members read whole (small); every other member is only sized from its header
 TEXT_EXTENSIONS = ("txt", "json")
-# what webdataset's tar reader skips (``tariterators.tar_file_iterator``)
-WDS_SKIP_META = re.compile(r"__[^/]*__($|/)")
 
 
 @dataclass
@@ -71,7 +68,8 @@ class ShardScan:
     cross_check: str | None = None  # a disagreement with img2dataset's own counts
     error: str | None = None
     etag: str | None = None  # a remote shard's, where the store gives one
-    fingerprint: str | None = None  # its member headers' (shards.HeaderFingerprint)
+    fingerprint: str | None = None  # its member headers' (tars.HeaderFingerprint)
+    fingerprint_chunks: list[str] | None = None  # per 16 MiB of the shard (remote shards)
 
 
 def _split_sources(arg: str) -> list[str]:
@@ -88,8 +86,9 @@ def expand_sources(sources: list[str]) -> list[list[Path | str]]:
     for arg in sources:
         for spec in _split_sources(arg):
             if is_remote(spec):
-                from .remote import expand_remote
+                from .remote import check_source, expand_remote
 
+                check_source(spec)
                 out.append(list(expand_remote(spec)))
                 continue
             files: list[Path | str] = []
@@ -117,19 +116,14 @@ def _members(
     members and only the size of the others; every header goes into ``fingerprint``."""
     for info in tar:
         fingerprint.add(info)
-        name = info.name
-        if not info.isreg() or name is None:
+        if not is_sample_member(info):
             continue
-        if "/" not in name and name.startswith("__") and name.endswith("__"):
-            continue
-        if WDS_SKIP_META.match(name):
-            continue
-        _, ext = wds.tariterators.base_plus_ext(name)
+        _, ext = wds.tariterators.base_plus_ext(info.name)
         if ext is not None and ext.lower() in TEXT_EXTENSIONS:
             data: Any = tar.extractfile(info).read()
         else:
             data = info.size
-        yield {"fname": name, "data": data, "__url__": url}
+        yield {"fname": info.name, "data": data, "__url__": url}
         tar.members = []  # headers are not kept: a shard of any size in constant memory
 
 
@@ -195,6 +189,7 @@ def _count(
                     f"{json.dumps(value)[:60]}; labels must be integers or strings"
                 )
     scan.fingerprint = fingerprint.hexdigest()
+    scan.fingerprint_chunks = fingerprint.finish()
     return with_image
 
 
@@ -215,7 +210,7 @@ class _Tail:
 def _scan_remote(url: str, images_only: bool, label_field: str | None) -> ShardScan:
     """``scan_shard`` of a remote shard: streamed once (headers and the small members kept),
     the whole scan retried after a transient failure."""
-    from .remote import open_remote, remote_info, with_retries
+    from .remote import describe, open_remote, remote_info, with_retries
 
     def attempt() -> ShardScan:
         scan = ShardScan(public(url), 0, 0)
@@ -242,9 +237,9 @@ def _scan_remote(url: str, images_only: bool, label_field: str | None) -> ShardS
 
     try:
         return with_retries("indexing shard", url, attempt)
-    except (OSError, EOFError, ValueError, tarfile.TarError) as e:
+    except Exception as e:  # any failure of the store's client: said in words, no credential
         scan = ShardScan(public(url), 0, 0)
-        scan.error = f"{type(e).__name__}: {e}"
+        scan.error = describe(e, url)
         return scan
 
 
@@ -374,6 +369,8 @@ def index_shards(
                 "mtime_ns": scan.mtime_ns,
                 **({"etag": scan.etag} if is_remote(scan.path) else {}),
                 "fingerprint": scan.fingerprint,
+                # a remote shard's headers are checked chunk by chunk as it is read
+                **({"fingerprint_chunks": scan.fingerprint_chunks} if is_remote(scan.path) else {}),
                 "weight": weight,
                 "keys": dict(sorted(scan.keys.items())),
                 "skipped": dict(sorted(scan.skipped.items())),
@@ -401,7 +398,7 @@ def index_shards(
         "num_labels": 0 if labels is None else len(labels.names),
         "unlabelled": sum(s.unlabelled for s in scans),
         "skipped": dict(sorted(skipped.items())),
-        "unreadable_shards": [{"file": public(s.path), "error": s.error} for s in bad],
+        "unreadable_shards": [{"file": public(s.path), "error": redact(s.error)} for s in bad],
         "cross_check": checks,
         "meta": {"source": "index", "sources": [public(src) for src in sources]},
     }

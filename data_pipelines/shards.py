@@ -16,7 +16,6 @@ data came from.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .progress import bar_disable
+from .tars import tar_fingerprint
 from .urls import is_remote
 
 log = logging.getLogger("data_pipelines")
@@ -86,6 +86,10 @@ class ShardInfo:
     # before each read (None: the store gave none)
     size: int | None = None
     etag: str | None = None
+    # its tar headers' digest, whole and per chunk (``data_pipelines.tars``), checked as a
+    # remote shard is read
+    fingerprint: str | None = None
+    fingerprint_chunks: list[str] | None = None
 
 
 @dataclass
@@ -122,6 +126,7 @@ class ShardSet:
     in_place: bool = False  # indexed in place: index = shard offset + usable position
     images_only: bool = False  # in place: a sample without a caption is usable
     label_field: LabelField | None = None  # in place: where labels come from
+    manifest: str = ""  # the manifest file it was loaded from
 
     def unusable(self, sample: dict[str, Any]) -> str | None:
         """In place: why a sample (members grouped by key, as read) gets no dataset index."""
@@ -351,6 +356,7 @@ def load_shard_set(spec: str | os.PathLike) -> ShardSet:
         shards=shards,
         label_names=manifest.get("label_names"),
         meta=manifest.get("meta", {}),
+        manifest=str(manifest_path),
     )
 
 
@@ -387,19 +393,8 @@ def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
         weight = entry.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or not weight > 0:
             raise DataError(f"{manifest_path}: shard {file} has weight {weight!r}; expected > 0")
-        if remote:  # its size and ETag are checked when it is read (data_pipelines.remote)
-            etag = entry.get("etag")
-            shards.append(
-                ShardInfo(
-                    file,
-                    fields["num_samples"],
-                    offset - fields["num_samples"],
-                    fields["num_raw"],
-                    float(weight),
-                    fields.get("size"),
-                    etag if isinstance(etag, str) else None,
-                )
-            )
+        if remote:  # its size, ETag and headers are checked as it is read (data_pipelines.remote)
+            shards.append(_remote_shard(entry, fields, offset, float(weight), manifest_path))
             continue
         p = root / file
         _check_shard_file(p, manifest_path)
@@ -462,6 +457,7 @@ def _load_in_place(manifest: dict[str, Any], manifest_path: Path) -> ShardSet:
         in_place=True,
         images_only=bool(manifest.get("images_only")),
         label_field=label_field,
+        manifest=str(manifest_path),
     )
 
 
@@ -471,31 +467,31 @@ USABLE_RULE = 1
 TAR_MIN_BYTES = 1024  # a tar ends with two 512-byte zero blocks
 
 
-class HeaderFingerprint:
-    """A digest of a tar's member headers (each member's name, size, mtime and type, in
-    order): the same for a byte-identical copy of a shard, whatever the copy's file mtime
-    (``cp -r`` to local disk), and different when a member was added, removed, renamed or
-    resized. ``clipfnd data index`` records it; the loader compares it when a shard's size
-    matches the manifest and its mtime does not."""
-
-    def __init__(self) -> None:
-        self._h = hashlib.blake2b(digest_size=16)
-
-    def add(self, info: tarfile.TarInfo) -> None:
-        self._h.update(f"{info.name}\0{info.size}\0{info.mtime}\0{info.type!r}\n".encode())
-
-    def hexdigest(self) -> str:
-        return "blake2b-128:" + self._h.hexdigest()
-
-
-def tar_fingerprint(path: str | os.PathLike) -> str:
-    """``HeaderFingerprint`` of a local tar (its headers only are read)."""
-    fp = HeaderFingerprint()
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            fp.add(info)
-            tar.members = []  # headers are not kept
-    return fp.hexdigest()
+def _remote_shard(
+    entry: dict[str, Any], fields: dict[str, int], end: int, weight: float, manifest_path: Path
+) -> ShardInfo:
+    """A remote shard's entry: what its reads are checked against."""
+    etag, fingerprint, chunks = (
+        entry.get(k) for k in ("etag", "fingerprint", "fingerprint_chunks")
+    )
+    if chunks is not None and not (
+        isinstance(chunks, list) and chunks and all(isinstance(c, str) for c in chunks)
+    ):
+        raise DataError(
+            f"{manifest_path}: shard {entry['file']} has a malformed fingerprint_chunks; re-run "
+            "`clipfnd data index`"
+        )
+    return ShardInfo(
+        entry["file"],
+        fields["num_samples"],
+        end - fields["num_samples"],
+        fields["num_raw"],
+        weight,
+        fields.get("size"),
+        etag if isinstance(etag, str) else None,
+        fingerprint if isinstance(fingerprint, str) else None,
+        chunks,
+    )
 
 
 def _same_headers(p: Path, fingerprint: Any) -> bool:
@@ -566,7 +562,9 @@ def image_ext(sample: dict[str, Any]) -> str | None:
     return next((e for e in IMAGE_EXTENSIONS if e in sample), None)
 
 
-def iter_tar_samples(path: str, shard: ShardInfo | None = None) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(
+    path: str, shard: ShardInfo | None = None, manifest: str = "the manifest"
+) -> Iterator[dict[str, Any]]:
     """The samples of one tar, its members grouped by key (no decoding), by webdataset's own
     tar iterators: ``{"__key__", "__url__", ext: bytes, ...}`` with lower-case extensions. A
     remote shard is streamed (``data_pipelines.remote``: checked against the size and ETag
@@ -579,12 +577,7 @@ def iter_tar_samples(path: str, shard: ShardInfo | None = None) -> Iterator[dict
         def fail(exn: Exception) -> bool:
             raise exn
 
-        yield from remote_samples(
-            path,
-            fail,
-            size=shard.size if shard else None,
-            etag=shard.etag if shard else None,
-        )
+        yield from remote_samples(path, fail, shard=shard, manifest=manifest)
         return
     with open(path, "rb") as stream:
         members = wds.tariterators.tar_file_iterator(stream)

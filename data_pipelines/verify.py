@@ -57,7 +57,7 @@ def verify_split(path: str | Path, max_problems: int = 50, progress: bool = True
     for shard in tqdm(shard_set.shards, desc="verify", unit="shard", disable=bar_disable(progress)):
         count = 0
         try:
-            for s in iter_tar_samples(shard.path, shard):
+            for s in iter_tar_samples(shard.path, shard, shard_set.manifest):
                 count += 1
                 key = s.get("__key__", "?")
                 where = f"{shard.path} sample {key}"
@@ -107,7 +107,7 @@ def _verify_in_place(shard_set: ShardSet, max_problems: int, progress: bool) -> 
     for shard in tqdm(shard_set.shards, desc="verify", unit="shard", disable=bar_disable(progress)):
         raw = usable = 0
         try:
-            for s in iter_tar_samples(shard.path, shard):
+            for s in iter_tar_samples(shard.path, shard, shard_set.manifest):
                 raw += 1
                 if shard_set.unusable(s) is not None:
                     continue

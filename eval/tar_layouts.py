@@ -99,7 +99,7 @@ class ClipfndShards(EvalDataset):
         ss = self.shard_set
         offset = ss.shards[part].offset
         usable = 0
-        for pos, s in enumerate(iter_tar_samples(self.shards[part], ss.shards[part])):
+        for pos, s in enumerate(iter_tar_samples(self.shards[part], ss.shards[part], ss.manifest)):
             ext = _image_key(s, IMAGE_EXTENSIONS)
             if ss.in_place and ss.unusable(s) is not None:
                 continue

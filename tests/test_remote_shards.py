@@ -5,12 +5,11 @@ as the same shards read from disk."""
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import threading
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from data_pipelines.verify import verify_split
 
 from img2dataset_shards import write_shards
 from runs import assert_same_losses, launch, launch_and_kill, write_config
+from servers import FaultyHandler
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -66,38 +66,6 @@ def s3(shards):
         yield fs
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
-
-
-class FaultyHandler(SimpleHTTPRequestHandler):
-    """http.server, with faults queued per file name: ``503`` (one answer of 503), ``drop``
-    (the headers and half the body, then the connection closes), ``down`` (503 always)."""
-
-    faults: dict[str, list[str]] = {}
-    requests: collections.Counter = collections.Counter()
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def do_GET(self):
-        name = Path(self.path).name
-        self.requests[name] += 1
-        queue = self.faults.get(name, [])
-        fault = queue[0] if queue else None
-        if fault and fault != "down":
-            queue.pop(0)
-        if fault in ("503", "down"):
-            self.send_error(503, "Service Unavailable")
-            return
-        if fault == "drop":
-            data = Path(self.translate_path(self.path)).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        super().do_GET()
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +166,9 @@ def test_a_shard_that_stays_unreachable_is_counted_or_stops_the_run(shards, http
         assert seen and len(set(seen)) == len(seen) and set(seen) <= set(range(18, N))
         bad = {shard: n for (shard, _), n in it.bad.items()}
         assert f"{http}/cc/00000.tar" in bad, it.bad
-        with pytest.raises(DataError, match=rf"{http}/cc/00000.tar unreachable after 1 retries"):
+        with pytest.raises(
+            DataError, match=rf"cannot read shard {http}/cc/00000.tar: HTTP 503 .* after 1 retries"
+        ):
             _batches(ss, retries=1, on_error="raise")
     finally:
         FaultyHandler.faults.pop("00000.tar")

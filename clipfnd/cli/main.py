@@ -34,10 +34,14 @@ def _setup_logging() -> None:
     )
     for ours in ("clipfnd", "data_pipelines", "eval"):
         logging.getLogger(ours).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    from data_pipelines.urls import RedactingFilter
+
     # open_clip warns on the root logger for every model built without weights, which is
-    # how clipfnd always builds a model before loading its own checkpoint into it.
+    # how clipfnd always builds a model before loading its own checkpoint into it. No line
+    # reaches the console with a credential in it (data_pipelines.urls.redact).
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
+        handler.addFilter(RedactingFilter())
 
 
 class ConfigKeysHelp(argparse.Action):
@@ -457,21 +461,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..errors import NonFiniteError, UserError
 
+    from data_pipelines.urls import redact
+
+    def error(e: BaseException) -> None:
+        print(f"clipfnd: error: {redact(str(e))}", file=sys.stderr, flush=True)
+
     try:
         return args.func(args)
     except NonFiniteError as e:
-        print(f"clipfnd: error: {e}", file=sys.stderr)
+        error(e)
         return 3
     except PeerStopped as e:
-        print(f"clipfnd: error: {e}", file=sys.stderr)
+        error(e)
         return 1
     except Stopped as e:
-        print(f"clipfnd: error: {e}", file=sys.stderr, flush=True)
+        error(e)
         return 128 + signal.SIGTERM
     except (UserError, DataError, FileNotFoundError) as e:
         # one readable line for what the user can fix; anything else is a bug and keeps its
         # traceback
-        print(f"clipfnd: error: {e}", file=sys.stderr)
+        error(e)
         return 2
 
 

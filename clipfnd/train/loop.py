@@ -165,7 +165,10 @@ class RunLog:
         self.handler: logging.Handler | None = None
         if not enabled:
             return
+        from data_pipelines.urls import RedactingFilter
+
         self.handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        self.handler.addFilter(RedactingFilter())  # no credential in a line written down
         console = next((h for h in logging.getLogger().handlers if h.formatter is not None), None)
         self.handler.setFormatter(
             console.formatter

@@ -15,9 +15,9 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..images import to_rgb
-from ..remote import remote_samples
+from ..remote import Unreachable, remote_samples
 from ..shards import DataError, ShardInfo, caption_not_utf8, image_ext
-from ..urls import is_remote
+from ..urls import is_remote, public, redact
 from .state import BadSample, Chunk, LoaderState, mix_seed
 
 if TYPE_CHECKING:
@@ -30,12 +30,19 @@ class _ErrorLog:
     def __init__(self, on_error: str):
         self.on_error = on_error
         self.errors: list[BadSample] = []
+        self.unreachable: set[str] = set()  # remote shards given up on (their count is moot)
 
     def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, Unreachable):  # a remote shard, with its reason in words
+            if self.on_error == "raise":
+                raise DataError(str(exn)) from None
+            self.errors.append(BadSample(exn.shard, "", f"unreachable shard ({exn.reason})"))
+            self.unreachable.add(exn.shard)
+            return True
         if self.on_error == "raise":
-            raise DataError(f"cannot read shard data: {exn}") from exn
+            raise DataError(f"cannot read shard data: {redact(str(exn))}") from exn
         self.errors.append(
-            BadSample(_shard_of(exn), "", f"read error ({type(exn).__name__}: {exn})")
+            BadSample(_shard_of(exn), "", f"read error ({type(exn).__name__}: {redact(str(exn))})")
         )
         return True
 
@@ -69,7 +76,7 @@ def _shard_samples(
     n = k = 0
     if is_remote(url):
         raw = remote_samples(
-            url, errors, size=sh.size, etag=sh.etag, manifest=shard_set.root, retries=retries
+            url, errors, shard=sh, manifest=shard_set.manifest or shard_set.root, retries=retries
         )
     else:
         raw = wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=errors)
@@ -82,6 +89,8 @@ def _shard_samples(
             k += 1
         yield sample
     usable = sh.num_samples if offset is not None else k
+    if public(url) in errors.unreachable:
+        return  # counted as unreachable, not again as short
     if n != expected or k != usable:
         msg = (
             f"manifest says {expected} samples, the shard holds {n}"
