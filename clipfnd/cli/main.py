@@ -221,6 +221,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _stopped_by_signal)
     try:
         summary = train(cfg)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(cfg.output_dir)) from None
     except Exception as e:
         if distributed.is_distributed() and _peer_gone(e):
             # another process stopped (its own message says why): say so in one line
@@ -235,6 +237,23 @@ def cmd_train(a: argparse.Namespace) -> int:
             f.write(text + "\n")  # the log holds what the console showed
     distributed.shutdown()
     return 0
+
+
+def _interrupted(run_dir: str) -> str:
+    """What Ctrl-C left: the newest complete checkpoint (a half-written one is ``step_N.tmp``,
+    which a resume never reads)."""
+    from ..checkpoints import find_latest
+
+    latest = find_latest(run_dir) if Path(run_dir).is_dir() else None
+    if latest is None:
+        return "interrupted; no checkpoint of this run was written yet"
+    return (
+        f"interrupted; the newest complete checkpoint is {latest} (resume=latest continues from it)"
+    )
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) during training: said in one line by rank 0, silently elsewhere."""
 
 
 class PeerStopped(RuntimeError):
@@ -458,10 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
     from data_pipelines import DataError
+    from data_pipelines.urls import redact
 
     from ..errors import NonFiniteError, UserError
-
-    from data_pipelines.urls import redact
 
     def error(e: BaseException) -> None:
         print(f"clipfnd: error: {redact(str(e))}", file=sys.stderr, flush=True)
@@ -477,6 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:
         error(e)
         return 128 + signal.SIGTERM
+    except Interrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            error(e)
+        return 128 + signal.SIGINT
+    except KeyboardInterrupt:  # Ctrl-C in any other command
+        print("clipfnd: interrupted", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except (UserError, DataError, FileNotFoundError) as e:
         # one readable line for what the user can fix; anything else is a bug and keeps its
         # traceback

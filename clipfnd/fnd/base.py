@@ -158,9 +158,21 @@ class Detector(ABC):
         return {"steps": self.steps, "masked_from": self.masked_from}
 
     def load_state_dict(self, state: dict) -> None:
-        """What ``state_dict`` gave; ``ValueError`` naming a key that is missing or wrong."""
-        self.steps = _int(state, "steps")
-        self.masked_from = _int(state, "masked_from", none=True)
+        """What ``state_dict`` gave; ``ValueError`` naming a key that is missing, unknown or
+        wrong (every value is checked before any is used: a hand-edited file is refused, not
+        half-loaded)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"detector state is a {type(state).__name__}, not a mapping")
+        unknown = sorted(set(state) - set(self.state_dict()))
+        if unknown:
+            raise ValueError(f"detector state has unknown keys {unknown} (not {self.name}'s)")
+        steps = _int(state, "steps")
+        masked_from = _int(state, "masked_from", none=True)
+        if masked_from is not None and not 1 <= masked_from <= steps:
+            raise ValueError(
+                f"detector state masked_from={masked_from} is not a step of the {steps} taken"
+            )
+        self.steps, self.masked_from = steps, masked_from
 
     def updating(self, epoch: int) -> bool:
         return False

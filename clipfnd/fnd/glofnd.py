@@ -24,6 +24,7 @@ knobs have no defaults here: they are the ``fnd`` section of the config (``from_
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -332,20 +333,38 @@ class GloFND(Detector):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        for key, target in (("offsets", self.offsets), ("shared", self.shared)):
-            values = state.get(key, {})
+        """Every value checked before any is used: an offset within ``[-2, 2]`` (a similarity
+        less a threshold), a shared threshold within ``[-1, 1]``, finite counts."""
+        loaded: dict[str, dict[str, float | None]] = {}
+        for key, bound in (("offsets", 2.0), ("shared", 1.0)):
+            values = state.get(key, {}) if isinstance(state, dict) else None
             if not isinstance(values, dict):
                 raise ValueError(f"detector state {key} is not a mapping")
+            loaded[key] = {}
             for t in self.anchor_types:
                 v = values.get(t)
                 if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
                     raise ValueError(f"detector state {key}.{t}={v!r} is not a number")
-                target[t] = None if v is None else float(v)
-        self.streak = int(state.get("streak", 0))
+                if v is not None and not (math.isfinite(v) and abs(v) <= bound):
+                    raise ValueError(
+                        f"detector state {key}.{t}={v!r} is not a finite number in "
+                        f"[-{bound:g}, {bound:g}]"
+                    )
+                loaded[key][t] = None if v is None else float(v)
+        streak = state.get("streak", 0)
+        if not isinstance(streak, int) or isinstance(streak, bool) or streak < 0:
+            raise ValueError(f"detector state streak={streak!r} is not an integer >= 0")
         counts = state.get("epoch_counts", [0.0, 0.0])
-        if not (isinstance(counts, list) and len(counts) == 2):
-            raise ValueError(f"detector state epoch_counts={counts!r} is not two numbers")
+        if not (
+            isinstance(counts, list)
+            and len(counts) == 2
+            and all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in counts)
+        ):
+            raise ValueError(f"detector state epoch_counts={counts!r} is not two counts >= 0")
+        super().load_state_dict(state)
+        self.offsets.update(loaded["offsets"])
+        self.shared.update(loaded["shared"])
+        self.streak = streak
         self.epoch_counts = [float(x) for x in counts]
         self.warned = bool(state.get("warned", False))
 

@@ -174,6 +174,12 @@ def load_detector_state(detector, ckpt: Path, steps: int) -> None:
         detector.load_state_dict({"steps": steps})
         return
     try:
-        detector.load_state_dict(json.loads(path.read_text()))
+        state = json.loads(path.read_text())
+        detector.load_state_dict(state)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path} is not a detector state: {_first_line(e)}") from e
+    if state.get("steps") != steps:
+        raise CheckpointError(
+            f"{path} is not this checkpoint's detector state: it was written at step "
+            f"{state.get('steps')}, the checkpoint is of step {steps}"
+        )

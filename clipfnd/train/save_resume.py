@@ -485,9 +485,15 @@ def save(
         if failures:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)  # give back the space it took
+            latest = find_latest(run_dir)
+            then = (
+                f"The newest complete checkpoint is {latest}; free space, then resume with "
+                "resume=latest"
+                if latest is not None
+                else "No checkpoint of this run was written yet; free space, then start again"
+            )
             raise CheckpointWriteError(
                 f"cannot write the checkpoint of step {step} to {tmp} ({'; '.join(failures)}); "
-                "is the disk full or the folder read-only? The newest complete checkpoint is "
-                f"{find_latest(run_dir)}; free space, then resume with resume=latest"
+                f"is the disk full or the folder read-only? {then}"
             )
     return final_path(run_dir, step)
