@@ -124,6 +124,12 @@ class Detector(ABC):
         knows beyond it (``seed``, ``last_epoch``, ``progress``), for detectors that need it."""
         return cls(anchor_types, start_update=fnd.start_update, start_mask=fnd.start_mask)
 
+    def check_batch(self, rows: int, negatives_per_row: int) -> None:
+        """At start-up: whether the detector can work with a global batch of ``rows``
+        similarity rows per anchor type, each with ``negatives_per_row`` negatives (a
+        ``ValueError`` saying why not; a warning where it works poorly). Default: any."""
+        return None
+
     def plan(self, total_steps: int, steps_per_epoch: int) -> None:
         """The run's length in optimiser steps (a masking start given as a share of training
         is a step of it; ``auto`` measures windows in steps)."""

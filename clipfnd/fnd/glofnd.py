@@ -138,6 +138,7 @@ class GloFND(Detector):
         self.streak = 0
         self.epoch_counts = [0.0, 0.0]  # flagged, negatives
         self.warned = False
+        self.row_negatives: int | None = None  # negatives of a similarity row (check_batch)
         self._window_counts = [0.0, 0.0]  # since the last log line (not checkpointed)
         self._pending: dict[str, float] = {}  # this step's offsets / shared thresholds
 
@@ -161,6 +162,37 @@ class GloFND(Detector):
             offset=fnd.offset,
             start_mask_window=fnd.start_mask_window,
         )
+
+    def check_batch(self, rows: int, negatives_per_row: int) -> None:
+        """``fnd.alpha`` against the batch. Below one flag per global batch (``alpha`` x its
+        ``rows * negatives_per_row`` negatives < 1) nothing a batch measures can place a
+        threshold (the offset, a shared start, the update's share): refused. Below one flag
+        per row under ``init=quantile``, a first visit's threshold (the batch quantile of the
+        anchor's own negatives) cannot lie above its hardest negative, so first visits flag
+        ``1 / negatives_per_row`` instead of alpha: a warning that says so."""
+        self.row_negatives = negatives_per_row
+        total = rows * negatives_per_row
+        if self.alpha * total < 1:
+            raise ValueError(
+                f"fnd.alpha={self.alpha:g} asks for less than one flagged negative in a global "
+                f"batch ({total} negatives per anchor type): the smallest share a batch can "
+                f"flag is 1/{total} = {1 / total:.3g}; raise fnd.alpha to at least that, or "
+                f"data.batch_size until a global batch holds 1/alpha = {1 / self.alpha:.3g} "
+                "negatives or more"
+            )
+        if self.init == "quantile" and self.alpha * negatives_per_row < 1:
+            log.warning(
+                "fnd.alpha=%g is below 1/%d, the smallest share of an anchor's %d negatives "
+                "in a global batch: a first visit's threshold (fnd.init=quantile, the batch "
+                "quantile of the anchor's own negatives) flags its hardest negative, %.1f x "
+                "fnd.alpha, until the threshold has learned; fnd.init=shared (the quantile over "
+                "the whole global batch) or a larger data.batch_size avoids it, and "
+                "fnd.start_mask=1 or auto keeps those flags out of the loss",
+                self.alpha,
+                negatives_per_row,
+                negatives_per_row,
+                1 / (self.alpha * negatives_per_row),
+            )
 
     def plan(self, total_steps: int, steps_per_epoch: int) -> None:
         super().plan(total_steps, steps_per_epoch)
@@ -303,11 +335,37 @@ class GloFND(Detector):
         if WARN[0] <= ratio <= WARN[1]:
             return None
         self.warned = True
-        if ratio > WARN[1]:
+        n = self.row_negatives
+        if ratio > WARN[1] and self.offset:
+            # the offset calibrates every threshold already set: the excess is first visits
+            if self.init == "quantile" and n and self.alpha * n < 1:
+                why = (
+                    f"fnd.alpha is below 1/{n}, so a first visit's threshold (the batch quantile "
+                    f"of the anchor's own {n} negatives) flags its hardest negative: set "
+                    "fnd.init=shared, raise data.batch_size, or start masking after the first "
+                    "epoch (fnd.start_mask=1 or auto)"
+                )
+            else:
+                why = (
+                    "first visits flag more than alpha while their thresholds start: start "
+                    "masking after the first epoch (fnd.start_mask=1 or auto)"
+                )
+        elif ratio > WARN[1]:
             why = (
                 "the thresholds sit below the similarities, which rise as the model trains "
                 "while a threshold moves once per visit of its sample: set fnd.offset=true (an "
                 "offset re-estimated every step follows them), or start later (fnd.start_mask)"
+            )
+        elif self.offset:
+            why = (
+                "the offset calibrates the thresholds already set, so first visits flag too "
+                "little: "
+                + (
+                    "set fnd.init=quantile (each threshold starts at its sample's quantile) or "
+                    if self.init == "constant"
+                    else ""
+                )
+                + "start masking after the first epoch (fnd.start_mask=1 or auto)"
             )
         else:
             why = (

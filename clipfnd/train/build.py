@@ -238,6 +238,11 @@ def build_run(cfg: Config) -> Run:
         has_labels=shard_set.num_labels > 0,
         normalize=getattr(transform, "normalize", None),
     )
+    rows = cfg.data.batch_size * (2 if cfg.mode == "simclr" else 1)  # two views per image
+    try:  # e.g. fnd.alpha against the batch's negatives
+        objective.detector.check_batch(rows, rows - (2 if cfg.mode == "simclr" else 1))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     temperature = objective.method.temperature_policy()
     temperature.apply(model)
     if is_sharded(accelerator):
