@@ -191,6 +191,9 @@ class EvalConfig:
     every_epochs: int = 0  # also after every N epochs (0: never)
     batch_size: int = 256
     num_workers: int = 0
+    # zeroshot on a data.val without class names: a file of names (one a line, or a JSON
+    # list), or imagenet (open_clip's list); null: data.val's own
+    classnames: str | None = None
 
 
 @dataclass

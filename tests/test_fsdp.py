@@ -102,3 +102,61 @@ def test_a_checkpoint_resumes_under_the_other_sharding(runs, shapes, written, re
     got, want = losses(run), losses(runs[written])
     assert sorted(got) == [3, 4]
     assert max(abs(got[s] - want[s]) for s in got) <= TOL, (got, want)
+
+
+def _our_frames(stderr: str) -> list[str]:
+    """Traceback frames of clipfnd's code (the launcher prints its own traceback of a failed
+    child, ChildFailedError, which is Accelerate's and torch's, not ours)."""
+    ours = ("/clipfnd/", "/data_pipelines/", "/eval/")
+    return [
+        x
+        for x in stderr.splitlines()
+        if x.strip().startswith("File") and any(o in x for o in ours) and "site-packages" not in x
+    ]
+
+
+def _recompute_checksums(ckpt) -> None:
+    """The checksums made to match the changed files (a careful edit)."""
+    import json
+
+    from clipfnd.checkpoints import file_checksums
+
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["checksums"] = file_checksums(ckpt)
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+
+
+def test_a_missing_optimiser_shard_or_a_malformed_layout_is_skipped_or_refused_in_one_line(
+    runs, shapes
+):
+    """The newest checkpoint lacks one process's DCP optimiser shard (checksums recomputed):
+    both processes fall back to the one before and steps 3-4 equal the uninterrupted run's
+    (it used to fail on both with a 199-line size mismatch). Named in resume=, it is refused in
+    one line per process; so is a checkpoint whose optimizer_fsdp.json is malformed."""
+    root = runs["root"]
+    run = root / "missing_shard"
+    shutil.copytree(runs["fsdp"], run)
+    (run / "summary.json").unlink()
+    newest = _checkpoint(run, 4)
+    (newest / "optimizer_fsdp" / "shard-00002-model-00001-of-00001.safetensors").unlink()
+    _recompute_checksums(newest)
+    config = write_config(root / "missing_shard.yaml", shapes, run, EXTRA)
+    proc = launch(config, f"resume={newest}", fsdp=True, expect_ok=False)
+    # one line from each process (they share one pipe: the two may interleave)
+    assert proc.returncode != 0 and f"error: cannot load checkpoint {newest}: " in proc.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: {newest}/optimizer_fsdp: the optimiser state " in proc.stderr
+    assert "values in its shard files; one missing or replaced?" in proc.stderr
+    assert "Size mismatch" not in proc.stderr and not _our_frames(proc.stderr)
+    proc = launch(config, "resume=latest", fsdp=True)
+    assert f"checkpoint {newest} cannot be loaded" in proc.stderr
+    assert "every process falls back to" in proc.stderr
+    got, want = losses(run), losses(runs["fsdp"])
+    assert max(abs(got[s] - want[s]) for s in (3, 4)) <= 1e-6, (got, want)
+    step2 = _checkpoint(run, 2)
+    (step2 / "optimizer_fsdp.json").write_text('{"param_groups": [], "values": 1}')
+    _recompute_checksums(step2)
+    proc = launch(config, f"resume={step2}", fsdp=True, expect_ok=False)
+    assert proc.returncode != 0 and f"error: cannot load checkpoint {step2}: " in proc.stderr
+    assert "optimizer_fsdp.json: 'param_groups' is not a list" in proc.stderr
+    assert not _our_frames(proc.stderr), proc.stderr[-3000:]

@@ -99,9 +99,13 @@ def create_clip(
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, output_dict=True, weights_only=True
         )
-    except LOAD_ERRORS as e:
+    except (*LOAD_ERRORS, AssertionError) as e:  # open_clip asserts on a pos_embed width
         if pretrained is None and not name.startswith(SCHEMAS):
             raise
+        if pretrained is not None and Path(pretrained).is_file():
+            other = _weights_of_another_model(name, pretrained)
+            if other is not None:
+                raise UserError(other) from None
         raise UserError(_not_loaded(name, pretrained, e)) from e
     if init_logit_scale is not None:
         with torch.no_grad():
@@ -157,6 +161,39 @@ def check_weights_file(path: str) -> None:
         found = f"unreadable: {_reason(e)}"
     if found is not None:
         raise UserError(f"model.pretrained={path}: {found}; {EXPECTED_WEIGHTS}")
+
+
+def _weights_of_another_model(name: str, path: str) -> str | None:
+    """When the weights in ``path`` are of another shape than model ``name``: which model
+    they belong to, in one line (None: they are not an open_clip CLIP's, or fit ``name``)."""
+    from .identify import models_of
+
+    try:
+        if Path(path).suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+            state = state["state_dict"]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    except Exception:  # check_weights_file read it already; anything else: no guess
+        return None
+    names, shape = models_of(state)
+    if shape is None or name in names:
+        return None
+    if names:
+        more = (
+            f" (or {', '.join(names[1:4])}{', ...' if len(names) > 4 else ''})" if names[1:] else ""
+        )
+        return (
+            f"the weights in {path} are those of model {names[0]}{more}, not {name}: "
+            f"name that model (model.name / --model {names[0]})"
+        )
+    return f"the weights in {path} do not fit model {name}: they hold {shape}, which no open_clip model config matches"
 
 
 def _not_a_state_dict(obj: Any) -> str | None:

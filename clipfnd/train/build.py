@@ -25,13 +25,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from clipfnd_eval.layouts import open_dataset
+from clipfnd_eval.zeroshot import load_classnames
 from data_pipelines import DataError, ShardSet, load_shard_set
 from data_pipelines.loader import ShardStream
 from data_pipelines.pixels import REDUCING_GAP, fast_transform
 
 from .. import distributed
 from ..checkpoints import checkpoint_dir, list_checkpoints
-from ..config import Config, ConfigError, report_to, to_dict, to_yaml
+from ..config import Config, ConfigError, eval_tasks, report_to, to_dict, to_yaml
 from ..errors import UserError
 from ..methods import TemperaturePolicy
 from ..models import check_model_name, create_clip, lock_towers, set_grad_checkpointing
@@ -210,13 +211,26 @@ def trackers(cfg: Config) -> list:
 
 def check_eval_data(cfg: Config) -> None:
     """``data.val`` opens as an evaluation dataset (the layout is recognised, a manifest's
-    shards exist): checked at start-up rather than found missing after training."""
+    shards exist) and has what ``eval.tasks`` needs (class names for zero-shot, from the data
+    or ``eval.classnames``): checked at start-up rather than found missing after training."""
     if not cfg.data.val:
+        if cfg.eval.classnames:
+            raise ConfigError("eval.classnames is set but data.val is not: nothing to classify")
         return
     try:
-        open_dataset(cfg.data.val)
+        ds = open_dataset(cfg.data.val)
+        if cfg.eval.classnames:
+            load_classnames(cfg.eval.classnames)
     except (FileNotFoundError, DataError, UserError) as e:
-        raise ConfigError(f"data.val={cfg.data.val!r}: {e}") from e
+        key = f"data.val={cfg.data.val!r}" if not cfg.eval.classnames else "eval.classnames"
+        raise ConfigError(f"{key}: {e}") from e
+    evaluates = cfg.eval.at_end or cfg.eval.every_steps or cfg.eval.every_epochs
+    if evaluates and "zeroshot" in eval_tasks(cfg) and not (cfg.eval.classnames or ds.classnames):
+        raise ConfigError(
+            f"eval.tasks={eval_tasks(cfg)}: zero-shot classification needs class names and "
+            f"data.val={cfg.data.val!r} has none: set eval.classnames=FILE (one name a line) or "
+            "eval.classnames=imagenet, or leave zeroshot out of eval.tasks"
+        )
 
 
 def build_run(cfg: Config) -> Run:

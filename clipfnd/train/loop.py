@@ -502,6 +502,7 @@ def evaluate(cfg: Config, s: Run, step: int, epoch: int) -> dict[str, float]:
             task=task,
             data=cfg.data.val,
             train_data=cfg.data.train if task in ("knn", "linear-probe") else None,
+            classnames=cfg.eval.classnames if task == "zeroshot" else None,
             batch_size=cfg.eval.batch_size,
             num_workers=cfg.eval.num_workers,
             progress=show_progress(cfg, s),

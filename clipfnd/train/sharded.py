@@ -110,11 +110,13 @@ def load(accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
         set_optimizer_state_dict,
     )
 
-    _load_weights(accelerator, model, folder)
+    layout = read_layout(folder)
     opt = _torch_optimizer(optimizer)
     tensors, _ = _flatten(get_optimizer_state_dict(model, opt))  # the pieces this process holds
     reader = HuggingFaceStorageReader(str(folder / OPTIMIZER_DIR))
     saved = reader.read_metadata().state_dict_metadata
+    check_complete(tensors, saved, folder / OPTIMIZER_DIR)  # before anything is loaded
+    _load_weights(accelerator, model, folder)
     reshaped = {}  # a 0-d temperature state here, saved as a 1-element vector under FSDP
     for key, t in tensors.items():
         size = getattr(saved.get(key), "size", None)
@@ -124,11 +126,51 @@ def load(accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
     dcp_load(tensors, storage_reader=reader)
     for key, shape in reshaped.items():
         tensors[key] = tensors[key].reshape(shape)
-    layout = json.loads((folder / OPTIMIZER_LAYOUT).read_text())
     set_optimizer_state_dict(model, opt, _unflatten(tensors, layout))
     load_accelerator_state(
         str(folder), [], [], [], [], accelerator.process_index, scaler=accelerator.scaler
     )
+
+
+def read_layout(folder: Path) -> dict[str, Any]:
+    """``optimizer_fsdp.json``: the optimiser's parameter groups and its non-tensor values,
+    checked (``CheckpointError`` naming the file and what is wrong)."""
+    from ..errors import CheckpointError
+
+    path = folder / OPTIMIZER_LAYOUT
+    try:
+        layout = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not an optimiser layout: {e}") from None
+    if not isinstance(layout, dict):
+        raise CheckpointError(f"{path} is not an optimiser layout: a {type(layout).__name__}")
+    groups, values = layout.get("param_groups"), layout.get("values")
+    if not (isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)):
+        raise CheckpointError(f"{path}: 'param_groups' is not a list of parameter groups")
+    if not isinstance(values, dict) or not all(isinstance(k, str) and "/" in k for k in values):
+        raise CheckpointError(f"{path}: 'values' is not a mapping of 'parameter/key' to values")
+    return layout
+
+
+def check_complete(tensors: dict[str, torch.Tensor], saved: dict[str, Any], where: Path) -> None:
+    """Every optimiser tensor this process loads is in the sharded checkpoint whole: its
+    global shape and pieces covering all of it (a shard file gone would leave pieces out, and
+    DCP would fail deep in a collective with a size mismatch on every process)."""
+    from ..errors import CheckpointError
+
+    for key, t in tensors.items():
+        meta = saved.get(key)
+        if meta is None or not hasattr(meta, "chunks"):
+            raise CheckpointError(
+                f"{where} lacks the optimiser state {key} (a shard file missing or replaced?)"
+            )
+        size = tuple(getattr(meta, "size", ()))
+        covered = sum(math.prod(c.sizes) for c in meta.chunks)
+        if covered != math.prod(size) or math.prod(size) != t.numel():
+            raise CheckpointError(
+                f"{where}: the optimiser state {key} is incomplete ({covered} of "
+                f"{t.numel()} values in its shard files; one missing or replaced?)"
+            )
 
 
 def load_unsharded(accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
