@@ -133,6 +133,35 @@ def test_a_named_checkpoint_bad_on_one_rank_is_refused_by_every_rank(reference, 
     assert not (tmp_path / "pwned").exists()
 
 
+def _detector(ckpt: Path, **edit) -> None:
+    state = json.loads((ckpt / "detector.json").read_text())
+    (ckpt / "detector.json").write_text(json.dumps({**state, **edit}))
+    _recompute_checksums(ckpt)
+
+
+def test_a_bad_detector_state_is_skipped_by_every_rank_or_refused_in_one_line(reference, tmp_path):
+    """detector.json edited with the checksums recomputed: non-finite offsets in step 20's,
+    a masked_from after its step in step 16's. Both processes skip them together and resume
+    from step 12 (steps 13-20 equal the uninterrupted run's); named in resume=, one line. The
+    offsets used to be accepted and crash in bincount on both processes."""
+    cfg, ref = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    (run / "summary.json").unlink()
+    step = {n: run / "checkpoints" / f"step_{n:08d}" for n in (12, 16, 20)}
+    _detector(step[20], offsets={"img": float("nan"), "txt": 1e30})
+    _detector(step[16], masked_from=17)
+    proc = launch(cfg, f"output_dir={run}", f"resume={step[20]}", expect_ok=False)
+    assert proc.returncode != 0
+    assert f"clipfnd: error: cannot load checkpoint {step[20]}: " in proc.stderr
+    assert "detector.json is not a detector state: detector state offsets.img=nan" in proc.stderr
+    _no_raw_traceback(proc.stderr)
+    proc = launch(cfg, f"output_dir={run}", "resume=latest")
+    assert "masked_from=17 is not a step of the 16 taken" in proc.stderr
+    assert "step_00000012 (step 12" in proc.stderr
+    assert_same_losses(run, ref, range(1, 21))
+
+
 def _error_lines(p) -> list[str]:
     return [line for line in p.stderr.splitlines() if line.startswith("clipfnd: error:")]
 
@@ -152,6 +181,10 @@ def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank_in_one_line(sha
         assert len(errors) == 1, p.stderr[-3000:]
         assert "cannot write the checkpoint of step 4" in errors[0]
         assert "step_00000004.tmp (rank 1: " in errors[0] and "disk full" in errors[0]
+        # it was the first: no "newest complete checkpoint is None"
+        assert errors[0].endswith(
+            "No checkpoint of this run was written yet; free space, then start again"
+        )
         _no_raw_traceback(p.stderr)
     assert find_latest(run) is None
     assert not list((run / "checkpoints").glob("step_*"))
