@@ -233,6 +233,17 @@ def check_eval_data(cfg: Config) -> None:
         )
 
 
+def check_detector_batch(cfg: Config, detector) -> None:
+    """The detector against the global batch's similarity rows and their negatives (e.g.
+    ``fnd.alpha``: ``GloFND.check_batch``); simclr has two views, so two rows, per image."""
+    views = 2 if cfg.mode == "simclr" else 1
+    rows = cfg.data.batch_size * views
+    try:
+        detector.check_batch(rows, rows - views)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_run(cfg: Config) -> Run:
     """Build everything a run needs (see the module's docstring)."""
     check_choices(cfg)
@@ -252,11 +263,7 @@ def build_run(cfg: Config) -> Run:
         has_labels=shard_set.num_labels > 0,
         normalize=getattr(transform, "normalize", None),
     )
-    rows = cfg.data.batch_size * (2 if cfg.mode == "simclr" else 1)  # two views per image
-    try:  # e.g. fnd.alpha against the batch's negatives
-        objective.detector.check_batch(rows, rows - (2 if cfg.mode == "simclr" else 1))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_detector_batch(cfg, objective.detector)
     temperature = objective.method.temperature_policy()
     temperature.apply(model)
     if is_sharded(accelerator):

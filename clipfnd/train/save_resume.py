@@ -415,6 +415,19 @@ def all_finite(parts: Stateful, device: torch.device) -> bool:
     return distributed.all_true(finite, device)
 
 
+def _write_failed(run_dir: Path, step: int, tmp: Path, failures: list[str]) -> str:
+    latest = find_latest(run_dir)
+    then = (
+        f"The newest complete checkpoint is {latest}; free space, then resume with resume=latest"
+        if latest is not None
+        else "No checkpoint of this run was written yet; free space, then start again"
+    )
+    return (
+        f"cannot write the checkpoint of step {step} to {tmp} ({'; '.join(failures)}); is the "
+        f"disk full or the folder read-only? {then}"
+    )
+
+
 def save(
     cfg: Config,
     accelerator: Accelerator,
@@ -485,15 +498,5 @@ def save(
         if failures:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)  # give back the space it took
-            latest = find_latest(run_dir)
-            then = (
-                f"The newest complete checkpoint is {latest}; free space, then resume with "
-                "resume=latest"
-                if latest is not None
-                else "No checkpoint of this run was written yet; free space, then start again"
-            )
-            raise CheckpointWriteError(
-                f"cannot write the checkpoint of step {step} to {tmp} ({'; '.join(failures)}); "
-                f"is the disk full or the folder read-only? {then}"
-            )
+            raise CheckpointWriteError(_write_failed(run_dir, step, tmp, failures))
     return final_path(run_dir, step)
