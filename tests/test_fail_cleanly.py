@@ -161,9 +161,9 @@ def test_weights_of_another_model_are_named_in_one_line(shapes, tmp_path, capsys
 def test_ctrl_c_during_checkpoint_writes_ends_in_one_line_and_resumes(shapes, tmp_path):
     """SIGINT (what Ctrl-C sends) to a run that writes a checkpoint after every step, once its
     first checkpoint is being written: one line naming the newest complete checkpoint, exit
-    130, and resume=latest finishes the run with the losses of an uninterrupted one."""
-    run, ref = tmp_path / "run", tmp_path / "ref"
-    extra = {"train.checkpoint_every": 1, "train.max_steps": 10, "eval.at_end": False}
+    130, and resume=latest finishes the run (that a resume is exact: tests/test_train_e2e.py)."""
+    run = tmp_path / "run"
+    extra = {"train.checkpoint_every": 1, "train.max_steps": 6, "eval.at_end": False}
     extra |= {"data.num_workers": 0}
     cfg = write_config(tmp_path / "c.yaml", shapes, run, extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -182,7 +182,4 @@ def test_ctrl_c_during_checkpoint_writes_ends_in_one_line_and_resumes(shapes, tm
     assert "the newest complete checkpoint is" in lines[0] or "no checkpoint" in lines[0]
     done = subprocess.run([*cmd, "resume=latest"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    subprocess.run([*cmd, f"output_dir={ref}"], capture_output=True, text=True, env=env, check=True)
-    got, want = losses(run), losses(ref)
-    assert sorted(got) == sorted(want) == list(range(1, 11))
-    assert max(abs(got[s] - want[s]) for s in got) <= 1e-6
+    assert sorted(losses(run)) == list(range(1, 7))

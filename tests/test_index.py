@@ -255,6 +255,7 @@ def test_train_and_eval_read_an_indexed_manifest(shards, tmp_path, capsys):
             "data.batch_size=24",
             "data.num_workers=0",
             "fnd.detector=glofnd",
+            "fnd.alpha=0.01",  # at least one flag per global batch of 24 (552 negatives)
             "fnd.start_mask=0",
             "train.epochs=1",
             "train.log_every=1",

@@ -139,11 +139,11 @@ def _detector(ckpt: Path, **edit) -> None:
     _recompute_checksums(ckpt)
 
 
-def test_a_bad_detector_state_is_skipped_by_every_rank_or_refused_in_one_line(reference, tmp_path):
+def test_a_bad_detector_state_is_skipped_by_every_rank_together(reference, tmp_path):
     """detector.json edited with the checksums recomputed: non-finite offsets in step 20's,
-    a masked_from after its step in step 16's. Both processes skip them together and resume
-    from step 12 (steps 13-20 equal the uninterrupted run's); named in resume=, one line. The
-    offsets used to be accepted and crash in bincount on both processes."""
+    a masked_from after its step in step 16's. Both processes skip them together, each named
+    with what is wrong, and resume from step 12 (steps 13-20 equal the uninterrupted run's).
+    The offsets used to be accepted and crash in bincount on both processes."""
     cfg, ref = reference
     run = tmp_path / "run"
     shutil.copytree(ref, run)
@@ -151,12 +151,9 @@ def test_a_bad_detector_state_is_skipped_by_every_rank_or_refused_in_one_line(re
     step = {n: run / "checkpoints" / f"step_{n:08d}" for n in (12, 16, 20)}
     _detector(step[20], offsets={"img": float("nan"), "txt": 1e30})
     _detector(step[16], masked_from=17)
-    proc = launch(cfg, f"output_dir={run}", f"resume={step[20]}", expect_ok=False)
-    assert proc.returncode != 0
-    assert f"clipfnd: error: cannot load checkpoint {step[20]}: " in proc.stderr
-    assert "detector.json is not a detector state: detector state offsets.img=nan" in proc.stderr
-    _no_raw_traceback(proc.stderr)
     proc = launch(cfg, f"output_dir={run}", "resume=latest")
+    assert f"checkpoint {step[20]} cannot be loaded (rank 0: " in proc.stderr
+    assert "detector.json is not a detector state: detector state offsets.img=nan" in proc.stderr
     assert "masked_from=17 is not a step of the 16 taken" in proc.stderr
     assert "step_00000012 (step 12" in proc.stderr
     assert_same_losses(run, ref, range(1, 21))

@@ -308,8 +308,8 @@ def test_a_training_run_with_failing_remote_shards_writes_no_credential_and_no_t
     """Two processes, loader workers: shard 1 is a ``pipe:`` command with a password in its
     URL (as a manifest written before such sources were refused holds it) whose server
     answers 404, shard 2 answers 500. Both are skipped with their reasons, the run ends
-    normally, and no file of the run nor any line it printed holds the password. The same
-    run under ``data.on_error=raise`` ends in one line."""
+    normally, and no file of the run nor any line it printed holds the password (the same
+    failures under ``data.on_error=raise``: one line, in the tests above)."""
     url, handler = web
     manifest = tmp_path / "h.json"
     _index([f"{url}/cc/{{00000..00003}}.tar"], manifest)
@@ -325,26 +325,15 @@ def test_a_training_run_with_failing_remote_shards_writes_no_credential_and_no_t
         ok = subprocess.run(
             launch_cmd(config, (), 2), capture_output=True, text=True, timeout=300, env=env
         )
-        stop = subprocess.run(
-            launch_cmd(config, ("data.on_error=raise", f"output_dir={tmp_path / 'r2'}"), 1),
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
     finally:
         handler.faults.pop("00002.tar")
     assert ok.returncode == 0, ok.stderr[-4000:]
     assert "Traceback" not in ok.stderr
     assert "HTTP 500 Internal Server Error" in ok.stderr + (run / "train.log").read_text()
     assert "the pipe: command exited with status 22" in ok.stderr + (run / "train.log").read_text()
-    assert stop.returncode == 2 and "Traceback" not in stop.stderr, stop.stderr[-4000:]
-    last = stop.stderr.strip().splitlines()[-1]
-    assert last.startswith("clipfnd: error: cannot read shard "), last
-    texts = {"stdout": ok.stdout, "stderr": ok.stderr, "stop": stop.stdout + stop.stderr}
-    for folder in (run, tmp_path / "r2"):
-        for p in folder.rglob("*"):
-            if p.is_file():
-                texts[str(p)] = p.read_bytes().decode("utf-8", "replace")
+    texts = {"stdout": ok.stdout, "stderr": ok.stderr}
+    for p in run.rglob("*"):
+        if p.is_file():
+            texts[str(p)] = p.read_bytes().decode("utf-8", "replace")
     assert (run / "metrics.jsonl").is_file() and (run / "summary.json").is_file()
     assert [k for k, t in texts.items() if SECRET in t] == []

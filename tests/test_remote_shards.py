@@ -154,26 +154,6 @@ def test_http_faults_are_retried_and_logged_and_the_samples_are_exact(
     assert not any("hunter2" in r.getMessage() for r in caplog.records)
 
 
-def test_a_shard_that_stays_unreachable_is_counted_or_stops_the_run(shards, http, tmp_path):
-    index_shards(
-        [f"{http}/cc/{{00000..00003}}.tar"], tmp_path / "h.json", label_field="class", workers=1
-    )
-    ss = load_shard_set(tmp_path / "h.json")
-    FaultyHandler.faults["00000.tar"] = ["down"]
-    try:
-        it = stream(ss, retries=1).epoch(0)
-        seen = [i for b in it for i in b["index"].tolist()]
-        assert seen and len(set(seen)) == len(seen) and set(seen) <= set(range(18, N))
-        bad = {shard: n for (shard, _), n in it.bad.items()}
-        assert f"{http}/cc/00000.tar" in bad, it.bad
-        with pytest.raises(
-            DataError, match=rf"cannot read shard {http}/cc/00000.tar: HTTP 503 .* after 1 retries"
-        ):
-            _batches(ss, retries=1, on_error="raise")
-    finally:
-        FaultyHandler.faults.pop("00000.tar")
-
-
 def test_a_pipe_source_reads_as_open_clip_gives_it(shards, tmp_path):
     src = f"pipe:cat {shards / 'cc'}/{{00000..00003}}.tar"
     m = index_shards([src], tmp_path / "p.json", label_field="class", progress=False, workers=1)
