@@ -144,7 +144,7 @@ def with_retries(
     url: str,
     work: Callable[[], Any],
     retries: int = DEFAULT_RETRIES,
-    backoff: float = DEFAULT_BACKOFF,
+    backoff: float | None = None,
 ) -> Any:
     """``work()``, retried after transient failures (``retries`` times at most, waiting
     ``backoff``, then twice as long each time); each retry is logged with the shard's URL."""
@@ -159,11 +159,11 @@ def with_retries(
 
 
 def _wait_before_retry(
-    what: str, url: str, e: BaseException, attempt: int, retries: int, backoff: float
+    what: str, url: str, e: BaseException, attempt: int, retries: int, backoff: float | None
 ) -> None:
     """Log retry ``attempt + 1`` of ``retries`` (``what`` failed with ``e``), then wait
     ``backoff * 2**attempt`` seconds."""
-    wait = backoff * 2**attempt
+    wait = (DEFAULT_BACKOFF if backoff is None else backoff) * 2**attempt
     log.warning(
         "%s (%s); retry %d of %d in %.1f s",
         what,
@@ -338,7 +338,7 @@ def remote_samples(
     shard: ShardInfo | None = None,
     manifest: str = "the manifest",
     retries: int = DEFAULT_RETRIES,
-    backoff: float = DEFAULT_BACKOFF,
+    backoff: float | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The samples of one remote shard, grouped by key as webdataset's ``tarfile_samples``
     groups them. Before any sample, the shard's size and ETag are compared with ``shard``'s
