@@ -28,7 +28,8 @@ STEPS = {"train.epochs": 3, "train.max_steps": 20, "eval.at_end": False}  # chec
 @pytest.fixture(scope="module")
 def reference(shapes, tmp_path_factory):
     root = tmp_path_factory.mktemp("agree")
-    cfg = write_config(root / "c.yaml", shapes, root / "run", STEPS)
+    # checkpoints are under test here, not the loader's workers (each would start a fork server)
+    cfg = write_config(root / "c.yaml", shapes, root / "run", {**STEPS, "data.num_workers": 0})
     launch(cfg)
     return cfg, root / "run"
 

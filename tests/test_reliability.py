@@ -95,13 +95,15 @@ def test_bad_data_stops_with_a_message_under_on_error_raise(bad_shapes, tmp_path
     )
 
 
-def test_missing_shard_and_indivisible_batch_are_refused_at_start(shapes, tmp_path):
+def test_missing_shard_and_indivisible_batch_are_refused_at_start(shapes, tmp_path, capsys):
+    from clipfnd.cli.main import main
+
     root = tmp_path / "missing"
     shutil.copytree(shapes, root)
     (root / "train" / "shard-000003.tar").unlink()
     cfg = write_config(tmp_path / "c.yaml", root, tmp_path / "run")
-    proc = launch(cfg, processes=1, timeout=120, expect_ok=False)
-    assert proc.returncode == 2 and "shard-000003.tar is listed" in proc.stderr
+    assert main(["train", str(cfg)]) == 2
+    assert "shard-000003.tar is listed" in capsys.readouterr().err
     cfg = write_config(tmp_path / "d.yaml", shapes, tmp_path / "run2", {"data.batch_size": 63})
     proc = launch(cfg, processes=2, timeout=120, expect_ok=False)
     assert (
@@ -125,6 +127,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(shapes, tmp_path):
             "optim.grad_clip": None,
             "train.max_nonfinite_steps": 3,
             "train.checkpoint_every": 100,
+            "data.num_workers": 0,
         },
     )
     proc = launch(cfg, processes=1, timeout=200, expect_ok=False)

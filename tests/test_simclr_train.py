@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("simclr_digits_*.yaml"))
 SHORT = [
     "train.epochs=2",
+    "data.num_workers=0",  # the loader's workers are tested elsewhere; here, the configs
     "data.image_size=16",
     "train.progress=false",
     "train.report_to=none",
@@ -135,6 +136,8 @@ def test_ifnd_two_processes_resume_after_clustering_epoch_is_exact(digits, tmp_p
         f"data.train={digits / 'train'}",
         f"data.val={digits / 'val'}",
         "train.epochs=2",
+        "train.max_steps=16",
+        "data.num_workers=0",  # the clustering and its resume are under test, not the loader
         "data.image_size=16",
         "train.log_every=1",
         "train.checkpoint_every=12",
@@ -163,8 +166,8 @@ def test_ifnd_two_processes_resume_after_clustering_epoch_is_exact(digits, tmp_p
         return out
 
     got, want = records(run), records(ref)
-    assert sorted(want) == list(range(1, 23))
-    for step in range(13, 23):  # after the resume: same losses, same flags
+    assert sorted(want) == list(range(1, 17))
+    for step in range(13, 17):  # after the resume: same losses, same flags
         for key in ("loss", "fnd/flagged_share", "fnd/precision", "fnd/recall"):
             assert got[step][key] == pytest.approx(want[step][key], abs=1e-6), (step, key)
-    assert want[20]["fnd/flagged_share"] > 0
+    assert want[16]["fnd/flagged_share"] > 0

@@ -136,6 +136,7 @@ def test_bf16_with_gradient_accumulation_trains(shapes, tmp_path):
             "optim.accum_steps": 2,
             "train.epochs": 2,
             "eval.at_end": False,
+            "data.num_workers": 0,  # precision and accumulation under test, not the loader
         },
     )
     run.mkdir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,9 +89,10 @@ def check_writable(out: Path) -> None:
         raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'results.json'}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.with_name(f".{out.name}.probe")
+        # one probe per process: several processes of one evaluation check the same --out
+        probe = out.with_name(f".{out.name}.{os.getpid()}.probe")
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from e
 
