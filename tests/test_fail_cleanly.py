@@ -167,7 +167,8 @@ def test_ctrl_c_during_checkpoint_writes_ends_in_one_line_naming_a_complete_chec
     130, and that checkpoint is complete (what resume=latest reads; a resume's exactness is
     tests/test_train_e2e.py's)."""
     run = tmp_path / "run"
-    extra = {"train.checkpoint_every": 1, "train.max_steps": 6, "eval.at_end": False}
+    # long enough that the signal always finds it training (it is sent at the first checkpoint)
+    extra = {"train.checkpoint_every": 1, "train.max_steps": 48, "eval.at_end": False}
     extra |= {"data.num_workers": 0}
     cfg = write_config(tmp_path / "c.yaml", shapes, run, extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

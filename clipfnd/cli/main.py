@@ -231,11 +231,14 @@ def cmd_train(a: argparse.Namespace) -> int:
                 "message says why); stopping too"
             ) from e
         raise
-    if int(os.environ.get("RANK", "0")) == 0:
-        text = print_summary(summary)
-        with open(Path(summary["run_dir"]) / "train.log", "a", encoding="utf-8") as f:
-            f.write(text + "\n")  # the log holds what the console showed
-    distributed.shutdown()
+    try:
+        if int(os.environ.get("RANK", "0")) == 0:
+            text = print_summary(summary)
+            with open(Path(summary["run_dir"]) / "train.log", "a", encoding="utf-8") as f:
+                f.write(text + "\n")  # the log holds what the console showed
+        distributed.shutdown()
+    except KeyboardInterrupt:  # after training: the run is complete
+        raise Interrupted(_interrupted(cfg.output_dir)) from None
     return 0
 
 
