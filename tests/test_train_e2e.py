@@ -17,9 +17,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 @pytest.fixture(scope="module")
 def two_process_run(shapes, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    cfg = write_config(
-        root / "c.yaml", shapes, root / "run", {"eval.tasks": "[retrieval,zeroshot]"}
-    )
+    # no loader workers: the runs that share this config test checkpoints, resumes and reports
+    # (each worker process would start a fork server importing torch and open_clip); loader
+    # workers across a kill and a resume: test_kill_9_mid_epoch_then_resume_equals_uninterrupted
+    extra = {"eval.tasks": "[retrieval,zeroshot]", "data.num_workers": 0}
+    cfg = write_config(root / "c.yaml", shapes, root / "run", extra)
     proc = launch(cfg)
     return cfg, root / "run", proc
 
