@@ -173,7 +173,16 @@ def test_ctrl_c_during_checkpoint_writes_ends_in_one_line_naming_a_complete_chec
     cfg = write_config(tmp_path / "c.yaml", shapes, run, extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "clipfnd", "train", str(cfg)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    # SIGINT as a terminal delivers it: a shell that starts jobs in the background (CI's may)
+    # has them ignore SIGINT, which a child inherits and Python then leaves alone
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     ckpts = run / "checkpoints"
     deadline = time.monotonic() + 120
     while not (ckpts.is_dir() and any(ckpts.iterdir())) and time.monotonic() < deadline:
