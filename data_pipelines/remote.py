@@ -23,6 +23,7 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
@@ -188,19 +189,6 @@ def _chain(exn: BaseException) -> list[BaseException]:
     return out
 
 
-HTTP_WORDS = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    408: "Request Timeout",
-    410: "Gone",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
 S3_CREDENTIALS = (
     "S3 credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials or "
     "AWS_PROFILE (and AWS_ENDPOINT_URL for an S3-compatible server)"
@@ -257,7 +245,10 @@ def describe(exn: BaseException, url: str = "") -> str:
         status = _http_status(e)
         if status is None:
             continue
-        words = f"HTTP {status} {HTTP_WORDS.get(status, '')}".rstrip()
+        try:
+            words = f"HTTP {status} {HTTPStatus(status).phrase}"
+        except ValueError:  # a status the standard library does not name
+            words = f"HTTP {status}"
         s3 = urlsplit(url).scheme.lower() in ("s3", "s3a", "gs", "gcs")
         if status == 401 or (status == 403 and s3):
             return f"{words}: credentials missing or refused; " + (

@@ -97,7 +97,6 @@ class HeaderCheck:
         self.expected, self.expected_chunks = fingerprint, chunks
         self.changed = changed
         self.fp = HeaderFingerprint()
-        self.headers = 0
 
     @property
     def per_chunk(self) -> bool:
@@ -105,7 +104,6 @@ class HeaderCheck:
 
     def add(self, info: tarfile.TarInfo) -> bool:
         """Add a header; True when it closed a chunk that matched."""
-        self.headers += 1
         if not self.fp.add(info):
             return False
         self._check_chunk(len(self.fp.chunks) - 1)
