@@ -290,13 +290,17 @@ class PipeFailed(OSError):
     """A ``pipe:`` command that exited with a failure status."""
 
 
-def _pipe_failed(e: OSError, stream: BinaryIO, url: str) -> PipeFailed:
-    """A ``pipe:`` command's failure (webdataset's pipe raises its exit status as an
-    ``OSError`` when the stream ends or closes) as ``PipeFailed``, the status in words."""
+def _pipe_failed(e: BaseException, stream: BinaryIO, url: str) -> PipeFailed | None:
+    """A ``pipe:`` command's failure as ``PipeFailed``, its exit status in words: webdataset's
+    pipe raises the status as an ``OSError`` when the stream ends or closes, and a command that
+    fails before writing anything may first show as an empty tar (``ReadError``). None when the
+    command did not fail (the error is the data's)."""
     status = getattr(stream, "status", None)
     if not status:
         found = re.search(r"exit (\d+)", str(e))
         status = int(found.group(1)) if found else None
+    if not status and not isinstance(e, OSError):
+        return None
     hint = " (curl -f: an HTTP error status)" if status == 22 and "curl" in url else ""
     return PipeFailed(
         f"the pipe: command exited with status {status if status is not None else '?'}{hint}"
@@ -310,7 +314,7 @@ def _close(stream: BinaryIO, url: str) -> None:
     except OSError as e:
         if not url.startswith("pipe:"):
             raise
-        raise _pipe_failed(e, stream, url) from e
+        raise _pipe_failed(e, stream, url) or PipeFailed(str(e)) from e
 
 
 def _close_quietly(stream: BinaryIO) -> None:
@@ -376,10 +380,12 @@ def remote_samples(
                 while stream.read(1 << 16):  # to its end (a pipe's command then exits)
                     pass
             except BaseException as e:
-                _close_quietly(stream)
-                if url.startswith("pipe:") and isinstance(e, OSError):
+                _close_quietly(stream)  # a pipe's command is waited for: its status is known
+                if url.startswith("pipe:") and isinstance(e, (OSError, tarfile.ReadError)):
                     if not isinstance(e, PipeFailed):
-                        raise _pipe_failed(e, stream, url) from e
+                        failed = _pipe_failed(e, stream, url)
+                        if failed is not None:  # the command's failure, not what it left
+                            raise failed from e
                 raise
             _close(stream, url)
             return
