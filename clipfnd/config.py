@@ -119,7 +119,14 @@ class FNDConfig:
     detector: str = "none"  # none | glofnd | oracle | ifnd (simclr mode)
     alpha: float = 1e-3  # GloFND: share of the dataset above each anchor's threshold
     lr: float = 0.05  # GloFND threshold learning rate
-    optimizer: str = "adam"  # adam | sgd, for the thresholds
+    # how a visit moves its anchor's threshold: quantile (toward the anchor's own batch estimate
+    # of its (1 - alpha) quantile, weighted by fnd.quantile_weight) | adam | sgd (the paper's
+    # stochastic step of fnd.lr) | auto (quantile where a similarity row expects at least one
+    # flag, alpha x (negatives + 1) >= 1; adam below that)
+    optimizer: str = "auto"
+    # quantile: the weight of a visit's estimate, once 1 / (the sample's visits) falls below it
+    # (until then the mean of its visits): 0.5 follows the similarities as the model trains
+    quantile_weight: float = 0.5
     beta1: float = 0.9
     beta2: float = 0.98
     init_threshold: float = 1.0  # fnd.init=constant: every threshold's start
@@ -287,7 +294,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.tau_schedule": ("model", "fastclip"),
     "fnd.bias_correction": ("sample", "epoch"),
     "fnd.init": ("constant", "quantile", "shared"),
-    "fnd.optimizer": ("adam", "sgd"),
+    "fnd.optimizer": ("auto", "quantile", "adam", "sgd"),
     "fnd.removal": ("eliminate", "attract"),
     "fnd.match": ("any", "all"),
     "fnd.kmeans_backend": ("auto", "torch", "faiss"),
@@ -437,6 +444,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"fnd.alpha must be in (0, 1), got {cfg.fnd.alpha}")
     if cfg.fnd.lr <= 0:
         raise ConfigError(f"fnd.lr must be > 0, got {cfg.fnd.lr}")
+    if not 0 < cfg.fnd.quantile_weight <= 1:
+        raise ConfigError(f"fnd.quantile_weight must be in (0, 1], got {cfg.fnd.quantile_weight}")
     if not (0 <= cfg.fnd.beta1 < 1 and 0 <= cfg.fnd.beta2 < 1):
         raise ConfigError("fnd.beta1 and fnd.beta2 must be in [0, 1)")
     try:

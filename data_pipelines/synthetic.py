@@ -15,6 +15,7 @@ output does not depend on how the work is split, and the same seed gives the sam
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -150,6 +151,10 @@ class SyntheticSpec:
     # its own position and size as with ``details`` (the ``fn-paraphrase`` preset): two samples
     # of a concept are false negatives whose captions differ in wording only.
     paraphrase: bool = False
+    # Concept frequencies: 0 draws every concept equally often; s > 0 draws concept ``k`` with
+    # probability proportional to ``1 / (k + 1) ** s`` (the ``fn-longtail`` preset, s = 1: of 16
+    # concepts the most common is 30 % of the data and the rarest 1.8 %, as web data's fall).
+    long_tail: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_concepts <= concept_space_size():
@@ -165,6 +170,13 @@ class SyntheticSpec:
                 "with per-image details the concepts are colour-shape pairs: --num-concepts "
                 f"must be <= {len(COLOURS) * len(SHAPES)}, got {self.num_concepts}"
             )
+        if not (math.isfinite(self.long_tail) and self.long_tail >= 0):
+            raise DataError(f"--long-tail must be a number >= 0, got {self.long_tail}")
+
+    def concept_shares(self) -> np.ndarray:
+        """``[num_concepts]``: the probability of each label (uniform without ``long_tail``)."""
+        w = 1.0 / np.arange(1, self.num_concepts + 1, dtype=np.float64) ** self.long_tail
+        return w / w.sum()
 
     def concepts(self) -> list[tuple[Obj, ...]]:
         """The concepts in use, chosen by the seed: label ``k`` is ``concepts()[k]``.
@@ -197,6 +209,12 @@ PRESETS: dict[str, dict] = {
     # red circle", ...): false negatives that are paraphrases, the image's position and size
     # left unsaid.
     "fn-paraphrase": {"paraphrase": True, "num_concepts": 16, "image_size": 32},
+    # The fn-testbed's images and captions with concepts as unequally common as web data's:
+    # concept k is drawn with probability 1 / (k + 1) over 16 concepts, from 30 % of the data
+    # down to 1.8 %, so an anchor's share of same-concept negatives differs 16-fold from the
+    # most common concept to the rarest. Where one threshold for every anchor flags the common
+    # concepts' negatives and none of the rare ones', each anchor's own threshold is the point.
+    "fn-longtail": {"details": True, "num_concepts": 16, "image_size": 32, "long_tail": 1.0},
 }
 
 
@@ -257,9 +275,13 @@ def generate(spec: SyntheticSpec, num_samples: int, split: str = "train") -> Ite
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     concepts = spec.concepts()
+    shares = spec.concept_shares() if spec.long_tail else None
     for i in range(num_samples):
         rng = np.random.default_rng([spec.seed, SPLITS[split], i])
-        label = int(rng.integers(len(concepts)))
+        if shares is None:
+            label = int(rng.integers(len(concepts)))
+        else:
+            label = int(rng.choice(len(concepts), p=shares))
         objs = concepts[label]
         if spec.details or spec.paraphrase:
             drawn, caption = (_with_details if spec.details else _with_paraphrase)(objs, rng)

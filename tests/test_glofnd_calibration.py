@@ -38,6 +38,16 @@ def exact_upper_quantile(values: list[float], share: float) -> float:
     return xs[lo] + (h - lo) * (xs[hi] - xs[lo])
 
 
+def exact_visit_quantile(values: list[float], alpha: float) -> float:
+    """A visit's estimate of the (1 - alpha) quantile, by hand: the alpha (n + 1)-th largest of
+    the n values, interpolated linearly between order statistics (float64)."""
+    xs = sorted(values, reverse=True)
+    r = alpha * (len(xs) + 1) - 1
+    lo = math.floor(r)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (r - lo) * (xs[hi] - xs[lo])
+
+
 @pytest.mark.parametrize("share", [0.001, 0.02, 0.06, 0.3])
 def test_histogram_quantile_is_within_a_bin_of_the_exact_one(share):
     g = torch.Generator().manual_seed(0)
@@ -71,7 +81,7 @@ def test_mask_start_refuses_other_values_naming_the_forms(spec):
 def _glofnd(tables, types, **kw) -> GloFND:
     """A detector with the options ``kw`` names and the paper's rule for the others (each
     option is tested on its own)."""
-    kw = {"init": "constant", "offset": False, **kw}
+    kw = {"init": "constant", "offset": False, "optimizer": "adam", **kw}
     cfg = FNDConfig(alpha=kw.pop("alpha", 0.1), lr=kw.pop("lr", 0.05), **kw)
     return GloFND.from_config(cfg, tables, types)
 
@@ -88,9 +98,10 @@ def _bimodal_input(index, img, txt, epoch=0, **kw):
 
 
 def test_quantile_start_is_each_rows_quantile_and_the_next_visit_an_adam_step():
-    """init=quantile: a sample's first visit sets its threshold to the (1 - alpha) quantile of
-    its negatives in that batch (no Adam step: m = v = 0), and flags by it; its next visit is
-    the Adam rule with its first bias correction (t = 1)."""
+    """init=quantile: a sample's first visit sets its threshold to its visit's estimate of
+    the (1 - alpha) quantile of its negatives in that batch (the value of expected exceedance
+    alpha; no Adam step: m = v = 0), and flags by it; its next visit is the Adam rule with its
+    first bias correction (t = 1)."""
     n, alpha, lr = 24, 0.1, 0.05
     img, txt = _unit(n, 5, 0), _unit(n, 5, 1)
     tables = StateTables(n)
@@ -100,7 +111,7 @@ def test_quantile_start_is_each_rows_quantile_and_the_next_visit_an_adam_step():
     for t, (a, b) in {"img": (img, txt), "txt": (txt, img)}.items():
         s = (a @ b.T).float().double()
         want = [
-            exact_upper_quantile([float(s[i, j]) for j in range(n) if j != i], alpha)
+            exact_visit_quantile([float(s[i, j]) for j in range(n) if j != i], alpha)
             for i in range(n)
         ]
         got = found.rows[f"glofnd.lambda_{t}"]
@@ -145,7 +156,7 @@ def test_the_unimodal_quantile_start_is_the_mean_of_both_views_rows():
         rows = []
         for r in (i, i + n):
             negs = [float(s[r, j]) for j in range(2 * n) if j not in (i, i + n)]
-            rows.append(exact_upper_quantile(negs, alpha))
+            rows.append(exact_visit_quantile(negs, alpha))
         got = float(found.rows["glofnd.lambda_view"][i])
         assert abs(got - sum(rows) / 2) <= 1e-6
 
@@ -205,16 +216,28 @@ def test_masking_from_a_share_of_training_and_after_calibrated_steps():
     det = _glofnd(StateTables(8), ("img",), alpha=0.1, start_mask="auto", start_mask_window=3)
     det.plan(total_steps=100, steps_per_epoch=10)
 
-    def step(ratio):  # a large batch: counting noise far below the band
+    def step(ratio, spread=0.2):  # a large batch: counting noise far below the band
         masked = det.masking(epoch=0)
         counts = torch.tensor([1e6 * ratio * 0.1, 1e6], dtype=torch.float64)
-        det.after_step({"glofnd.flagged_img": counts}, masked)
+        # 100 anchors of 10 expected flags each, their own counts spread by `spread` x 10
+        e = torch.full((100,), 10.0)
+        dev = (spread * e) ** 2
+        sums = torch.stack([dev.sum(), (e * 0.9).sum() * 0, (e * e).sum()]).double()
+        det.after_step({"glofnd.flagged_img": counts, "glofnd.spread_img": sums}, masked)
         return masked
 
     # 2 calibrated, one at 1.5 x alpha (outside 0.75-1.33), then 3 calibrated: masking next
     assert [step(r) for r in (1.0, 0.9, 1.5, 1.2, 0.8, 1.0)] == [False] * 6
     assert step(2.0) and det.masked_from == 7  # once started, it stays on
     assert step(0.1)
+
+    # calibrated over the batch at every step, but the anchors' own shares spread by 1.5 x
+    # alpha (one threshold for anchors that differ): never ready, until they settle
+    det = _glofnd(StateTables(8), ("img",), alpha=0.1, start_mask="auto", start_mask_window=3)
+    det.plan(total_steps=100, steps_per_epoch=10)
+    assert not any(step(1.0, spread=1.5) for _ in range(20))
+    settled = [step(1.0, spread=0.2) for _ in range(12)]
+    assert not settled[0] and any(settled)  # the weighted spread falls below the bar
 
 
 def test_a_small_batch_is_judged_by_its_counting_noise():
@@ -289,35 +312,48 @@ def _train(data, run, *extra):
 
 @pytest.mark.slow
 def test_an_automatic_start_in_a_real_run_is_logged_plotted_and_summarised(shapes, tmp_path):
-    """start_mask=auto with a window of 4 steps: the offset keeps the flagged share at alpha
-    from the first step, so masking starts at step 5; its line, the summary and the
-    calibration plot say so, and no calibration warning is given."""
+    """start_mask=auto with a window of 4 steps. A run whose similarities hardly move between
+    visits (optim.lr 1e-5) is ready in its second epoch: the offset keeps the flagged share at
+    alpha and the anchors' own shares spread less than 1 (``fnd/anchor_spread``), so masking
+    starts there; its line, the summary and the calibration plot say so, and no calibration
+    warning is given. The same run at the default optim.lr, whose similarities move far
+    between a sample's visits, is calibrated over the batch at every step of its second epoch
+    but its anchors' own shares spread above 1: it does not start."""
     import json
 
     run = tmp_path / "run"
-    summary, lines = _train(
-        shapes / "train",
-        run,
+    common = (
         "data.batch_size=64",
         "train.epochs=2",
         "fnd.alpha=0.06",
         "fnd.start_mask=auto",
         "fnd.start_mask_window=4",
     )
+    summary, lines = _train(shapes / "train", run, *common, "optim.lr=1e-5")
     (start,) = [r for r in lines if "fnd/mask_start_step" in r]
-    assert start["step"] == start["fnd/mask_start_step"] == 5 == summary["fnd_mask_start_step"]
+    first = int(start["fnd/mask_start_step"])
+    assert start["step"] == first == summary["fnd_mask_start_step"] and 10 <= first <= 16
     steps = [r for r in lines if "loss" in r]
-    assert [r["fnd/masking"] for r in steps] == [0.0] * 4 + [1.0] * 12
-    ratios = [r["fnd/flagged_over_alpha"] for r in steps]
-    assert all(0.9 <= x <= 1.1 for x in ratios), ratios
+    assert [r["fnd/masking"] for r in steps] == [0.0] * (first - 1) + [1.0] * (17 - first)
+    assert steps[first - 2]["fnd/anchor_spread"] <= 1.0  # the step before it started
+    assert all(0.9 <= r["fnd/flagged_over_alpha"] <= 1.1 for r in steps[8:])
     assert all("fnd/threshold_gap_img" in r and "fnd/offset_txt" in r for r in steps)
-    assert not any("fnd/precision" in r for r in steps[:4])  # nothing removed: no false 0
+    assert not any("fnd/precision" in r for r in steps[: first - 1])  # nothing removed
     index = json.loads((run / "plots" / "index.json").read_text())
     assert index["calibration.png"] == [
         "flagged / fnd.alpha (shaded: calibrated)",
         "threshold - batch quantile",
     ]
     assert "GloFND flagged" not in (run / "train.log").read_text()
+
+    summary, lines = _train(shapes / "train", tmp_path / "moving", *common)
+    steps = [r for r in lines if "loss" in r]
+    assert not any("fnd/mask_start_step" in r for r in lines)
+    assert summary.get("fnd_mask_start_step") is None
+    assert all(0.9 <= r["fnd/flagged_over_alpha"] <= 1.1 for r in steps[8:])
+    assert all(r["fnd/anchor_spread"] > 1.0 for r in steps[9:]), [
+        r["fnd/anchor_spread"] for r in steps
+    ]
 
 
 @pytest.mark.slow

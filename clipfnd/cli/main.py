@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fn-testbed: 16 colour-shape concepts whose captions also state each image's "
         "position and size (data where removing false negatives pays; docs/results.md); "
         "fn-paraphrase: the same images, captions that state only the concept, in one of "
-        "eight wordings (false negatives that are paraphrases)",
+        "eight wordings (false negatives that are paraphrases); fn-longtail: the fn-testbed "
+        "with concepts as unequally common as web data's (30 %% of the data down to 1.8 %%)",
     )
     syn.set_defaults(func=cmd_data_synthetic)
 

@@ -33,8 +33,16 @@ def calibrated_count(flagged: float, negatives: float, alpha: float) -> bool:
 
 
 def histogram(values: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Counts (int64 ``[HIST_BINS]``) of ``values`` (where ``keep``) in the fixed bins."""
+    """Counts (int64 ``[HIST_BINS]``) of ``values`` (where ``keep``) in the fixed bins. A value
+    outside ``[-2, 2]`` is refused (``ValueError``), never folded into an edge bin: callers
+    bound what they count (GloFND: a similarity less a threshold clamped to ``[-1, 1]``)."""
     v = values if keep is None else values[keep]
+    if v.numel() and not bool(((v >= HIST_LOW) & (v <= HIST_HIGH)).all()):
+        bad = v[~((v >= HIST_LOW) & (v <= HIST_HIGH))].flatten()[0]
+        raise ValueError(
+            f"a value to count ({float(bad):g}) lies outside the histogram's "
+            f"[{HIST_LOW:g}, {HIST_HIGH:g}]"
+        )
     width = (HIST_HIGH - HIST_LOW) / HIST_BINS
     idx = ((v.detach().to(torch.float64) - HIST_LOW) / width).floor()
     idx = idx.clamp(0, HIST_BINS - 1).to(torch.long)

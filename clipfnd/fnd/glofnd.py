@@ -10,11 +10,20 @@ dataset, learned from mini-batches by minimising ``alpha * l + mean_j (s_nj - l)
     m_n <- beta1 m_n + (1 - beta1) g_n ;  v_n <- beta2 v_n + (1 - beta2) g_n^2
     lambda_n <- clamp(lambda_n - lr * mhat_n / (sqrt(vhat_n) + 1e-8), -1, 1)
 
-with the bias correction counted per sample (``c_n`` updates so far), or, with
+(``fnd.optimizer=adam``; ``sgd``: ``lambda_n <- lambda_n - lr * g_n``) with the bias correction
+counted per sample (``c_n`` updates so far), or, with
 ``bias_correction="epoch"``, by the absolute epoch (``t = epoch + 1``) as the reference code
 does (the two agree only when updates start at epoch 0 and every sample is seen once an epoch). ``K`` is the number of
 similarity rows an anchor has: 1 per modality (bimodal), 2 (the two views, unimodal).
 Negatives above the threshold are flagged: ``F_n = {j in N_n : s_nj > lambda_n}``.
+
+``fnd.optimizer=quantile`` (the default where a similarity row expects a flag) moves a
+threshold straight toward the visit's own estimate of the anchor's quantile,
+``hat q_n`` (``visit_quantile``: the value of expected exceedance alpha among the row's
+negatives), ``lambda_n <- lambda_n + w_n (hat q_n - lambda_n)``, ``w_n = max(1 / c_n, w)``:
+the mean of the visits so far, then an exponential average of weight ``w``
+(``fnd.quantile_weight``). A visit's row holds ``alpha (n + 1)`` flags in expectation; the Adam
+step reads only whether each was above, the estimate reads where they lie.
 
 The detector reads and computes; it never writes the tables itself. ``update`` returns the
 new rows, and the training step writes every table's rows in one synchronised call. Its
@@ -39,6 +48,12 @@ if TYPE_CHECKING:
 
 EPS = 1e-8
 INITS = ("constant", "quantile", "shared")
+OPTIMIZERS = ("auto", "quantile", "adam", "sgd")
+# start_mask=auto: the anchors' own flagged shares may spread at most this much (relative
+# standard deviation, binomial noise removed; ``anchor_spread``) for flags to be used: anchors
+# that flag between none and twice alpha of their negatives spread about 0.6-0.9; one threshold
+# for anchors whose similarities differ (a long tail of concepts), 1.5-2
+SPREAD_READY = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +77,53 @@ def row_quantile(sims: torch.Tensor, neg: torch.Tensor, alpha: float, k: int) ->
     return q.view(k, -1).mean(0).to(torch.float32)
 
 
+def visit_quantile(sims: torch.Tensor, neg: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
+    """``[b]`` float64: each row's estimate of its anchor's ``(1 - alpha)`` quantile from its
+    negatives, the value with expected exceedance alpha: of ``n`` negatives drawn from a
+    continuous distribution the ``r``-th largest has ``r / (n + 1)`` of the distribution above
+    it in expectation, so the estimate is the ``alpha (n + 1)``-th largest, interpolated linearly
+    between order statistics (``torch.quantile``'s position ``(n - 1)(1 - alpha)`` puts about
+    ``alpha (n - 1) + 1`` above it: 1.4 x alpha at 127 negatives). The mean over a sample's ``k``
+    rows; NaN for a row with ``alpha (n + 1) < 1`` (no order statistic lies that high)."""
+    x = sims.detach().to(torch.float64).masked_fill(~neg, float("-inf"))
+    top = x.sort(dim=1, descending=True).values
+    n = neg.sum(1).to(torch.float64)
+    r = alpha * (n + 1) - 1  # 0-based position from the top
+    lo = r.floor().clamp(min=0)
+    frac = (r - lo).unsqueeze(1)
+    i = lo.long().clamp(max=top.shape[1] - 1).unsqueeze(1)
+    j = (i + 1).clamp(max=(n.long() - 1).clamp(min=0).unsqueeze(1))
+    v = (top.gather(1, i) * (1 - frac) + top.gather(1, j) * frac).squeeze(1)
+    v = torch.where((r >= 0) & (n >= 1), v, torch.full_like(v, float("nan")))
+    return v.view(k, -1).mean(0)
+
+
+def spread_terms(
+    flags: torch.Tensor, neg: torch.Tensor, alpha: float, k: int, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[3]`` float64 sums over a batch's samples (``k`` rows each; those ``keep`` marks) for
+    ``anchor_spread``: the squared deviations of each sample's flag count ``c_n`` from
+    ``alpha n_n`` (``n_n`` its negatives), their binomial variances ``alpha (1 - alpha) n_n``,
+    and ``(alpha n_n)^2``."""
+    c = flags.sum(1).to(torch.float64).view(k, -1).sum(0)
+    n = neg.sum(1).to(torch.float64).view(k, -1).sum(0)
+    if keep is not None:
+        c, n = c[keep], n[keep]
+    e = alpha * n
+    return torch.stack([((c - e) ** 2).sum(), (e * (1 - alpha)).sum(), (e * e).sum()])
+
+
+def anchor_spread(sums: list[float] | torch.Tensor) -> float | None:
+    """The relative standard deviation of the anchors' own flagged shares around alpha, with
+    the binomial noise of a batch's counts taken out: ``sqrt(max(0, sum (c - e)^2 - sum
+    var) / sum e^2)`` (0: every anchor flags alpha of its own negatives; a single threshold
+    for anchors whose similarities differ spreads far more). None without data."""
+    dev, var, e2 = (float(x) for x in sums)
+    if e2 <= 0:
+        return None
+    return math.sqrt(max(0.0, dev - var) / e2)
+
+
 class GloFND(Detector):
     """Per-sample thresholds for each anchor type.
 
@@ -71,7 +133,8 @@ class GloFND(Detector):
         anchor_types: ``("img", "txt")`` bimodal (image anchors vs texts, text anchors vs
             images), ``("view",)`` unimodal (both views of an image share one threshold).
         alpha: share of the dataset above each threshold, in (0, 1).
-        lr, optimizer ("adam" | "sgd"), beta1, beta2, init_threshold: the update rule.
+        lr, optimizer ("auto" | "quantile" | "adam" | "sgd"), beta1, beta2, init_threshold,
+            quantile_weight: the update rule (``auto`` resolves in ``check_batch``).
         bias_correction: "sample" (per-sample update count) | "epoch" (``epoch + 1``).
         start_update, start_mask: when thresholds learn (an epoch) and flags are used (an
             epoch, a share of training, or ``auto``).
@@ -83,7 +146,8 @@ class GloFND(Detector):
             (the ``(1 - alpha)`` quantile of similarity less threshold over the global batch's
             negatives): it follows the similarities between a sample's visits.
         start_mask_window: ``auto``: the steps in a row the flagged share must stay within
-            ``CALIBRATED`` of alpha (None: one epoch's steps).
+            ``CALIBRATED`` of alpha (None: one epoch's steps), the time constant of the
+            anchors' spread it also waits on (``anchor_spread`` at most ``SPREAD_READY``).
     """
 
     name = "glofnd"
@@ -107,6 +171,7 @@ class GloFND(Detector):
         init: str = "constant",
         offset: bool = False,
         start_mask_window: int | None = None,
+        quantile_weight: float = 0.5,
     ):
         super().__init__(anchor_types, start_update=start_update, start_mask=start_mask)
         if bias_correction not in ("sample", "epoch"):
@@ -118,8 +183,11 @@ class GloFND(Detector):
         self.bias_correction = bias_correction
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        if not 0 < quantile_weight <= 1:
+            raise ValueError(f"quantile_weight must be in (0, 1], got {quantile_weight}")
+        self.quantile_weight = quantile_weight
         self.tables = tables
         self.anchor_types = anchor_types
         self.alpha, self.lr, self.optimizer = alpha, lr, optimizer
@@ -138,6 +206,9 @@ class GloFND(Detector):
         self.streak = 0
         self.epoch_counts = [0.0, 0.0]  # flagged, negatives
         self.warned = False
+        # start_mask=auto: exponentially weighted sums over about a window of steps of the
+        # anchors' squared flag-count deviations, their binomial variances and squared means
+        self.spread_sums = [0.0, 0.0, 0.0]
         self.row_negatives: int | None = None  # negatives of a similarity row (check_batch)
         self._window_counts = [0.0, 0.0]  # since the last log line (not checkpointed)
         self._pending: dict[str, float] = {}  # this step's offsets / shared thresholds
@@ -161,6 +232,7 @@ class GloFND(Detector):
             init=fnd.init,
             offset=fnd.offset,
             start_mask_window=fnd.start_mask_window,
+            quantile_weight=fnd.quantile_weight,
         )
 
     def check_batch(self, rows: int, negatives_per_row: int) -> None:
@@ -172,6 +244,23 @@ class GloFND(Detector):
         ``1 / negatives_per_row`` instead of alpha: a warning that says so."""
         self.row_negatives = negatives_per_row
         total = rows * negatives_per_row
+        one_per_row = self.alpha * (negatives_per_row + 1) >= 1
+        if self.optimizer == "quantile" and not one_per_row:
+            raise ValueError(
+                f"fnd.optimizer=quantile estimates each anchor's quantile from its "
+                f"{negatives_per_row} negatives in a global batch, which needs fnd.alpha >= "
+                f"1/{negatives_per_row + 1} (at least one flag per row in expectation), got "
+                f"{self.alpha:g}: use fnd.optimizer=auto or adam, or a larger data.batch_size"
+            )
+        if self.optimizer == "auto":
+            self.optimizer = "quantile" if one_per_row else "adam"
+            log.info(
+                "GloFND: thresholds learn with fnd.optimizer=%s (alpha x (negatives + 1) = %.3g "
+                "flags per similarity row %s 1)",
+                self.optimizer,
+                self.alpha * (negatives_per_row + 1),
+                ">=" if one_per_row else "<",
+            )
         if self.alpha * total < 1:
             raise ValueError(
                 f"fnd.alpha={self.alpha:g} asks for less than one flagged negative in a global "
@@ -180,18 +269,14 @@ class GloFND(Detector):
                 f"data.batch_size until a global batch holds 1/alpha = {1 / self.alpha:.3g} "
                 "negatives or more"
             )
-        if self.init == "quantile" and self.alpha * negatives_per_row < 1:
-            log.warning(
-                "fnd.alpha=%g is below 1/%d, the smallest share of an anchor's %d negatives "
-                "in a global batch: a first visit's threshold (fnd.init=quantile, the batch "
-                "quantile of the anchor's own negatives) flags its hardest negative, %.1f x "
-                "fnd.alpha, until the threshold has learned; fnd.init=shared (the quantile over "
-                "the whole global batch) or a larger data.batch_size avoids it, and "
-                "fnd.start_mask=1 or auto keeps those flags out of the loss",
+        if self.init == "quantile" and not one_per_row:
+            log.info(
+                "GloFND: fnd.alpha=%g is below 1/%d, one flag in an anchor's %d negatives of a "
+                "global batch: a first visit's threshold starts at the quantile over the whole "
+                "global batch (as fnd.init=shared), not at the anchor's own",
                 self.alpha,
+                negatives_per_row + 1,
                 negatives_per_row,
-                negatives_per_row,
-                1 / (self.alpha * negatives_per_row),
             )
 
     def plan(self, total_steps: int, steps_per_epoch: int) -> None:
@@ -203,19 +288,32 @@ class GloFND(Detector):
         return epoch >= self.start_update
 
     def ready_to_mask(self) -> bool:
-        return self.window is not None and self.streak >= self.window
+        """``auto``: the flagged share has stayed calibrated for a window of steps, and the
+        anchors' own flagged shares spread at most ``SPREAD_READY`` around alpha over it
+        (``anchor_spread``): per anchor, not only over the batch."""
+        if self.window is None or self.streak < self.window:
+            return False
+        spread = anchor_spread(self.spread_sums)
+        return spread is not None and spread <= SPREAD_READY
 
     def detect(self, inp: DetectionInput) -> Detection:
         """Flags from the thresholds before this step's update (once masking has started),
         and the update's new rows from the same flags (from ``start_update`` on). A sample
         seen for the first time under ``init`` quantile or shared gets its threshold from
-        this step (flags included), and no Adam step."""
+        this step (flags included), and no update.
+
+        A threshold ``theta_n = lambda_n + offset`` is a similarity, clamped to ``[-1, 1]``; a
+        stored ``lambda_n`` is written so that ``lambda_n + offset`` lies there at this step."""
         masking = inp.inference or self.masking(inp.epoch)
         updating = self.updating(inp.epoch) and not inp.inference
         found = Detection({t: None for t in self.anchor_types})
         if not (masking or updating):
             return found
         k, b = inp.rows_per_sample, inp.index.numel()
+        if self.optimizer == "auto" and updating:  # check_batch was not called: this batch's
+            columns = next(iter(inp.sims.values())).shape[1]
+            self.optimizer = "quantile" if self.alpha * columns >= 1 else "adam"
+        own_start = self.row_negatives is None or self.alpha * (self.row_negatives + 1) >= 1
         for t in self.anchor_types:
             sims = inp.sims[t]
             neg = negatives(sims, inp.pos, inp.not_negative)
@@ -224,23 +322,33 @@ class GloFND(Detector):
             fresh = torch.zeros_like(lam, dtype=torch.bool)
             if self.init != "constant":
                 fresh = (self.tables.rows(f"glofnd.count_{t}", inp.index) == 0).to(dev)
-            shared = self._shared(t, sims, neg, inp) if self.init == "shared" else None
+            shared = None
+            if self.init == "shared" or (self.init == "quantile" and not own_start):
+                shared = self._shared(t, sims, neg, inp)
             offset = self._offset(t, sims, lam, neg, fresh.repeat(k), inp)
-            q = None  # each row's quantile, computed once for a start and the logged gap
+            q = None  # each row's visit estimate, computed once for a start, update and gap
             if bool(fresh.any()):  # theta = the start value, stored less this step's offset
                 if shared is None:
-                    q = row_quantile(sims, neg, self.alpha, k)
-                start = shared if shared is not None else q
-                lam = torch.where(fresh, torch.as_tensor(start, device=dev) - offset, lam)
-            theta = (lam + offset).to(sims.dtype)
+                    q = visit_quantile(sims, neg, self.alpha, k).to(torch.float32)
+                if shared is not None:
+                    start = torch.full_like(lam, shared)
+                else:  # a row without an estimate (too few negatives) keeps its value
+                    start = torch.where(torch.isnan(q.to(dev)), lam + offset, q.to(dev))
+                lam = torch.where(fresh, self._bounded(start, offset), lam)
+            theta = (lam + offset).clamp(-1.0, 1.0).to(sims.dtype)
             flags = (sims > theta.repeat(k)[:, None]) & neg
             if masking:
                 found.flags[t] = flags
             if updating:
-                rows = self.update_from_flags(
-                    t, inp.index, list(flags.split(b)), inp.num_negatives, epoch=inp.epoch
-                )
-                if bool(fresh.any()):  # the start value, no Adam step at a first visit
+                if self.optimizer == "quantile":
+                    if q is None:
+                        q = visit_quantile(sims, neg, self.alpha, k).to(torch.float32)
+                    rows = self.update_toward(t, inp.index, lam, q.to(dev), offset)
+                else:
+                    rows = self.update_from_flags(
+                        t, inp.index, list(flags.split(b)), inp.num_negatives, inp.epoch, offset
+                    )
+                if bool(fresh.any()):  # the start value, no update at a first visit
                     rows[f"glofnd.lambda_{t}"] = torch.where(fresh, lam, rows[f"glofnd.lambda_{t}"])
                     for key in (f"glofnd.m_{t}", f"glofnd.v_{t}"):
                         if key in rows:
@@ -249,11 +357,24 @@ class GloFND(Detector):
                 found.stats[f"glofnd.flagged_{t}"] = torch.stack([flags.sum(), neg.sum()]).to(
                     torch.float64
                 )
+                # the anchors that flag by a learned threshold (a start flags its own batch
+                # quantile: calibrated by construction)
+                found.stats[f"glofnd.spread_{t}"] = spread_terms(
+                    flags, neg, self.alpha, k, keep=~fresh
+                )
             if inp.measure:
                 if q is None:
-                    q = row_quantile(sims, neg, self.alpha, k)
-                found.metrics[f"fnd/threshold_gap_{t}"] = float((theta - q).mean())
+                    q = visit_quantile(sims, neg, self.alpha, k).to(torch.float32)
+                gap = theta.to(torch.float64) - q.to(dev, torch.float64)
+                if bool(torch.isfinite(gap).any()):
+                    found.metrics[f"fnd/threshold_gap_{t}"] = float(gap.nanmean())
         return found
+
+    @staticmethod
+    def _bounded(value: torch.Tensor, offset: float) -> torch.Tensor:
+        """A stored threshold for the effective ``value``: ``value - offset``, within the
+        range that keeps ``lambda + offset`` in ``[-1, 1]``."""
+        return (value - offset).clamp(-1.0 - offset, 1.0 - offset)
 
     def _offset(
         self,
@@ -264,20 +385,22 @@ class GloFND(Detector):
         fresh: torch.Tensor,
         inp: DetectionInput,
     ) -> float:
-        """This step's offset of anchor type ``t`` (0 without ``offset``): the ``(1 - alpha)``
-        quantile of ``s - lambda`` over the global batch's negatives of anchors whose
-        threshold is already set (the last step's offset when there are none, and outside
-        training)."""
+        """This step's offset of anchor type ``t`` (0 without ``offset``): the last step's
+        offset plus the ``(1 - alpha)`` quantile of ``s - theta`` over the global batch's
+        negatives of anchors whose threshold is already set, ``theta`` each threshold under
+        the last offset, clamped to ``[-1, 1]`` (so every value lies in the histogram's
+        ``[-2, 2]``). The last step's offset when there are none, and outside training."""
         if not self.offset:
             return 0.0
         last = self.offsets[t] if self.offsets[t] is not None else 0.0
         if inp.inference:
             return last
         k = sims.shape[0] // lam.shape[0]
-        residual = sims.to(torch.float64) - lam.to(torch.float64).repeat(k)[:, None]
+        theta = (lam.to(torch.float64) + last).clamp(-1.0, 1.0)
+        residual = sims.to(torch.float64) - theta.repeat(k)[:, None]
         counts = distributed.all_reduce_sum(histogram(residual, neg & ~fresh[:, None]))
         q = upper_quantile(counts, self.alpha)
-        value = last if q is None else q
+        value = last if q is None else last + q
         self._pending[f"offset_{t}"] = value
         return value
 
@@ -312,17 +435,24 @@ class GloFND(Detector):
         ratios = [float(c[0]) / max(float(c[1]), 1.0) / self.alpha for c in counts]
         calibrated = all(calibrated_count(float(c[0]), float(c[1]), self.alpha) for c in counts)
         self.streak = self.streak + 1 if calibrated else 0
+        spreads = [stats[f"glofnd.spread_{t}"] for t in self.anchor_types if f"glofnd.spread_{t}" in stats]
+        if spreads:  # exponentially weighted over about a window of steps
+            keep = 1.0 - 1.0 / max(1, self.window or 1)
+            step_sums = [float(x) for x in sum(spreads)]
+            self.spread_sums = [keep * a + x for a, x in zip(self.spread_sums, step_sums)]
         total = sum(counts)
         self._window_counts = [a + float(x) for a, x in zip(self._window_counts, total)]
         if masked:
             self.epoch_counts = [a + float(x) for a, x in zip(self.epoch_counts, total)]
         if "fnd/mask_start_step" in out:
+            spread = anchor_spread(self.spread_sums)
             log.info(
                 "GloFND: masking starts at step %d (%s; flagged share %.2f x fnd.alpha at the "
-                "step before)",
+                "step before, the anchors' own shares spread %s around it)",
                 self.steps,
                 self.mask_start,
                 sum(ratios) / len(ratios),
+                "-" if spread is None else f"{spread:.2f}",
             )
         return out
 
@@ -388,13 +518,15 @@ class GloFND(Detector):
             "streak": self.streak,
             "epoch_counts": list(self.epoch_counts),
             "warned": self.warned,
+            "spread_sums": list(self.spread_sums),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Every value checked before any is used: an offset within ``[-2, 2]`` (a similarity
-        less a threshold), a shared threshold within ``[-1, 1]``, finite counts."""
+        """Every value checked before any is used: a finite offset (a running sum of a
+        similarity's drift; a stored threshold is relative to it), a shared threshold within
+        ``[-1, 1]``, finite counts."""
         loaded: dict[str, dict[str, float | None]] = {}
-        for key, bound in (("offsets", 2.0), ("shared", 1.0)):
+        for key, bound in (("offsets", math.inf), ("shared", 1.0)):
             values = state.get(key, {}) if isinstance(state, dict) else None
             if not isinstance(values, dict):
                 raise ValueError(f"detector state {key} is not a mapping")
@@ -405,8 +537,8 @@ class GloFND(Detector):
                     raise ValueError(f"detector state {key}.{t}={v!r} is not a number")
                 if v is not None and not (math.isfinite(v) and abs(v) <= bound):
                     raise ValueError(
-                        f"detector state {key}.{t}={v!r} is not a finite number in "
-                        f"[-{bound:g}, {bound:g}]"
+                        f"detector state {key}.{t}={v!r} is not a finite number"
+                        + (f" in [-{bound:g}, {bound:g}]" if math.isfinite(bound) else "")
                     )
                 loaded[key][t] = None if v is None else float(v)
         streak = state.get("streak", 0)
@@ -419,11 +551,22 @@ class GloFND(Detector):
             and all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in counts)
         ):
             raise ValueError(f"detector state epoch_counts={counts!r} is not two counts >= 0")
+        sums = state.get("spread_sums", [0.0, 0.0, 0.0])
+        if not (
+            isinstance(sums, list)
+            and len(sums) == 3
+            and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+                for x in sums
+            )
+        ):
+            raise ValueError(f"detector state spread_sums={sums!r} is not three sums >= 0")
         super().load_state_dict(state)
         self.offsets.update(loaded["offsets"])
         self.shared.update(loaded["shared"])
         self.streak = streak
         self.epoch_counts = [float(x) for x in counts]
+        self.spread_sums = [float(x) for x in sums]
         self.warned = bool(state.get("warned", False))
 
     def state_metrics(self) -> dict[str, float]:
@@ -440,6 +583,9 @@ class GloFND(Detector):
         if negatives:
             out["flagged_share"] = flagged / negatives
             out["flagged_over_alpha"] = flagged / negatives / self.alpha
+        spread = anchor_spread(self.spread_sums)
+        if spread is not None:
+            out["anchor_spread"] = spread
         out["masking"] = float(self.masked_from is not None)
         return out
 
@@ -495,16 +641,18 @@ class GloFND(Detector):
         flags: list[torch.Tensor],
         num_negatives: int | torch.Tensor,
         epoch: int = 0,
+        offset: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """As ``update``, from flags already computed with the current thresholds (the
-        training step reuses the flags of its false-negative masks)."""
+        training step reuses the flags of its false-negative masks). The new thresholds are
+        clamped so that with ``offset`` they lie in ``[-1, 1]``."""
         t = anchor_type
         dev = flags[0].device
         lam = self.tables.rows(f"glofnd.lambda_{t}", index, dev)
         g = self.gradient(flags, num_negatives)
         count = self.tables.rows(f"glofnd.count_{t}", index, dev) + 1
         if self.optimizer == "sgd":
-            new_lam = (lam - self.lr * g).clamp(-1.0, 1.0)
+            new_lam = (lam - self.lr * g).clamp(-1.0 - offset, 1.0 - offset)
             return {f"glofnd.lambda_{t}": new_lam, f"glofnd.count_{t}": count}
         m = self.beta1 * self.tables.rows(f"glofnd.m_{t}", index, dev) + (1 - self.beta1) * g
         v = self.beta2 * self.tables.rows(f"glofnd.v_{t}", index, dev) + (1 - self.beta2) * g * g
@@ -516,13 +664,32 @@ class GloFND(Detector):
         )
         mhat = m / (1 - torch.pow(torch.tensor(self.beta1, device=dev), t_corr))
         vhat = v / (1 - torch.pow(torch.tensor(self.beta2, device=dev), t_corr))
-        new_lam = (lam - self.lr * mhat / (torch.sqrt(vhat) + EPS)).clamp(-1.0, 1.0)
+        new_lam = (lam - self.lr * mhat / (torch.sqrt(vhat) + EPS)).clamp(-1.0 - offset, 1.0 - offset)
         return {
             f"glofnd.lambda_{t}": new_lam,
             f"glofnd.m_{t}": m,
             f"glofnd.v_{t}": v,
             f"glofnd.count_{t}": count,
         }
+
+    @torch.no_grad()
+    def update_toward(
+        self,
+        anchor_type: str,
+        index: torch.Tensor,
+        lam: torch.Tensor,
+        estimate: torch.Tensor,
+        offset: float,
+    ) -> dict[str, torch.Tensor]:
+        """``fnd.optimizer=quantile``: each threshold moves toward its visit's estimate
+        (``visit_quantile``, a similarity) less this step's offset, by ``max(1 / c_n,
+        quantile_weight)`` (``c_n`` counting this visit); a row without an estimate stays."""
+        t = anchor_type
+        count = self.tables.rows(f"glofnd.count_{t}", index, lam.device) + 1
+        w = torch.clamp(1.0 / count, min=self.quantile_weight)
+        target = self._bounded(estimate.to(lam.dtype), offset)
+        new_lam = torch.where(torch.isnan(target), lam, lam + w * (target - lam))
+        return {f"glofnd.lambda_{t}": new_lam, f"glofnd.count_{t}": count}
 
     @torch.no_grad()
     def threshold_quantiles(
