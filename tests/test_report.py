@@ -22,6 +22,7 @@ from PIL import Image
 from clipfnd.cli.main import main
 from clipfnd.config import from_dict
 from clipfnd.report import write_report
+from clipfnd.report.page import summary_json
 from clipfnd.report.scoring import read_tables
 from clipfnd.state.files import load_tables
 from clipfnd.train.objective import OBJECTIVES
@@ -186,8 +187,24 @@ def test_report_of_a_clip_run(clip_run, tmp_path):
     path, scores = write_report(clip_run, out, max_anchors=64, progress=False, show=64)
     assert path == out and scores.detector == "glofnd" and not scores.notes
     page = parse(out)
-    assert page.sections == ["run", "flags", "thresholds", "per-label", "plots"]
+    assert page.sections == ["run", "flags", "thresholds", "per-anchor", "per-label", "plots"]
     assert len(page.flags) == 128  # 64 anchors, as image and as caption anchors
+    # per-anchor calibration: each anchor's share is what the detector itself flags for it
+    # against every encoded sample (its flags, above), over alpha
+    n = len(scores.samples)
+    for t, m in scores.per_anchor.items():
+        by_row = {a.row: len(a.flagged) for a in scores.flags[t]}
+        want = torch.tensor(
+            [by_row[r] / (n - 1) / scores.alpha for r in scores.per_anchor_rows],
+            dtype=torch.float64,
+        )
+        torch.testing.assert_close(m.ratio, want)
+        assert float(m.global_ratio.sum()) == pytest.approx(float(m.ratio.sum()), rel=1e-9)
+    numbers = summary_json(scores)
+    assert set(numbers["per_anchor"]) == {"img", "txt"}
+    assert numbers["per_anchor"]["img"]["anchors"] == 64
+    assert 0 <= numbers["per_anchor"]["txt"]["within"] <= 1
+    assert numbers["detection"]["right"] == sum(c[0] for c in scores.per_label.values())
     assert check_flags_match(out, scores, "clip") > 0
     text = out.read_text()
     assert "http://" not in text and "https://" not in text and "<script" not in text

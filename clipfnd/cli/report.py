@@ -16,6 +16,14 @@ def cmd_report(a: argparse.Namespace) -> int:
             from ..errors import UserError
 
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.json:
+        from pathlib import Path
+
+        from ..errors import UserError
+
+        folder = Path(a.json).parent
+        if not folder.is_dir():
+            raise UserError(f"--json {a.json}: the folder {folder} does not exist")
     path, scores = write_report(
         a.run,
         a.out,
@@ -29,6 +37,13 @@ def cmd_report(a: argparse.Namespace) -> int:
         device=a.device,
         progress=not a.no_progress,
     )
+    if a.json:
+        import json
+        from pathlib import Path
+
+        from ..report.page import summary_json
+
+        Path(a.json).write_text(json.dumps(summary_json(scores), indent=2) + "\n")
     secs = scores.seconds
     print(
         f"report: {path} ({len(scores.samples)} samples encoded in {secs['encode']:.1f} s, "
@@ -78,4 +93,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0, help="which anchors are drawn")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the report's numbers (per-anchor calibration, detection) as JSON",
+    )
     r.set_defaults(func=cmd_report)

@@ -435,7 +435,9 @@ class GloFND(Detector):
         ratios = [float(c[0]) / max(float(c[1]), 1.0) / self.alpha for c in counts]
         calibrated = all(calibrated_count(float(c[0]), float(c[1]), self.alpha) for c in counts)
         self.streak = self.streak + 1 if calibrated else 0
-        spreads = [stats[f"glofnd.spread_{t}"] for t in self.anchor_types if f"glofnd.spread_{t}" in stats]
+        spreads = [
+            stats[f"glofnd.spread_{t}"] for t in self.anchor_types if f"glofnd.spread_{t}" in stats
+        ]
         if spreads:  # exponentially weighted over about a window of steps
             keep = 1.0 - 1.0 / max(1, self.window or 1)
             step_sums = [float(x) for x in sum(spreads)]
@@ -556,7 +558,10 @@ class GloFND(Detector):
             isinstance(sums, list)
             and len(sums) == 3
             and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+                isinstance(x, (int, float))
+                and not isinstance(x, bool)
+                and math.isfinite(x)
+                and x >= 0
                 for x in sums
             )
         ):
@@ -664,7 +669,9 @@ class GloFND(Detector):
         )
         mhat = m / (1 - torch.pow(torch.tensor(self.beta1, device=dev), t_corr))
         vhat = v / (1 - torch.pow(torch.tensor(self.beta2, device=dev), t_corr))
-        new_lam = (lam - self.lr * mhat / (torch.sqrt(vhat) + EPS)).clamp(-1.0 - offset, 1.0 - offset)
+        new_lam = (lam - self.lr * mhat / (torch.sqrt(vhat) + EPS)).clamp(
+            -1.0 - offset, 1.0 - offset
+        )
         return {
             f"glofnd.lambda_{t}": new_lam,
             f"glofnd.m_{t}": m,

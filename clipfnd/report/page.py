@@ -12,11 +12,13 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from pathlib import Path
 
 from PIL import Image
 
 from .. import plots
+from ..fnd.per_anchor import BAND
 from .scoring import AnchorFlags, Sample, Scores
 
 THUMB = 72
@@ -157,6 +159,124 @@ def _histogram(values, title: str) -> bytes:
     return plots.png_bytes(fig)
 
 
+def _ratio_histogram(scores: Scores, t: str) -> bytes:
+    """Each scored anchor's own flagged share over alpha (log scale), under its learned
+    threshold and under one global threshold flagging the same total; shaded: 0.5-2 x."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    m = scores.per_anchor[t]
+    floor = 1.0 / 64
+    bins = np.geomspace(floor, 64, 37)
+    fig = Figure(figsize=(6, 3), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.axvspan(BAND[0], BAND[1], color="0.9", zorder=0)
+    for values, label, colour in (
+        (m.ratio, f"learned thresholds ({m.within:.0%} within)", plots.TAB[0]),
+        (m.global_ratio, f"one global threshold ({m.global_within:.0%} within)", plots.TAB[1]),
+    ):
+        v = np.clip(values.numpy(), floor, 64)  # none flagged: drawn at the left edge
+        ax.hist(v, bins=bins, histtype="step", linewidth=1.6, color=colour, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("anchor's own flagged share / alpha (left edge: none flagged)")
+    ax.set_ylabel("anchors")
+    ax.set_title(f"per-anchor calibration, {t} anchors", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return plots.png_bytes(fig)
+
+
+def _per_anchor_section(scores: Scores, thumbs: Thumbs, shown: int = 6) -> list[str]:
+    parts = ['<section id="per-anchor"><h2>Per-anchor calibration</h2>']
+    if not scores.per_anchor:
+        parts.append(
+            f'<p class="muted">The detector of this run ({_esc(scores.detector)}) learns no '
+            "per-anchor thresholds.</p></section>"
+        )
+        return parts
+    parts.append(
+        f"<p class='muted'>Each of the {len(scores.per_anchor_rows)} scored anchors against "
+        f"every encoded sample: the share of its own negatives above its threshold, over "
+        f"fnd.alpha={scores.alpha:g}. Within {BAND[0]:g}-{BAND[1]:g} x counts as calibrated. "
+        "The counterfactual is one global threshold that flags the same total: learned "
+        "per-sample thresholds earn their keep by the difference. docs/methods.md, "
+        '"Per-anchor calibration".</p>'
+        "<table class='grid'><tr><th>anchors</th><th>within 0.5-2 x alpha</th>"
+        "<th>same, one global threshold</th><th>median share / alpha</th>"
+        "<th>median |threshold - own quantile|</th></tr>"
+    )
+    for t, m in scores.per_anchor.items():
+        parts.append(
+            f"<tr><td>{_esc(TYPE_NAMES.get(t, t))}</td><td>{m.within:.3f}</td>"
+            f"<td>{m.global_within:.3f}</td><td>{float(m.ratio.median()):.2f}</td>"
+            f"<td>{m.median_gap:.4f}</td></tr>"
+        )
+    parts.append("</table>")
+    for t, m in scores.per_anchor.items():
+        parts.append(
+            f'<figure><img alt="per-anchor calibration ({t})" '
+            f'src="{data_uri(_ratio_histogram(scores, t))}"></figure>'
+        )
+        off = sorted(
+            range(len(scores.per_anchor_rows)),
+            key=lambda i: -abs(math.log2(max(float(m.ratio[i]), 1e-3))),
+        )[:shown]
+        cards = "".join(
+            _card(
+                scores,
+                thumbs,
+                scores.samples[scores.per_anchor_rows[i]],
+                f"{float(m.ratio[i]):.2f} x alpha; &theta; - q {float(m.gap[i]):+.3f}",
+            )
+            for i in off
+        )
+        parts.append(f"<h3>{t}: the anchors furthest off</h3><div class='row'>{cards}</div>")
+    parts.append("</section>")
+    return parts
+
+
+def summary_json(scores: Scores) -> dict:
+    """The report's numbers (``clipfnd report --json``)."""
+    out: dict = {
+        "checkpoint": str(scores.ckpt.path),
+        "step": scores.ckpt.step,
+        "data": scores.data_path,
+        "is_training_data": scores.is_training,
+        "detector": scores.detector,
+        "samples": len(scores.samples),
+        "mask_start_step": scores.mask_start_step,
+    }
+    if scores.per_anchor:
+        out["alpha"] = scores.alpha
+        out["per_anchor"] = {
+            t: {
+                "anchors": int(m.ratio.numel()),
+                "negatives_per_anchor": m.negatives,
+                "within": m.within,
+                "within_global": m.global_within,
+                "median_ratio": float(m.ratio.median()),
+                "median_abs_gap": m.median_gap,
+                "global_threshold": m.global_threshold,
+                "band": list(BAND),
+            }
+            for t, m in scores.per_anchor.items()
+        }
+    if scores.per_label:
+        tp = sum(c[0] for c in scores.per_label.values())
+        fp = sum(c[1] for c in scores.per_label.values())
+        fn = sum(c[2] for c in scores.per_label.values())
+        out["detection"] = {
+            "right": tp,
+            "wrong": fp,
+            "missed": fn,
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None,
+        }
+    return out
+
+
 def _ratio(a: int, b: int) -> str:
     return f"{a / b:.3f}" if b else "&ndash;"
 
@@ -258,6 +378,8 @@ def render(scores: Scores, run_dir: Path, shown_anchors: int = 12, shown_flags: 
                 )
                 parts.append(f"<h3>{t}: {title}</h3><div class='row'>{cards}</div>")
     parts.append("</section>")
+
+    parts += _per_anchor_section(scores, thumbs)
 
     # per label
     parts.append('<section id="per-label"><h2>Detection per label</h2>')

@@ -30,6 +30,7 @@ from ..checkpoints import LoadedCheckpoint, checkpoint_dir, final_path, load_che
 from ..config import Config, from_dict
 from ..errors import CheckpointError, UserError
 from ..fnd import DetectionInput, Detector, build_detector, same_label
+from ..fnd.per_anchor import PerAnchor, measure
 from ..registry import check_choices
 from ..state import StateTables
 from ..state.files import load_detector_state, load_tables, table_sources
@@ -87,6 +88,10 @@ class Scores:
     skipped: int = 0  # samples of the split left out (no caption in a CLIP run, unreadable)
     seconds: dict[str, float] = field(default_factory=dict)
     mask_start_step: int | None = None  # the training step that first removed flagged negatives
+    # GloFND: per-anchor calibration of the scored anchors against every encoded sample
+    per_anchor: dict[str, PerAnchor] = field(default_factory=dict)
+    per_anchor_rows: list[int] = field(default_factory=list)  # the anchors' encoded rows
+    alpha: float | None = None
 
 
 def find_checkpoint(run: str | Path, checkpoint: str | None) -> str:
@@ -299,11 +304,35 @@ def score(
     rng = random.Random(seed)
     anchors = sorted(rng.sample(range(len(samples)), min(max_anchors, len(samples))))
     flag_anchors(scores, det, tables, feats, index, labels, anchors, dev, progress)
+    per_anchor(scores, det, tables, feats, index, anchors)
     t2 = time.perf_counter()
     confidence(scores, train_tables, index if is_training else None, getattr(det, "offsets", None))
     ifnd_clusters(scores, train_tables, index if is_training else None, cfg)
     scores.seconds = {"encode": t1 - t0, "flags": t2 - t1, "total": time.perf_counter() - t0}
     return scores
+
+
+def per_anchor(
+    scores: Scores,
+    det: Detector,
+    tables: StateTables,
+    feats: dict[str, torch.Tensor],
+    index: torch.Tensor,
+    anchors: list[int],
+) -> None:
+    """GloFND: for the scored anchors, their own flagged share over every encoded sample, the
+    distance of each threshold from its own quantile, and the same share under one global
+    threshold flagging the same total (``clipfnd.fnd.per_anchor``)."""
+    if det.name != "glofnd" or not anchors:
+        return
+    rows = torch.tensor(anchors)
+    offsets = getattr(det, "offsets", {})
+    scores.alpha = det.alpha
+    scores.per_anchor_rows = list(anchors)
+    for t, other in columns_of(scores.cfg.mode).items():
+        lam = tables.rows(f"glofnd.lambda_{t}", index[rows]).double()
+        thr = (lam + (offsets.get(t) or 0.0)).clamp(-1.0, 1.0)
+        scores.per_anchor[t] = measure(feats[t][rows], feats[other], rows, thr, det.alpha)
 
 
 def columns_of(mode: str) -> dict[str, str]:
