@@ -54,22 +54,24 @@ def test_an_alpha_below_one_flag_per_global_batch_is_refused_at_start_up(shapes,
     )
 
 
-def test_an_alpha_below_one_flag_per_row_is_said_at_start_up_and_in_the_calibration_warning(
+def test_an_alpha_below_one_flag_per_row_starts_from_the_batch_and_flags_alpha(
     shapes, tmp_path, caplog
 ):
-    """At batch 32 an anchor has 31 negatives: alpha 0.002 is a fifteenth of one. First visits
-    (fnd.init=quantile) flag the hardest negative, 16 x alpha; the offset is on already, so
-    the calibration warning must not advise it."""
+    """At batch 32 an anchor has 31 negatives: alpha 0.002 is a fifteenth of one flag. A first
+    visit's threshold used to be the quantile between the row's two largest, flagging its
+    hardest negative (16 x alpha, and a warning that advised the offset, already on). It now
+    starts at the quantile over the whole global batch, the thresholds learn with Adam (no
+    row holds an estimate of its own), start-up says so, and the run flags about alpha: no
+    calibration warning."""
     run = tmp_path / "run"
     args = ["data.batch_size=32", "fnd.detector=glofnd", "fnd.alpha=2e-3", "train.epochs=1"]
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         assert main(_args(shapes, run, *args, "eval.at_end=false")) == 0
     text = caplog.text
-    assert "fnd.alpha=0.002 is below 1/31, the smallest share of an anchor's 31 negatives" in text
-    assert "flags its hardest negative, 16.1 x fnd.alpha" in text
-    warning = next(r.getMessage() for r in caplog.records if "GloFND flagged" in r.getMessage())
-    assert "fnd.alpha is below 1/31" in warning and "set fnd.init=shared" in warning
-    assert "fnd.offset=true" not in warning
+    assert "fnd.alpha=0.002 is below 1/32, one flag in an anchor's 31 negatives" in text
+    assert "starts at the quantile over the whole global batch" in text
+    assert "thresholds learn with fnd.optimizer=adam" in text
+    assert "GloFND flagged" not in text
 
 
 # --- the detector's state in a checkpoint (case 7) -----------------------------------------

@@ -60,9 +60,18 @@ def test_sharded_equals_replicated_bit_for_bit(world):
             assert torch.equal(t, rep_tables[key]), (name, key)
 
 
-def _resume(rank, world, name, state, params, tables_dir):
+def _resume(rank, world, name, state, params, tables_dir, detector_state):
     over = {**CONFIGS[name], "fnd.state": state}
-    return run_steps(rank, world, over, 4, first=4, params_from=params, tables_dir=tables_dir)
+    return run_steps(
+        rank,
+        world,
+        over,
+        4,
+        first=4,
+        params_from=params,
+        tables_dir=tables_dir,
+        detector_state=detector_state,
+    )
 
 
 def _first_half(rank, world, name, save_dir):
@@ -72,7 +81,8 @@ def _first_half(rank, world, name, save_dir):
 
 @pytest.mark.parametrize("name", ["fastclip_v3_glofnd"])
 def test_a_sharded_checkpoint_resumes_on_other_world_sizes(name, tmp_path):
-    """4 steps sharded on 2 processes, saved per rank as checkpoints do; then 4 more steps.
+    """4 steps sharded on 2 processes, saved per rank as checkpoints do (tables, and the
+    detector's run-wide state); then 4 more steps.
     Replicated on 1 process (the shards reassembled) and sharded on 2 (each rank its own
     file) equal 8 steps on one process. On 3 processes (re-sharded rows), sharded equals
     replicated from the same checkpoint."""
@@ -84,13 +94,13 @@ def test_a_sharded_checkpoint_resumes_on_other_world_sizes(name, tmp_path):
         "tables_rank0_of_2.safetensors",
         "tables_rank1_of_2.safetensors",
     ]
-    params = first[0][2]
+    params, detector_state = first[0][2], first[0][3]
     assert read_full_tables(saved)[0] == N
     for world, state in ((1, "replicated"), (2, "sharded")):
         if world == 1:
-            runs = [_resume(0, 1, name, state, params, str(saved))]
+            runs = [_resume(0, 1, name, state, params, str(saved), detector_state)]
         else:
-            runs = run_group(_resume, world, name, state, params, str(saved))
+            runs = run_group(_resume, world, name, state, params, str(saved), detector_state)
         losses = first[0][0] + runs[0][0]
         assert losses == pytest.approx(ref_losses, abs=1e-6, rel=0), (world, state)
         if state == "replicated":
@@ -100,15 +110,18 @@ def test_a_sharded_checkpoint_resumes_on_other_world_sizes(name, tmp_path):
         for key in ref_tables:
             rtol = 1e-6 if key.startswith("gcl.u_") else 0.0
             torch.testing.assert_close(tables[key], ref_tables[key], atol=1e-6, rtol=rtol)
-    three = run_group(_resume_both, 3, name, params, str(saved))
+    three = run_group(_resume_both, 3, name, params, str(saved), detector_state)
     assert three[0]["sharded"][0] == three[0]["replicated"][0]
     full = _assemble([{(name, "sharded"): r["sharded"]} for r in three], name)
     for key, t in full.items():
         assert torch.equal(t, three[0]["replicated"][1][key]), key
 
 
-def _resume_both(rank, world, name, params, tables_dir):
-    return {s: _resume(rank, world, name, s, params, tables_dir) for s in ("replicated", "sharded")}
+def _resume_both(rank, world, name, params, tables_dir, detector_state):
+    return {
+        s: _resume(rank, world, name, s, params, tables_dir, detector_state)
+        for s in ("replicated", "sharded")
+    }
 
 
 def test_sharded_tables_hold_their_rows_only_and_refuse_whole_table_access():

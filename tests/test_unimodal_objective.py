@@ -92,7 +92,7 @@ def test_sogclr_unimodal_matches_float64_loop(tau, b):
 
 # --- GloFND, unimodal -------------------------------------------------------------------------
 # the paper's thresholds (placed by hand here, no offset): the rule these references implement
-PAPER = {"fnd.init": "constant", "fnd.offset": "false"}
+PAPER = {"fnd.init": "constant", "fnd.offset": "false", "fnd.optimizer": "adam"}
 
 
 @pytest.mark.parametrize("b", [4, 8])

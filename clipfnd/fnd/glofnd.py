@@ -54,6 +54,7 @@ OPTIMIZERS = ("auto", "quantile", "adam", "sgd")
 # that flag between none and twice alpha of their negatives spread about 0.6-0.9; one threshold
 # for anchors whose similarities differ (a long tail of concepts), 1.5-2
 SPREAD_READY = 1.0
+OFFSET_BOUND = 100.0  # a saved offset beyond this is refused (a drift sum stays within a few)
 log = logging.getLogger(__name__)
 
 
@@ -524,11 +525,11 @@ class GloFND(Detector):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Every value checked before any is used: a finite offset (a running sum of a
-        similarity's drift; a stored threshold is relative to it), a shared threshold within
-        ``[-1, 1]``, finite counts."""
+        """Every value checked before any is used: an offset within ``[-100, 100]`` (a running
+        sum of the similarities' drift, a few units over any run; a stored threshold is
+        relative to it), a shared threshold within ``[-1, 1]``, finite counts."""
         loaded: dict[str, dict[str, float | None]] = {}
-        for key, bound in (("offsets", math.inf), ("shared", 1.0)):
+        for key, bound in (("offsets", OFFSET_BOUND), ("shared", 1.0)):
             values = state.get(key, {}) if isinstance(state, dict) else None
             if not isinstance(values, dict):
                 raise ValueError(f"detector state {key} is not a mapping")
