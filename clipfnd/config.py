@@ -147,6 +147,14 @@ class FNDConfig:
     # within 0.75-1.33 x alpha for fnd.start_mask_window steps in a row)
     start_mask: Union[int, float, str] = 0  # noqa: UP007 (OmegaConf reads typing.Union)
     start_mask_window: int | None = None  # start_mask=auto: steps in a row (null: one epoch)
+    # GloFND's per-anchor calibration while training (docs/methods.md, "Per-anchor
+    # calibration"): at each epoch's end (and every calibration_every optimiser steps when set)
+    # the first calibration_bank readable training samples are encoded un-augmented, and
+    # calibration_anchors of them (fixed, drawn by the seed) are measured against all of them:
+    # fnd/anchors_img_within, its one-global-threshold counterfactual, ... (0 bank: off)
+    calibration_every: int = 0
+    calibration_bank: int = 1024
+    calibration_anchors: int = 256
     removal: str = "eliminate"  # eliminate | attract
     rescale: bool = True  # eliminate: rescale the kept negative sum to the full count
     state_on_cpu: bool = False  # keep per-sample tables in host memory (huge datasets)
@@ -444,6 +452,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"fnd.alpha must be in (0, 1), got {cfg.fnd.alpha}")
     if cfg.fnd.lr <= 0:
         raise ConfigError(f"fnd.lr must be > 0, got {cfg.fnd.lr}")
+    for key in ("calibration_every", "calibration_bank", "calibration_anchors"):
+        if getattr(cfg.fnd, key) < 0:
+            raise ConfigError(f"fnd.{key} must be >= 0, got {getattr(cfg.fnd, key)}")
     if not 0 < cfg.fnd.quantile_weight <= 1:
         raise ConfigError(f"fnd.quantile_weight must be in (0, 1], got {cfg.fnd.quantile_weight}")
     if not (0 <= cfg.fnd.beta1 < 1 and 0 <= cfg.fnd.beta2 < 1):

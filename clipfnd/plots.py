@@ -130,6 +130,25 @@ def panels(records: list[dict[str, Any]]) -> dict[str, list[Panel]]:
     for t in sorted({k.rsplit("_", 1)[1] for r in steps for k in r if "threshold_gap_" in k}):
         gap.lines.append((f"{t} anchors", *series(steps, f"fnd/threshold_gap_{t}")))
     out["calibration"] = [calibration, gap]
+    per_anchor = Panel(
+        "anchors within 0.5-2 x alpha of their own negatives",
+        ylabel="share of anchors",
+        vlines=start,
+    )
+    for t in sorted(
+        {
+            k.split("_")[1]
+            for r in records
+            for k in r
+            if k.startswith("fnd/anchors_") and k.endswith("_within")
+        }
+    ):
+        per_anchor.lines.append((f"{t} anchors", *series(records, f"fnd/anchors_{t}_within")))
+        per_anchor.lines.append(
+            (f"{t}, one global threshold", *series(records, f"fnd/anchors_{t}_within_global"))
+        )
+    if not per_anchor.empty():
+        out["calibration"].append(per_anchor)
 
     det = Panel("detection against labels", ylabel="", vlines=start)
     det.lines.append(("precision", *series(steps, "fnd/precision")))

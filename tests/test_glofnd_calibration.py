@@ -343,8 +343,15 @@ def test_an_automatic_start_in_a_real_run_is_logged_plotted_and_summarised(shape
     assert index["calibration.png"] == [
         "flagged / fnd.alpha (shaded: calibrated)",
         "threshold - batch quantile",
+        "anchors within 0.5-2 x alpha of their own negatives",
     ]
-    assert "GloFND flagged" not in (run / "train.log").read_text()
+    log_text = (run / "train.log").read_text()
+    assert "GloFND flagged" not in log_text
+    # per anchor, at each epoch's end: 256 fixed anchors of the 512 against all of them
+    ends = [r for r in lines if "fnd/anchors_img_within" in r]
+    assert [r["step"] for r in ends] == [8, 16]
+    assert all(r["fnd/anchors_txt_measured"] == 256 for r in ends)
+    assert all(0 <= r["fnd/anchors_img_within_global"] <= 1 for r in ends)
 
     summary, lines = _train(shapes / "train", tmp_path / "moving", *common)
     steps = [r for r in lines if "loss" in r]

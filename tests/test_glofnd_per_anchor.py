@@ -204,3 +204,35 @@ def test_the_spread_separates_anchors_that_differ_from_binomial_noise():
     mixed = torch.rand(rows, n, generator=g) < p[:, None]
     assert anchor_spread(spread_terms(mixed, neg, alpha, 1)) == pytest.approx(0.8, abs=0.08)
     assert anchor_spread([0.0, 0.0, 0.0]) is None
+
+
+def _logged(rank: int, world: int) -> dict[str, float]:
+    """What the training loop logs for a bank of 50 samples and 20 anchors, the thresholds in
+    replicated tables (1 process) or sharded over the processes."""
+    from clipfnd.fnd.per_anchor import from_tables
+    from clipfnd.state import ShardedTables
+
+    n = 60
+    feats = {"img": _unit(n, 6, 0).float(), "txt": _unit(n, 6, 1).float()}
+    index = torch.arange(n) * 2 % n + (torch.arange(n) * 2 >= n)  # dataset indices, permuted
+    tables = StateTables(n) if world == 1 else ShardedTables(n, rank=rank, world=world)
+    g = torch.Generator().manual_seed(7)
+    for t in ("img", "txt"):
+        lam, count = tables.add(f"glofnd.lambda_{t}"), tables.add(f"glofnd.count_{t}")
+        full_lam = torch.rand(n, generator=g) * 0.6 - 0.3
+        full_count = (torch.arange(n) % 5 != 0).float()  # every fifth never visited
+        rows = torch.arange(n) if world == 1 else torch.arange(rank, n, world)
+        lam.copy_(full_lam[rows])
+        count.copy_(full_count[rows])
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:20].sort().values
+    offsets = {"img": 0.05, "txt": -0.02}
+    return from_tables(feats, {"img": "txt", "txt": "img"}, index, pick, tables, offsets, 0.1)
+
+
+def test_two_processes_log_the_per_anchor_measure_of_one():
+    from gloo import run_group
+
+    one = _logged(0, 1)
+    assert one["fnd/anchors_img_measured"] < 20  # the anchors never visited are left out
+    for rank_result in run_group(_logged, 2):
+        assert rank_result == one

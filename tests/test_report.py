@@ -199,7 +199,10 @@ def test_report_of_a_clip_run(clip_run, tmp_path):
             dtype=torch.float64,
         )
         torch.testing.assert_close(m.ratio, want)
-        assert float(m.global_ratio.sum()) == pytest.approx(float(m.ratio.sum()), rel=1e-9)
+        # one global threshold flags the same total, less the similarities tied with it
+        # (captions repeat here, so do their similarities)
+        total, global_total = float(m.ratio.sum()), float(m.global_ratio.sum())
+        assert 0.95 * total <= global_total <= total + 1e-9
     numbers = summary_json(scores)
     assert set(numbers["per_anchor"]) == {"img", "txt"}
     assert numbers["per_anchor"]["img"]["anchors"] == 64
@@ -220,7 +223,15 @@ def test_report_of_an_ifnd_run(ifnd_run, tmp_path):
     out = tmp_path / "r.html"
     _, scores = write_report(ifnd_run, out, max_anchors=48, progress=False, show=48)
     page = parse(out)
-    assert page.sections == ["run", "flags", "thresholds", "per-label", "clusters", "plots"]
+    assert page.sections == [
+        "run",
+        "flags",
+        "thresholds",
+        "per-anchor",
+        "per-label",
+        "clusters",
+        "plots",
+    ]
     assert scores.clusters and scores.clusters[0]["size"] >= scores.clusters[-1]["size"]
     assert check_flags_match(out, scores, "simclr") > 0
 

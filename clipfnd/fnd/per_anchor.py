@@ -61,6 +61,36 @@ class PerAnchor:
         }
 
 
+def from_tables(
+    feats: dict[str, torch.Tensor],
+    columns: dict[str, str],
+    index: torch.Tensor,
+    pick: torch.Tensor,
+    tables,
+    offsets: dict[str, float | None],
+    alpha: float,
+) -> dict[str, float]:
+    """The logged scalars (``fnd/anchors_{t}_within``, ...) for anchors ``pick`` (rows of
+    ``feats``) of encoded samples with dataset indices ``index``, against every encoded
+    sample: each anchor type ``t`` compared with ``feats[columns[t]]``, GloFND's thresholds
+    read from ``tables`` (replicated, or sharded: every process calls with the same rows and
+    gets every row), plus ``offsets[t]``, clamped to ``[-1, 1]``. Anchors whose threshold has
+    not been set yet (no visit) are left out; ``fnd/anchors_{t}_measured`` counts the rest."""
+    out: dict[str, float] = {}
+    rows = index[pick.to(index.device)]
+    for t, other in columns.items():
+        lam = tables.rows(f"glofnd.lambda_{t}", rows).double().cpu()
+        seen = (tables.rows(f"glofnd.count_{t}", rows) > 0).cpu()
+        if not bool(seen.any()):
+            continue
+        thr = (lam + (offsets.get(t) or 0.0)).clamp(-1.0, 1.0)
+        a = pick.cpu()[seen]
+        m = measure(feats[t][a], feats[other], a, thr[seen], alpha)
+        out.update(m.metrics(f"fnd/anchors_{t}_"))
+        out[f"fnd/anchors_{t}_measured"] = float(a.numel())
+    return out
+
+
 def within_band(ratio: torch.Tensor) -> float:
     """The share of anchors whose flagged share over alpha lies within ``BAND``."""
     if ratio.numel() == 0:

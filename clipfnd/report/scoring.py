@@ -148,7 +148,7 @@ def collect(dataset: EvalDataset, limit: int, need_caption: bool) -> tuple[list[
 
 @torch.no_grad()
 def encode(
-    ckpt: LoadedCheckpoint,
+    ckpt: LoadedCheckpoint | Any,
     mode: str,
     samples: list[Sample],
     batch_size: int,
@@ -161,7 +161,7 @@ def encode(
     left out (the returned list). Not ``clipfnd_eval.features.encode_dataset``: that reads a
     whole split through ``encode_image`` (backbone features in vision-only runs), and the
     report needs a bounded prefix, the projections, and the items for thumbnails."""
-    bundle = ckpt.bundle
+    bundle = getattr(ckpt, "bundle", ckpt)  # a checkpoint, or a bundle (training's live model)
     model = bundle.model.to(device).eval()
     feats: dict[str, list[torch.Tensor]] = {}
     kept: list[Sample] = []

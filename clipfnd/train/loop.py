@@ -132,6 +132,9 @@ def _train(cfg: Config, s: Run) -> dict[str, Any]:
             record["epoch_seconds"] = time.perf_counter() - epoch_start
             record["epoch_samples_per_sec"] = per_second(samples, record["epoch_seconds"])
             metrics.write(record)
+            anchors = per_anchor_record(cfg, s)
+            if anchors:
+                metrics.write({"step": run.step, "epoch": epoch, **anchors})
             calibration = s.objective.detector.epoch_report()  # every rank: it resets counts
             if calibration and s.accelerator.is_main_process:
                 log.warning("%s", calibration)
@@ -308,6 +311,11 @@ def after_step(
         save_checkpoint(cfg, s, run, epoch, it)
     if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and cfg.data.val:
         evaluate_now(cfg, s, run, epoch, metrics)
+    every = cfg.fnd.calibration_every
+    if every and step % every == 0 and step < s.total_steps:
+        anchors = per_anchor_record(cfg, s)
+        if anchors:
+            metrics.write({"step": step, "epoch": epoch, **anchors})
 
 
 def log_progress(
@@ -512,6 +520,57 @@ def evaluate(cfg: Config, s: Run, step: int, epoch: int) -> dict[str, float]:
         results.update({f"{prefix}{k}": v for k, v in out.get("metrics", {}).items()})
     model.train()
     return distributed.broadcast_object(results)
+
+
+_BANKS: dict[str, list] = {}  # data.train -> the calibration bank's samples (read once)
+
+
+def per_anchor_record(cfg: Config, s: Run) -> dict[str, float]:
+    """GloFND's per-anchor calibration now (docs/methods.md, "Per-anchor calibration"): the
+    first ``fnd.calibration_bank`` readable training samples encoded un-augmented by the model
+    as it is, and ``fnd.calibration_anchors`` of them (fixed by the seed; those whose threshold
+    has been set) measured against all of them. Every process computes the same numbers (the
+    same bank, the same weights; under FSDP every rank takes part in each forward)."""
+    det = s.objective.detector
+    if det.name != "glofnd" or not cfg.fnd.calibration_bank or not cfg.fnd.calibration_anchors:
+        return {}
+    from ..fnd.per_anchor import from_tables
+    from ..report.scoring import collect, columns_of, encode
+
+    t0 = time.perf_counter()
+    key = f"{cfg.data.train}:{cfg.fnd.calibration_bank}"
+    if key not in _BANKS:
+        ds = open_dataset(cfg.data.train, default_split="train")
+        _BANKS[key] = collect(ds, cfg.fnd.calibration_bank, need_caption=cfg.mode == "clip")[0]
+    acc = s.accelerator
+    model = acc.unwrap_model(s.model)
+    bundle = dataclasses.replace(s.bundle, model=model)
+    feats, kept, _ = encode(bundle, cfg.mode, _BANKS[key], cfg.eval.batch_size, acc.device, False)
+    model.train()
+    if len(kept) < 2:
+        return {}
+    index = torch.tensor([x.index for x in kept], device=acc.device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    pick = torch.randperm(len(kept), generator=g)[: cfg.fnd.calibration_anchors].sort().values
+    out = from_tables(feats, columns_of(cfg.mode), index, pick, s.tables, det.offsets, det.alpha)
+    if out and acc.is_main_process:
+        log.info(
+            "GloFND per anchor: %s within 0.5-2 x fnd.alpha of their own negatives (one global "
+            "threshold flagging as many: %s; %d-sample bank, %.1f s)",
+            ", ".join(
+                f"{out[f'fnd/anchors_{t}_within']:.0%} of {t} anchors"
+                for t in columns_of(cfg.mode)
+                if f"fnd/anchors_{t}_within" in out
+            ),
+            ", ".join(
+                f"{out[f'fnd/anchors_{t}_within_global']:.0%}"
+                for t in columns_of(cfg.mode)
+                if f"fnd/anchors_{t}_within" in out
+            ),
+            len(kept),
+            time.perf_counter() - t0,
+        )
+    return out
 
 
 def embed_training_set(cfg: Config, s: Run) -> tuple[torch.Tensor, torch.Tensor]:
