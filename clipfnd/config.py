@@ -121,12 +121,17 @@ class FNDConfig:
     lr: float = 0.05  # GloFND threshold learning rate
     # how a visit moves its anchor's threshold: quantile (toward the anchor's own batch estimate
     # of its (1 - alpha) quantile, weighted by fnd.quantile_weight) | adam | sgd (the paper's
-    # stochastic step of fnd.lr) | auto (quantile where a similarity row expects at least one
-    # flag, alpha x (negatives + 1) >= 1; adam below that)
+    # stochastic step of fnd.lr) | auto (quantile where a similarity row, with fnd.queue,
+    # expects at least one flag, alpha x (negatives + queue + 1) >= 1; adam below that and
+    # with fnd.init=constant, the paper's rule)
     optimizer: str = "auto"
     # quantile: the weight of a visit's estimate, once 1 / (the sample's visits) falls below it
     # (until then the mean of its visits): 0.5 follows the similarities as the model trains
     quantile_weight: float = 0.5
+    # quantile: a visit's estimate also reads the columns of the last global batches (their
+    # features, detached; at most this many per anchor type, 0: none): more negatives per
+    # estimate, and the quantile rule where a batch alone holds less than one flag per row
+    queue: int = 1024
     beta1: float = 0.9
     beta2: float = 0.98
     init_threshold: float = 1.0  # fnd.init=constant: every threshold's start
@@ -452,7 +457,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"fnd.alpha must be in (0, 1), got {cfg.fnd.alpha}")
     if cfg.fnd.lr <= 0:
         raise ConfigError(f"fnd.lr must be > 0, got {cfg.fnd.lr}")
-    for key in ("calibration_every", "calibration_bank", "calibration_anchors"):
+    for key in ("calibration_every", "calibration_bank", "calibration_anchors", "queue"):
         if getattr(cfg.fnd, key) < 0:
             raise ConfigError(f"fnd.{key} must be >= 0, got {getattr(cfg.fnd, key)}")
     if not 0 < cfg.fnd.quantile_weight <= 1:

@@ -85,6 +85,14 @@ CONFIGS = {
         "loss.gamma_decay_epochs": 2,
     },
     "clip_oracle_attract": {"fnd.detector": "oracle", "fnd.removal": "attract"},
+    # the quantile rule with its queue of recent columns: a batch alone holds 0.8 flags a row,
+    # with the last step's 16 columns queued 1.6, so estimates read the queue from step 2
+    "clip_glofnd_queue": {
+        "fnd.detector": "glofnd",
+        "fnd.alpha": 0.05,
+        "fnd.queue": 32,
+        "fnd.start_mask": 1,
+    },
     # the paper's start (a constant, no offset), and the automatic masking start
     "clip_glofnd_constant": {
         "fnd.detector": "glofnd",

@@ -150,9 +150,18 @@ def test_a_quantile_start_below_one_flag_per_row_flags_alpha_not_the_hardest_neg
     first visit the batch flags about alpha, as it does with the offset afterwards."""
     n, alpha = 64, 0.005  # 63 negatives per row: 0.32 flags expected; 20 in the batch
     img, txt = _unit(n, 8, 1), _unit(n, 8, 2)
-    det = _glofnd(n, alpha=alpha)  # the defaults: init quantile, offset on, optimizer auto
+    det = _glofnd(n, alpha=alpha, queue=0)  # defaults but the queue: init quantile, offset on
     det.check_batch(n, n - 1)
     assert det.optimizer == "adam"  # auto: below one flag per row
+    with_queue = _glofnd(n, alpha=alpha)  # the default queue of 1024 columns: 5.4 flags a row
+    with_queue.check_batch(n, n - 1)
+    assert with_queue.optimizer == "quantile"
+    # its first step: the queue is empty, so the start is the batch's too
+    first = with_queue.detect(_input(torch.arange(n), img, txt))
+    assert torch.equal(
+        first.rows["glofnd.lambda_img"],
+        det.detect(_input(torch.arange(n), img, txt)).rows["glofnd.lambda_img"],
+    )
     found = det.detect(_input(torch.arange(n), img, txt))
     for t in ("img", "txt"):
         flagged, negatives = found.stats[f"glofnd.flagged_{t}"].tolist()
@@ -236,3 +245,97 @@ def test_two_processes_log_the_per_anchor_measure_of_one():
     assert one["fnd/anchors_img_measured"] < 20  # the anchors never visited are left out
     for rank_result in run_group(_logged, 2):
         assert rank_result == one
+
+
+def _feature_input(index, img, txt, ids, epoch=0):
+    """A CLIP step with its features, as the objective hands them to a detector that asks."""
+    inp = _input(index, img, txt, epoch)
+    inp.features = {
+        "img": (img[index].float(), txt.float()),
+        "txt": (txt[index].float(), img.float()),
+    }
+    inp.column_ids = ids
+    return inp
+
+
+def test_the_queue_adds_recent_columns_to_each_visits_estimate():
+    """fnd.queue: a visit's estimate reads the batch's negatives and the columns of the last
+    steps (newest first, at most fnd.queue), less any column of the anchor's own sample; the
+    queue is the same slice of every step's columns whichever process holds it."""
+    n, alpha, q = 12, 0.1, 20
+    det = _glofnd(n, alpha=alpha, optimizer="quantile", queue=q, offset=False)
+    batches = [(_unit(n, 5, 2 * s), _unit(n, 5, 2 * s + 1)) for s in range(3)]
+    ids = [torch.arange(n) + 100 * (s + 1) for s in range(3)]  # the columns' dataset indices
+    ids[2] = torch.arange(n)  # the third batch is the anchors' own samples again
+    for s in range(2):
+        img, txt = batches[s]
+        det.detect(_feature_input(torch.arange(n), img, txt, ids[s]))
+        assert det.queue["img"] is None if s == 0 else det.queue["img"].shape == (n, 5)
+        det.after_step({}, masked=False)
+    # newest first, cut at q: the second batch's 12 texts, then 8 of the first's
+    want = torch.cat([batches[1][1], batches[0][1]])[:q].float()
+    torch.testing.assert_close(det.queue["img"], want)
+    assert det.queue_ids["img"].tolist() == (ids[1].tolist() + ids[0].tolist())[:q]
+    # an estimate over the batch (11 negatives) and the queue (20 columns, none its own)
+    img, txt = batches[2]
+    index = torch.arange(n)
+    est = det._estimate(
+        "img",
+        (img @ txt.T).float(),
+        ~torch.eye(n, dtype=torch.bool),
+        1,
+        _feature_input(index, img, txt, ids[2]),
+    )
+    for i in range(n):
+        negs = [float(img[i] @ txt[j]) for j in range(n) if j != i]
+        negs += [float(img[i] @ c) for c in want.double()]
+        xs = sorted(negs, reverse=True)
+        r = alpha * (len(xs) + 1) - 1
+        lo = math.floor(r)
+        assert float(est[i]) == pytest.approx(xs[lo] + (r - lo) * (xs[lo + 1] - xs[lo]), abs=1e-5)
+    # a queued column of the anchor's own sample is no negative
+    det.queue_ids["img"][0] = 3
+    own = det._estimate(
+        "img",
+        (img @ txt.T).float(),
+        ~torch.eye(n, dtype=torch.bool),
+        1,
+        _feature_input(index, img, txt, ids[2]),
+    )
+    assert float(own[3]) != float(est[3]) and torch.equal(own[:3], est[:3])
+
+
+def test_a_queue_is_saved_and_loaded_whole_or_refused(tmp_path):
+    from clipfnd.errors import CheckpointError
+    from clipfnd.state.files import load_detector_state, save_detector_state
+
+    n = 12
+    det = _glofnd(n, alpha=0.1, optimizer="quantile", queue=20, offset=False)
+    img, txt = _unit(n, 5, 0), _unit(n, 5, 1)
+    det.detect(_feature_input(torch.arange(n), img, txt, torch.arange(n)))
+    det.after_step({}, masked=False)
+    save_detector_state(det, tmp_path)
+    again = _glofnd(n, alpha=0.1, optimizer="quantile", queue=20, offset=False)
+    load_detector_state(again, tmp_path, det.steps)
+    assert torch.equal(again.queue["txt"], det.queue["txt"])
+    assert torch.equal(again.queue_ids["img"], det.queue_ids["img"])
+    import safetensors.torch
+
+    for bad, message in (
+        (
+            {"queue_img": torch.full((3, 5), float("nan")), "queue_ids_img": torch.arange(3)},
+            "not finite",
+        ),
+        ({"queue_img": torch.zeros(30, 5), "queue_ids_img": torch.arange(30)}, "at most 20"),
+        ({"queue_img": torch.zeros(3, 5), "queue_ids_img": torch.arange(2)}, "one dataset index"),
+        ({"queue_img": torch.zeros(3, 5)}, "come together"),
+        ({"thresholds": torch.zeros(3)}, "unknown tensors"),
+    ):
+        safetensors.torch.save_file(bad, str(tmp_path / "detector.safetensors"))
+        fresh = _glofnd(n, alpha=0.1, optimizer="quantile", queue=20, offset=False)
+        with pytest.raises(CheckpointError, match=message):
+            load_detector_state(fresh, tmp_path, det.steps)
+        assert fresh.queue == {"img": None, "txt": None}  # nothing taken
+    (tmp_path / "detector.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="detector.safetensors is not a detector state"):
+        load_detector_state(_glofnd(n, alpha=0.1, queue=20), tmp_path, det.steps)

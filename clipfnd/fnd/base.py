@@ -54,6 +54,10 @@ class DetectionInput:
     # estimated from this input and no update
     inference: bool = False
     measure: bool = False  # a logged step: also the scalars that cost extra (Detection.metrics)
+    # detached features {anchor type: (anchors [n, d], columns [M, d])} (detectors that ask
+    # for them) and every column's dataset index [M]
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    column_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,6 +99,7 @@ class Detector(ABC):
     name: ClassVar[str]
     modes: ClassVar[tuple[str, ...]] = ("clip", "simclr")  # the training modes it can serve
     needs_similarities: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False  # DetectionInput.features (GloFND's queue)
     needs_labels: ClassVar[bool] = False
     calibrates: ClassVar[bool] = False  # measures its flagged share: start_mask=auto possible
 

@@ -136,6 +136,8 @@ class GloFND(Detector):
         alpha: share of the dataset above each threshold, in (0, 1).
         lr, optimizer ("auto" | "quantile" | "adam" | "sgd"), beta1, beta2, init_threshold,
             quantile_weight: the update rule (``auto`` resolves in ``check_batch``).
+        queue: columns of the last global batches a visit's estimate also reads (quantile
+            rule; 0: the batch only).
         bias_correction: "sample" (per-sample update count) | "epoch" (``epoch + 1``).
         start_update, start_mask: when thresholds learn (an epoch) and flags are used (an
             epoch, a share of training, or ``auto``).
@@ -173,6 +175,7 @@ class GloFND(Detector):
         offset: bool = False,
         start_mask_window: int | None = None,
         quantile_weight: float = 0.5,
+        queue: int = 0,
     ):
         super().__init__(anchor_types, start_update=start_update, start_mask=start_mask)
         if bias_correction not in ("sample", "epoch"):
@@ -189,6 +192,13 @@ class GloFND(Detector):
         if not 0 < quantile_weight <= 1:
             raise ValueError(f"quantile_weight must be in (0, 1], got {quantile_weight}")
         self.quantile_weight = quantile_weight
+        if queue < 0:
+            raise ValueError(f"queue must be >= 0, got {queue}")
+        self.queue_size = queue
+        self.needs_features = queue > 0
+        # the columns of the last global batches, newest first: features and dataset indices
+        self.queue: dict[str, torch.Tensor | None] = {t: None for t in anchor_types}
+        self.queue_ids: dict[str, torch.Tensor | None] = {t: None for t in anchor_types}
         self.tables = tables
         self.anchor_types = anchor_types
         self.alpha, self.lr, self.optimizer = alpha, lr, optimizer
@@ -213,6 +223,7 @@ class GloFND(Detector):
         self.row_negatives: int | None = None  # negatives of a similarity row (check_batch)
         self._window_counts = [0.0, 0.0]  # since the last log line (not checkpointed)
         self._pending: dict[str, float] = {}  # this step's offsets / shared thresholds
+        self._pending_queue: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_config(
@@ -234,6 +245,7 @@ class GloFND(Detector):
             offset=fnd.offset,
             start_mask_window=fnd.start_mask_window,
             quantile_weight=fnd.quantile_weight,
+            queue=fnd.queue,
         )
 
     def check_batch(self, rows: int, negatives_per_row: int) -> None:
@@ -246,21 +258,25 @@ class GloFND(Detector):
         self.row_negatives = negatives_per_row
         total = rows * negatives_per_row
         one_per_row = self.alpha * (negatives_per_row + 1) >= 1
-        if self.optimizer == "quantile" and not one_per_row:
+        estimable = self.alpha * (negatives_per_row + self.queue_size + 1) >= 1
+        if self.optimizer == "quantile" and not estimable:
             raise ValueError(
                 f"fnd.optimizer=quantile estimates each anchor's quantile from its "
-                f"{negatives_per_row} negatives in a global batch, which needs fnd.alpha >= "
-                f"1/{negatives_per_row + 1} (at least one flag per row in expectation), got "
-                f"{self.alpha:g}: use fnd.optimizer=auto or adam, or a larger data.batch_size"
+                f"{negatives_per_row} negatives in a global batch and fnd.queue="
+                f"{self.queue_size} more, which needs fnd.alpha >= "
+                f"1/{negatives_per_row + self.queue_size + 1} (at least one flag per row in "
+                f"expectation), got {self.alpha:g}: use fnd.optimizer=auto or adam, or a "
+                "larger fnd.queue or data.batch_size"
             )
         if self.optimizer == "auto":
-            self.optimizer = "quantile" if one_per_row else "adam"
+            # a constant start is the paper's rule, whose thresholds learn with Adam
+            self.optimizer = "quantile" if estimable and self.init != "constant" else "adam"
             log.info(
-                "GloFND: thresholds learn with fnd.optimizer=%s (alpha x (negatives + 1) = %.3g "
-                "flags per similarity row %s 1)",
+                "GloFND: thresholds learn with fnd.optimizer=%s (alpha x (negatives + queue + "
+                "1) = %.3g flags per similarity row %s 1)",
                 self.optimizer,
-                self.alpha * (negatives_per_row + 1),
-                ">=" if one_per_row else "<",
+                self.alpha * (negatives_per_row + self.queue_size + 1),
+                ">=" if estimable else "<",
             )
         if self.alpha * total < 1:
             raise ValueError(
@@ -313,8 +329,8 @@ class GloFND(Detector):
         k, b = inp.rows_per_sample, inp.index.numel()
         if self.optimizer == "auto" and updating:  # check_batch was not called: this batch's
             columns = next(iter(inp.sims.values())).shape[1]
-            self.optimizer = "quantile" if self.alpha * columns >= 1 else "adam"
-        own_start = self.row_negatives is None or self.alpha * (self.row_negatives + 1) >= 1
+            estimable = self.alpha * (columns + self.queue_size) >= 1
+            self.optimizer = "quantile" if estimable and self.init != "constant" else "adam"
         for t in self.anchor_types:
             sims = inp.sims[t]
             neg = negatives(sims, inp.pos, inp.not_negative)
@@ -323,6 +339,10 @@ class GloFND(Detector):
             fresh = torch.zeros_like(lam, dtype=torch.bool)
             if self.init != "constant":
                 fresh = (self.tables.rows(f"glofnd.count_{t}", inp.index) == 0).to(dev)
+            # a row's own estimate needs alpha x (its negatives + 1) >= 1: the batch's columns
+            # and the queue's (the same count on every process, so is the choice)
+            queued = 0 if self.queue[t] is None else self.queue[t].shape[0]
+            own_start = self.alpha * (sims.shape[1] + queued) >= 1
             shared = None
             if self.init == "shared" or (self.init == "quantile" and not own_start):
                 shared = self._shared(t, sims, neg, inp)
@@ -330,7 +350,7 @@ class GloFND(Detector):
             q = None  # each row's visit estimate, computed once for a start, update and gap
             if bool(fresh.any()):  # theta = the start value, stored less this step's offset
                 if shared is None:
-                    q = visit_quantile(sims, neg, self.alpha, k).to(torch.float32)
+                    q = self._estimate(t, sims, neg, k, inp)
                 if shared is not None:
                     start = torch.full_like(lam, shared)
                 else:  # a row without an estimate (too few negatives) keeps its value
@@ -343,7 +363,7 @@ class GloFND(Detector):
             if updating:
                 if self.optimizer == "quantile":
                     if q is None:
-                        q = visit_quantile(sims, neg, self.alpha, k).to(torch.float32)
+                        q = self._estimate(t, sims, neg, k, inp)
                     rows = self.update_toward(t, inp.index, lam, q.to(dev), offset)
                 else:
                     rows = self.update_from_flags(
@@ -351,6 +371,12 @@ class GloFND(Detector):
                     )
                 if bool(fresh.any()):  # the start value, no update at a first visit
                     rows[f"glofnd.lambda_{t}"] = torch.where(fresh, lam, rows[f"glofnd.lambda_{t}"])
+                    if shared is None and q is not None:  # no estimate: not a visit yet
+                        count = rows[f"glofnd.count_{t}"]
+                        unset = fresh & torch.isnan(q.to(dev))
+                        rows[f"glofnd.count_{t}"] = torch.where(
+                            unset, torch.zeros_like(count), count
+                        )
                     for key in (f"glofnd.m_{t}", f"glofnd.v_{t}"):
                         if key in rows:
                             rows[key] = torch.where(fresh, torch.zeros_like(rows[key]), rows[key])
@@ -363,6 +389,8 @@ class GloFND(Detector):
                 found.stats[f"glofnd.spread_{t}"] = spread_terms(
                     flags, neg, self.alpha, k, keep=~fresh
                 )
+            if updating and self.queue_size and inp.features is not None:
+                self._push(t, inp)
             if inp.measure:
                 if q is None:
                     q = visit_quantile(sims, neg, self.alpha, k).to(torch.float32)
@@ -370,6 +398,41 @@ class GloFND(Detector):
                 if bool(torch.isfinite(gap).any()):
                     found.metrics[f"fnd/threshold_gap_{t}"] = float(gap.nanmean())
         return found
+
+    def _estimate(
+        self, t: str, sims: torch.Tensor, neg: torch.Tensor, k: int, inp: DetectionInput
+    ) -> torch.Tensor:
+        """``[b]`` float32: each sample's visit estimate (``visit_quantile``) over its batch
+        negatives and the queue's columns (less any column of its own sample)."""
+        queued = self.queue[t]
+        if not self.queue_size or queued is None or inp.features is None:
+            return visit_quantile(sims, neg, self.alpha, k).to(torch.float32)
+        anchors = inp.features[t][0]
+        if queued.device != anchors.device:  # a resumed queue, read on the CPU: moved once
+            queued = self.queue[t] = queued.to(anchors.device)
+            self.queue_ids[t] = self.queue_ids[t].to(anchors.device)
+        bank = anchors.to(queued.dtype) @ queued.T
+        ids = self.queue_ids[t].to(anchors.device)
+        bank_neg = ids[None, :] != inp.index.to(anchors.device).repeat(k)[:, None]
+        both = torch.cat([sims.to(bank.dtype), bank], 1)
+        return visit_quantile(both, torch.cat([neg, bank_neg], 1), self.alpha, k).to(torch.float32)
+
+    @torch.no_grad()
+    def _push(self, t: str, inp: DetectionInput) -> None:
+        """The step's columns (the global batch's, the same on every process) go to the front
+        of the queue; the oldest beyond ``queue_size`` leave it."""
+        cols = inp.features[t][1].detach().to(torch.float32)
+        ids = inp.column_ids
+        if ids is None or ids.numel() != cols.shape[0]:
+            raise RuntimeError("GloFND's queue needs every column's dataset index")
+        if not bool(torch.isfinite(cols).all()):  # a step about to be skipped keeps nothing
+            return
+        # micro-batches of one step: each adds to what the step's earlier ones added
+        old, old_ids = self._pending_queue.get(t, (self.queue[t], self.queue_ids[t]))
+        if old is not None:
+            cols = torch.cat([cols, old.to(cols.device)])
+            ids = torch.cat([ids.to(cols.device), old_ids.to(cols.device)])
+        self._pending_queue[t] = (cols[: self.queue_size], ids[: self.queue_size].to(torch.long))
 
     @staticmethod
     def _bounded(value: torch.Tensor, offset: float) -> torch.Tensor:
@@ -426,6 +489,9 @@ class GloFND(Detector):
             if f"shared_{t}" in self._pending:
                 self.shared[t] = self._pending[f"shared_{t}"]
         self._pending = {}
+        for t, (cols, ids) in self._pending_queue.items():
+            self.queue[t], self.queue_ids[t] = cols, ids
+        self._pending_queue = {}
         counts = [
             stats[f"glofnd.flagged_{t}"]
             for t in self.anchor_types
@@ -574,6 +640,45 @@ class GloFND(Detector):
         self.epoch_counts = [float(x) for x in counts]
         self.spread_sums = [float(x) for x in sums]
         self.warned = bool(state.get("warned", False))
+
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        """The queue (``queue_t``: features, ``queue_ids_t``: dataset indices), for
+        ``detector.safetensors``; nothing without one."""
+        out = {}
+        for t in self.anchor_types:
+            if self.queue[t] is not None:
+                out[f"queue_{t}"] = self.queue[t]
+                out[f"queue_ids_{t}"] = self.queue_ids[t]
+        return out
+
+    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """What ``tensor_state`` gave, every tensor checked before any is used: known names,
+        features ``[q, d]`` with ``q <= queue_size``, finite, with as many indices >= 0."""
+        known = {f"{kind}_{t}" for t in self.anchor_types for kind in ("queue", "queue_ids")}
+        unknown = sorted(set(tensors) - known)
+        if unknown:
+            raise ValueError(f"unknown tensors {unknown} (not {self.name}'s)")
+        loaded = {}
+        for t in self.anchor_types:
+            f, ids = tensors.get(f"queue_{t}"), tensors.get(f"queue_ids_{t}")
+            if f is None and ids is None:
+                continue
+            if f is None or ids is None:
+                raise ValueError(f"queue_{t} and queue_ids_{t} come together")
+            if f.dim() != 2 or not f.is_floating_point() or not 0 < f.shape[0] <= self.queue_size:
+                raise ValueError(
+                    f"queue_{t} is {tuple(f.shape)} {f.dtype}, not at most {self.queue_size} "
+                    "feature rows (fnd.queue)"
+                )
+            if not bool(torch.isfinite(f).all()):
+                raise ValueError(f"queue_{t} holds values that are not finite")
+            if ids.shape != (f.shape[0],) or ids.is_floating_point() or bool((ids < 0).any()):
+                raise ValueError(
+                    f"queue_ids_{t} is not one dataset index >= 0 per row of queue_{t}"
+                )
+            loaded[t] = (f.to(torch.float32), ids.to(torch.long))
+        for t, (f, ids) in loaded.items():
+            self.queue[t], self.queue_ids[t] = f, ids
 
     def state_metrics(self) -> dict[str, float]:
         """For the log line: the effective thresholds' quantiles (offset included), the

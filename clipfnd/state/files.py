@@ -5,6 +5,8 @@ that reads and writes them (training's save and resume, the report, tests).
   ``fnd.state=sharded`` each rank writes its own rows instead (``shard_file``). Row count, and
   shard when sharded, are in the safetensors metadata; nothing is pickled.
 - ``detector.json`` (``DETECTOR_FILE``): the detector's ``state_dict``.
+- ``detector.safetensors`` (``DETECTOR_TENSORS``): the tensors of its run-wide state, where
+  it has any (GloFND's queue of recent columns), one copy.
 
 A checkpoint's other files and its layout are ``clipfnd.checkpoints`` (reading) and the
 training recipe (writing); of them this module reads only ``trainer_state.json``'s step, for a
@@ -27,6 +29,7 @@ from .tables import ShardedTables, StateTables
 
 TABLES_FILE = "tables.safetensors"
 DETECTOR_FILE = "detector.json"
+DETECTOR_TENSORS = "detector.safetensors"
 
 # rows read from a checkpoint's tables at a time when they are put into another layout
 ROWS_PER_READ = 1 << 22
@@ -161,8 +164,16 @@ def _first_line(e: BaseException) -> str:
 
 
 def save_detector_state(detector, folder: Path) -> None:
-    """The detector's run-wide state (``state_dict``) as ``folder/detector.json``."""
+    """The detector's run-wide state (``state_dict``) as ``folder/detector.json``, and its
+    tensors (``tensor_state``, where it has any) as ``folder/detector.safetensors``."""
     _write_json(folder / DETECTOR_FILE, detector.state_dict())
+    tensors = detector.tensor_state() if hasattr(detector, "tensor_state") else {}
+    if tensors:
+        tmp = folder / (DETECTOR_TENSORS + ".part")
+        safetensors.torch.save_file(
+            {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp)
+        )
+        os.replace(tmp, folder / DETECTOR_TENSORS)
 
 
 def load_detector_state(detector, ckpt: Path, steps: int) -> None:
@@ -183,3 +194,12 @@ def load_detector_state(detector, ckpt: Path, steps: int) -> None:
             f"{path} is not this checkpoint's detector state: it was written at step "
             f"{state.get('steps')}, the checkpoint is of step {steps}"
         )
+    tensors_path = ckpt / DETECTOR_TENSORS
+    if hasattr(detector, "load_tensor_state") and tensors_path.is_file():
+        try:
+            tensors = safetensors.torch.load_file(str(tensors_path))
+            detector.load_tensor_state(tensors)
+        except (ValueError, TypeError, OSError, safetensors.SafetensorError) as e:
+            raise CheckpointError(
+                f"{tensors_path} is not a detector state: {_first_line(e)}"
+            ) from e

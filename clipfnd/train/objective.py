@@ -88,6 +88,7 @@ class BatchPairs:
     rows_per_sample: int = 1
     self_col: torch.Tensor | None = None
     columns_index: torch.Tensor | None = None
+    column_ids: torch.Tensor | None = None  # [M] every column's dataset index (both modes)
 
     def truth(self) -> dict[str, torch.Tensor]:
         """Per anchor type, the negatives that share the anchor's label (one label per
@@ -213,6 +214,12 @@ class Objective(ABC):
                 p.rows_per_sample,
                 p.columns_index,
                 measure=logged,
+                features=(
+                    {t: (p.anchors[t].detach(), p.others[t].detach()) for t in p.anchors}
+                    if det.needs_features and (masking or updating)
+                    else None
+                ),
+                column_ids=p.column_ids,
             )
         )
         rows = {
@@ -320,6 +327,7 @@ class ClipObjective(Objective):
             label.to(dev),
             label_all.to(dev),
             duplicates,
+            column_ids=index_all.to(dev),
         )
 
 
@@ -381,6 +389,7 @@ class SimCLRObjective(Objective):
             rows_per_sample=2,
             self_col=self_col,
             columns_index=columns_index,
+            column_ids=columns_index,
         )
 
 
