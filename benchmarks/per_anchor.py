@@ -59,8 +59,8 @@ def data(root: Path, n_train: int) -> Path:
 def features(run: Path, step: int | None = None):
     from clipfnd.checkpoints import final_path, load_checkpoint
     from clipfnd.config import from_dict
-    from clipfnd.report.scoring import collect, encode
     from clipfnd_eval.layouts import open_dataset
+    from clipfnd_eval.samples import collect, encode
 
     ck = load_checkpoint(final_path(run, step) if step else run)
     cfg = from_dict(ck.config)
@@ -108,8 +108,8 @@ def crop_ceiling(run: Path, alpha: float, crops: int = 8) -> dict:
     from clipfnd.checkpoints import load_checkpoint
     from clipfnd.config import from_dict
     from clipfnd.fnd.per_anchor import measure
-    from clipfnd.report.scoring import collect, encode
     from clipfnd_eval.layouts import open_dataset
+    from clipfnd_eval.samples import collect, encode
 
     ck = load_checkpoint(run)
     cfg = from_dict(ck.config)

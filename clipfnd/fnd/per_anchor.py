@@ -28,6 +28,11 @@ import torch
 BAND = (0.5, 2.0)  # an anchor's own flagged share within this multiple of alpha: calibrated
 
 
+def columns_of(mode: str) -> dict[str, str]:
+    """Which features an anchor type is compared with: its negatives' modality."""
+    return {"img": "txt", "txt": "img"} if mode == "clip" else {"view": "view"}
+
+
 @dataclass
 class PerAnchor:
     """The measure for ``A`` anchors (tensors on the CPU, float64)."""

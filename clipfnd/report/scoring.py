@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from clipfnd_eval.datasets import EvalDataset, Item
 from clipfnd_eval.layouts import open_dataset
+from clipfnd_eval.samples import Sample, collect, encode
 from data_pipelines.progress import bar_disable
 
 from ..checkpoints import LoadedCheckpoint, checkpoint_dir, final_path, load_checkpoint
 from ..config import Config, from_dict
 from ..errors import CheckpointError, UserError
 from ..fnd import DetectionInput, Detector, build_detector, same_label
-from ..fnd.per_anchor import PerAnchor, measure
+from ..fnd.per_anchor import PerAnchor, columns_of, measure
 from ..registry import check_choices
 from ..state import StateTables
 from ..state.files import load_detector_state, load_tables, table_sources
@@ -40,17 +40,6 @@ log = logging.getLogger(__name__)
 
 class ReportError(UserError):
     """A run, checkpoint or split the report cannot use."""
-
-
-@dataclass
-class Sample:
-    """One encoded sample of the split: its column in every similarity matrix is ``row``."""
-
-    row: int
-    index: int  # dataset index (-1: the layout has none)
-    label: int
-    caption: str
-    item: Item
 
 
 @dataclass
@@ -126,73 +115,6 @@ def _same_path(a: str | None, b: str | None) -> bool:
         return Path(a).resolve() == Path(b).resolve()
     except OSError:
         return False
-
-
-def collect(dataset: EvalDataset, limit: int, need_caption: bool) -> tuple[list[Sample], int]:
-    """The first ``limit`` usable items of the split, in dataset order (images not decoded)."""
-    samples: list[Sample] = []
-    skipped = 0
-    for _, item in dataset.iter_slice(0, 1):
-        if not isinstance(item, Item):  # a part that could not be read to its end
-            log.warning("report: skipped the rest of %s (%s)", item.name, item.reason)
-            continue
-        if need_caption and not item.captions:
-            skipped += 1
-            continue
-        caption = item.captions[0] if item.captions else ""
-        samples.append(Sample(len(samples), item.index, item.label, caption, item))
-        if len(samples) >= limit:
-            break
-    return samples, skipped
-
-
-@torch.no_grad()
-def encode(
-    ckpt: LoadedCheckpoint | Any,
-    mode: str,
-    samples: list[Sample],
-    batch_size: int,
-    device: torch.device,
-    progress: bool,
-) -> tuple[dict[str, torch.Tensor], list[Sample], int]:
-    """Normalised features of every sample, as the training step compares them: CLIP
-    ``{"img", "txt"}`` (the model's image and caption embeddings), vision-only ``{"view"}``
-    (the projection head's output, un-augmented). Samples whose image cannot be decoded are
-    left out (the returned list). Not ``clipfnd_eval.features.encode_dataset``: that reads a
-    whole split through ``encode_image`` (backbone features in vision-only runs), and the
-    report needs a bounded prefix, the projections, and the items for thumbnails."""
-    bundle = getattr(ckpt, "bundle", ckpt)  # a checkpoint, or a bundle (training's live model)
-    model = bundle.model.to(device).eval()
-    feats: dict[str, list[torch.Tensor]] = {}
-    kept: list[Sample] = []
-    bad = 0
-    bar = tqdm(
-        total=len(samples), desc="report: encoding", unit="sample", disable=bar_disable(progress)
-    )
-    for start in range(0, len(samples), batch_size):
-        chunk, images = [], []
-        for s in samples[start : start + batch_size]:
-            try:
-                images.append(bundle.preprocess_val(s.item.load_image()))
-                chunk.append(s)
-            except (OSError, ValueError) as e:
-                bad += 1
-                log.warning("report: sample %d: cannot decode its image (%s)", s.index, e)
-        bar.update(len(samples[start : start + batch_size]))
-        if not chunk:
-            continue
-        x = torch.stack(images).to(device)
-        if mode == "clip":
-            feats.setdefault("img", []).append(model.encode_image(x, normalize=True).float())
-            text = bundle.tokenizer([s.caption for s in chunk]).to(device)
-            feats.setdefault("txt", []).append(model.encode_text(text, normalize=True).float())
-        else:
-            feats.setdefault("view", []).append(model(x).float())
-        kept.extend(chunk)
-    bar.close()
-    for i, s in enumerate(kept):
-        s.row = i
-    return {k: torch.cat(v) for k, v in feats.items()}, kept, bad
 
 
 def _detector(cfg: Config, tables: StateTables, has_labels: bool) -> Detector:
@@ -333,11 +255,6 @@ def per_anchor(
         lam = tables.rows(f"glofnd.lambda_{t}", index[rows]).double()
         thr = (lam + (offsets.get(t) or 0.0)).clamp(-1.0, 1.0)
         scores.per_anchor[t] = measure(feats[t][rows], feats[other], rows, thr, det.alpha)
-
-
-def columns_of(mode: str) -> dict[str, str]:
-    """Which features an anchor type is compared with: its negatives' modality."""
-    return {"img": "txt", "txt": "img"} if mode == "clip" else {"view": "view"}
 
 
 @torch.no_grad()

@@ -534,18 +534,30 @@ def per_anchor_record(cfg: Config, s: Run) -> dict[str, float]:
     det = s.objective.detector
     if det.name != "glofnd" or not cfg.fnd.calibration_bank or not cfg.fnd.calibration_anchors:
         return {}
-    from ..fnd.per_anchor import from_tables
-    from ..report.scoring import collect, columns_of, encode
+    from .sharded import is_sharded
+
+    if is_sharded(s.accelerator):  # the towers' forward outside a step: not under FSDP yet
+        if not getattr(s, "_said_no_calibration", False) and s.accelerator.is_main_process:
+            log.info("GloFND per anchor: not measured under FSDP (fnd.calibration_bank)")
+        s._said_no_calibration = True
+        return {}
+    from clipfnd_eval.samples import collect, encode
+
+    from ..fnd.per_anchor import columns_of, from_tables
 
     t0 = time.perf_counter()
     key = f"{cfg.data.train}:{cfg.fnd.calibration_bank}"
     if key not in _BANKS:
         ds = open_dataset(cfg.data.train, default_split="train")
-        _BANKS[key] = collect(ds, cfg.fnd.calibration_bank, need_caption=cfg.mode == "clip")[0]
+        bank = collect(ds, cfg.fnd.calibration_bank, cfg.mode == "clip", warn=False)[0]
+        # samples with a row in the tables (a bad index is the loader's to report)
+        _BANKS[key] = [x for x in bank if 0 <= x.index < s.tables.num_rows]
     acc = s.accelerator
     model = acc.unwrap_model(s.model)
     bundle = dataclasses.replace(s.bundle, model=model)
-    feats, kept, _ = encode(bundle, cfg.mode, _BANKS[key], cfg.eval.batch_size, acc.device, False)
+    feats, kept, _ = encode(
+        bundle, cfg.mode, _BANKS[key], cfg.eval.batch_size, acc.device, False, warn=False
+    )
     model.train()
     if len(kept) < 2:
         return {}
