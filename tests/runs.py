@@ -34,6 +34,8 @@ def write_config(path: Path, shapes: Path, run_dir: Path, extra: dict | None = N
         "fnd.alpha": 0.06,
         "fnd.lr": 0.1,
         "fnd.start_mask": 1,
+        # the per-anchor measure at each epoch's end is tested in test_glofnd_calibration.py
+        "fnd.calibration_bank": 0,
         "train.epochs": 2,
         "train.log_every": 1,
         "train.checkpoint_every": 4,

@@ -30,6 +30,7 @@ BASE = [
     "optim.warmup_steps=2",
     "fnd.detector=glofnd",
     "fnd.lr=0.1",
+    "fnd.calibration_bank=0",  # measured per anchor in test_glofnd_calibration.py
     "train.log_every=1",
     "train.checkpoint_every=3",
     "train.keep_checkpoints=10",
