@@ -70,14 +70,6 @@ def negatives(
     return neg
 
 
-def row_quantile(sims: torch.Tensor, neg: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
-    """``[b]``: the ``(1 - alpha)`` quantile of each row's negatives (linear interpolation, as
-    ``torch.quantile``), the mean over a sample's ``k`` rows."""
-    masked = sims.detach().to(torch.float64).masked_fill(~neg, float("nan"))
-    q = torch.nanquantile(masked, 1 - alpha, dim=1)
-    return q.view(k, -1).mean(0).to(torch.float32)
-
-
 def visit_quantile(sims: torch.Tensor, neg: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
     """``[b]`` float64: each row's estimate of its anchor's ``(1 - alpha)`` quantile from its
     negatives, the value with expected exceedance alpha: of ``n`` negatives drawn from a
@@ -269,8 +261,7 @@ class GloFND(Detector):
                 "larger fnd.queue or data.batch_size"
             )
         if self.optimizer == "auto":
-            # a constant start is the paper's rule, whose thresholds learn with Adam
-            self.optimizer = "quantile" if estimable and self.init != "constant" else "adam"
+            self._resolve_auto(negatives_per_row)
             log.info(
                 "GloFND: thresholds learn with fnd.optimizer=%s (alpha x (negatives + queue + "
                 "1) = %.3g flags per similarity row %s 1)",
@@ -295,6 +286,12 @@ class GloFND(Detector):
                 negatives_per_row + 1,
                 negatives_per_row,
             )
+
+    def _resolve_auto(self, negatives_per_row: int) -> None:
+        """``fnd.optimizer=auto``: the quantile rule where a row, with the queue, expects a
+        flag; Adam below that, and under a constant start (the paper's rule)."""
+        estimable = self.alpha * (negatives_per_row + self.queue_size + 1) >= 1
+        self.optimizer = "quantile" if estimable and self.init != "constant" else "adam"
 
     def plan(self, total_steps: int, steps_per_epoch: int) -> None:
         super().plan(total_steps, steps_per_epoch)
@@ -328,9 +325,7 @@ class GloFND(Detector):
             return found
         k, b = inp.rows_per_sample, inp.index.numel()
         if self.optimizer == "auto" and updating:  # check_batch was not called: this batch's
-            columns = next(iter(inp.sims.values())).shape[1]
-            estimable = self.alpha * (columns + self.queue_size) >= 1
-            self.optimizer = "quantile" if estimable and self.init != "constant" else "adam"
+            self._resolve_auto(next(iter(inp.sims.values())).shape[1] - 1)
         for t in self.anchor_types:
             sims = inp.sims[t]
             neg = negatives(sims, inp.pos, inp.not_negative)
