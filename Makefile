@@ -48,6 +48,7 @@ bench: install
 	$(PY) benchmarks/communication.py --quick
 	$(PY) benchmarks/fn_benefit.py --quick
 	$(PY) benchmarks/fn_regime.py --quick
+	$(PY) benchmarks/fn_study.py --quick
 	$(PY) benchmarks/per_anchor.py --epochs 4 --arms default "adam (the previous default)" --out runs/bench/per_anchor_quick
 	$(PY) benchmarks/vision_results.py --study glofnd --quick
 	$(PY) benchmarks/fsdp_memory.py --model clipfnd-tiny-vit --worlds 1 2 --out runs/fsdp_memory_quick.json

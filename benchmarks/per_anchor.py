@@ -18,6 +18,7 @@ global threshold. ``--ceiling`` adds what an estimator could reach at best:
   un-augmented features: the best any estimator fed training's views reaches, with no drift.
 
     python benchmarks/per_anchor.py [--seeds 0] [--epochs 16] [--arms default paper-adam]
+        [--set fnd.quantile_weight=0.85]
         [--ceiling] [--out runs/bench/per_anchor]
 """
 
@@ -70,7 +71,7 @@ def features(run: Path, step: int | None = None):
 
 
 def measure_run(run: Path, alpha: float) -> dict:
-    from clipfnd.fnd.per_anchor import measure
+    from clipfnd.fnd.per_anchor import flag_thresholds, measure
     from clipfnd.report.scoring import _detector, read_tables
     from clipfnd.state.files import load_detector_state, load_tables
 
@@ -81,8 +82,7 @@ def measure_run(run: Path, alpha: float) -> dict:
     load_detector_state(det, ck.path, ck.step or 0)
     out = {}
     for t, o in (("img", "txt"), ("txt", "img")):
-        lam = tables.rows(f"glofnd.lambda_{t}", index).double()
-        thr = (lam + (det.offsets.get(t) or 0.0)).clamp(-1, 1)
+        thr = flag_thresholds(tables, t, index, det.offsets)
         m = measure(feats[t], feats[o], torch.arange(len(index)), thr, alpha)
         out[t] = {**m.metrics(""), "anchors": len(index)}
     return out
@@ -145,6 +145,9 @@ def main() -> None:
     p.add_argument("--num-train", type=int, default=1664)
     p.add_argument("--arms", nargs="+", default=list(ARMS))
     p.add_argument("--ceiling", action="store_true")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every arm"
+    )
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "per_anchor"))
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -155,9 +158,10 @@ def main() -> None:
     d = data(root, a.num_train)
     steps_per_epoch = a.num_train // a.batch_size
     results = []
+    tag = "".join(f"-{x}" for x in a.set)  # runs and results of other settings kept apart
     for seed in a.seeds:
         for arm in a.arms:
-            run = root / "runs" / f"{arm.split()[0]}-{seed}"
+            run = root / "runs" / f"{arm.split()[0]}{tag}-{seed}"
             keep = a.ceiling and arm == "default"
             cfg = load_config(
                 None,
@@ -182,11 +186,16 @@ def main() -> None:
                     "eval.tasks=[retrieval,zeroshot]",
                     "overwrite=true",
                     *ARMS[arm],
+                    *a.set,
                 ],
             )
             t0 = time.perf_counter()
             summary = train(cfg)
-            r = {"arm": arm, "seed": seed, "seconds": time.perf_counter() - t0}
+            r = {
+                "arm": arm + (f" with {' '.join(a.set)}" if a.set else ""),
+                "seed": seed,
+                "seconds": time.perf_counter() - t0,
+            }
             r["per_anchor"] = measure_run(run, a.alpha)
             r["eval"] = {
                 k: summary["eval"][k] for k in ("label_i2t_R@1", "label_t2i_R@1", "zeroshot/top1")
@@ -200,7 +209,7 @@ def main() -> None:
             results.append(r)
             pa = r["per_anchor"]
             print(
-                f"{arm:28s} seed {seed}: within 0.5-2 x alpha: image {pa['img']['within']:.3f} "
+                f"{r['arm']:28s} seed {seed}: within 0.5-2 x alpha: image {pa['img']['within']:.3f} "
                 f"(one global threshold {pa['img']['within_global']:.3f}), text "
                 f"{pa['txt']['within']:.3f} ({pa['txt']['within_global']:.3f}); "
                 f"{r['seconds']:.0f} s",
@@ -209,7 +218,7 @@ def main() -> None:
             if "ceiling" in r:
                 print(f"  ceiling (exact quantile at an earlier step): {r['ceiling']}", flush=True)
                 print(f"  ceiling (exact quantile over training's crops): {r['crop_ceiling']}")
-    (root / "per_anchor.json").write_text(json.dumps(results, indent=1) + "\n")
+    (root / f"per_anchor{tag}.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

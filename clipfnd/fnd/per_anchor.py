@@ -66,6 +66,16 @@ class PerAnchor:
         }
 
 
+def flag_thresholds(
+    tables, anchor_type: str, rows: torch.Tensor, offsets: dict[str, float | None]
+) -> torch.Tensor:
+    """What GloFND compares a similarity with, for dataset rows ``rows``: the learned threshold
+    plus the anchor type's offset (where the run keeps one), clamped to ``[-1, 1]``, in
+    float64 on the CPU."""
+    lam = tables.rows(f"glofnd.lambda_{anchor_type}", rows).double().cpu()
+    return (lam + (offsets.get(anchor_type) or 0.0)).clamp(-1.0, 1.0)
+
+
 def from_tables(
     feats: dict[str, torch.Tensor],
     columns: dict[str, str],
@@ -84,11 +94,10 @@ def from_tables(
     out: dict[str, float] = {}
     rows = index[pick.to(index.device)]
     for t, other in columns.items():
-        lam = tables.rows(f"glofnd.lambda_{t}", rows).double().cpu()
         seen = (tables.rows(f"glofnd.count_{t}", rows) > 0).cpu()
         if not bool(seen.any()):
             continue
-        thr = (lam + (offsets.get(t) or 0.0)).clamp(-1.0, 1.0)
+        thr = flag_thresholds(tables, t, rows, offsets)
         a = pick.cpu()[seen]
         m = measure(feats[t][a], feats[other], a, thr[seen], alpha)
         out.update(m.metrics(f"fnd/anchors_{t}_"))

@@ -30,7 +30,7 @@ from ..checkpoints import LoadedCheckpoint, checkpoint_dir, final_path, load_che
 from ..config import Config, from_dict
 from ..errors import CheckpointError, UserError
 from ..fnd import DetectionInput, Detector, build_detector, same_label
-from ..fnd.per_anchor import PerAnchor, columns_of, measure
+from ..fnd.per_anchor import PerAnchor, columns_of, flag_thresholds, measure
 from ..registry import check_choices
 from ..state import StateTables
 from ..state.files import load_detector_state, load_tables, table_sources
@@ -252,8 +252,7 @@ def per_anchor(
     scores.alpha = det.alpha
     scores.per_anchor_rows = list(anchors)
     for t, other in columns_of(scores.cfg.mode).items():
-        lam = tables.rows(f"glofnd.lambda_{t}", index[rows]).double()
-        thr = (lam + (offsets.get(t) or 0.0)).clamp(-1.0, 1.0)
+        thr = flag_thresholds(tables, t, index[rows], offsets)
         scores.per_anchor[t] = measure(feats[t][rows], feats[other], rows, thr, det.alpha)
 
 
