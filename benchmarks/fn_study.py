@@ -35,7 +35,9 @@ run of the study, and within each alpha (where alpha cannot carry it).
     python benchmarks/fn_study.py --quick                                 # make bench (~2 min)
 
 Runs are saved as they finish under ``--out`` (``runs/bench/fn_study``) and skipped when found
-there, so a stopped study goes on where it stopped. ``--report`` gathers them into
+there, so a stopped study goes on where it stopped; a run in progress holds a ``.running`` file
+beside its result, so two processes (``--seeds 0 1 2`` and ``--seeds 2 1 0``) share a testbed's
+runs (after a killed run, delete its ``.running`` file). ``--report`` gathers them into
 ``docs/fn_study.json``, ``docs/images/fn_study_*.png`` and its section of ``docs/results.md``.
 """
 
@@ -245,10 +247,18 @@ def gather(a) -> None:
         for seed in a.seeds:
             for rule, frac in plan:
                 path = saved / f"{rule}-{frac:g}-{seed}.json"
+                lock = path.with_suffix(".running")  # another process of the study has it
                 if path.exists():
                     continue
-                r = run_one(d, rate, rule, frac, seed, a)
-                path.write_text(json.dumps(r) + "\n")
+                try:
+                    lock.touch(exist_ok=False)  # atomic: one process takes the run
+                except FileExistsError:
+                    continue
+                try:
+                    r = run_one(d, rate, rule, frac, seed, a)
+                    path.write_text(json.dumps(r) + "\n")
+                finally:
+                    lock.unlink()
                 pa = r.get("per_anchor_img")
                 extra = (
                     f", precision {r['precision']:.3f}, recall {r['recall']:.3f}, within "
@@ -283,12 +293,12 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def ms(vals: list) -> str:
+def ms(vals: list, digits: int = 3) -> str:
     vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
         return "-"
     m, s = mean_sd(vals)
-    return f"{m:.3f} ± {s:.3f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def paired(runs: list[dict], rule: str, frac: float, base: str = "none") -> list[float]:
@@ -349,7 +359,7 @@ def render(study: dict, meta: dict) -> str:
         orc = paired(runs, "oracle", 1.0)
         out += [
             f"CLIP's concept mean {ms([r['concept_mean'] for r in base])}; the oracle "
-            f"Δ {ms(orc)} points.",
+            f"Δ {ms(orc, 1)} points ({sum(x > 0 for x in orc)} of {len(orc)} seeds above CLIP).",
             "",
             "| rule | alpha | Δ concept mean (points) | precision | recall | train precision "
             "| image anchors within 0.5-2 x alpha (global threshold) | text anchors within "
@@ -367,7 +377,7 @@ def render(study: dict, meta: dict) -> str:
 
                 out.append(
                     f"| {rule} | {tag(frac)} ({rs[0]['alpha']:.4f}) | "
-                    f"{ms(paired(runs, rule, frac))} | {ms([r['precision'] for r in rs])} | "
+                    f"{ms(paired(runs, rule, frac), 1)} | {ms([r['precision'] for r in rs])} | "
                     f"{ms([r['recall'] for r in rs])} | "
                     f"{ms([r['train_precision'] for r in rs])} | "
                     f"{pa('img', 'within')} ({pa('img', 'within_global')}) | "

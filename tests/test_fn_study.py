@@ -109,6 +109,6 @@ def test_gains_pair_by_seed_and_the_signals_rank_against_precision(fs, tmp_path)
     }
     page = fs.render(study, meta)
     assert page.startswith(fs.BEGIN) and page.endswith(fs.END)
-    assert "| default | rate/8 (0.0075) | 2.000 ± 0.000 | 0.890 ± 0.010 |" in page
+    assert "| default | rate/8 (0.0075) | 2.0 ± 0.0 | 0.890 ± 0.010 |" in page
     assert "| persistence | 0 | - | - |" in page
     assert "| agreement | 12 | +1.00 |" in page
