@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -338,7 +339,7 @@ def render(study: dict, meta: dict) -> str:
         "## The study that decides GloFND's defaults: rules x alpha x testbeds",
         "",
         f"Written by `{meta['command']}` ({meta['date']}, {meta['machine']}; {meta['minutes']:.0f} "
-        f"minutes of runs). Every arm is a real `clipfnd train` run: tiny ViT, "
+        f"minutes of runs, two or three side by side). Every arm is a real `clipfnd train` run: tiny ViT, "
         f"{meta['num_train']} training pairs, batch {meta['batch']}, {meta['epochs']} epochs, "
         f"flags used from {START} of training on (the detector learns from step 0), seeds "
         f"{', '.join(map(str, meta['seeds']))}, paired by seed. Rules: `none` (CLIP), `paper` "
@@ -409,8 +410,13 @@ def render(study: dict, meta: dict) -> str:
 
 
 def plot(study: dict, path: Path, sig_path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     names = list(study)
-    fig, axes = _figure(2 * len(names))
+    fig = Figure(figsize=(8.4, 3.0 * len(names)), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(names), 2, squeeze=False).ravel()
     colours = {"paper": "#1f77b4", "default": "#d62728", "global": "#7f7f7f"}
     for k, name in enumerate(names):
         runs = study[name]["runs"]
@@ -488,9 +494,13 @@ def report(a) -> None:
         sys.exit(f"no runs under {root / 'runs'}: run the study first")
     seconds = sum(r["seconds"] for tb in study.values() for r in tb["runs"])
     meta = {
-        "command": "python benchmarks/fn_study.py --testbeds ... && python benchmarks/fn_study.py --report",
+        "command": "; ".join(
+            f"python benchmarks/fn_study.py --testbeds {tb} --seeds 0 1 2" for tb in study
+        )
+        + "; python benchmarks/fn_study.py --report",
         "date": str(date.today()),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), {a.threads} torch "
+        f"thread a run, torch {torch.__version__}",
         "minutes": seconds / 60,
         "num_train": a.num_train,
         "batch": a.batch,
