@@ -425,30 +425,22 @@ def plot(study: dict, path: Path, sig_path: Path) -> None:
             xs = [f for f in FRACTIONS if arm(runs, rule, f)]
             if not xs:
                 continue
-            d = [mean_sd(paired(runs, rule, f)) for f in xs]
-            ax_d.errorbar(
-                xs,
-                [m for m, _ in d],
-                yerr=[s for _, s in d],
-                capsize=3,
-                label=rule,
-                c=colours[rule],
-            )
-            px = [f for f in xs if any(r.get("precision") is not None for r in arm(runs, rule, f))]
-            p = [
-                mean_sd(
-                    [r["precision"] for r in arm(runs, rule, f) if r.get("precision") is not None]
+            gains = {f: paired(runs, rule, f) for f in xs}
+            precisions = {
+                f: [r["precision"] for r in arm(runs, rule, f) if r.get("precision") is not None]
+                for f in xs
+            }
+            for ax, by_alpha in ((ax_d, gains), (ax_p, precisions)):
+                at = [f for f in xs if by_alpha[f]]
+                stats = [mean_sd(by_alpha[f]) for f in at]
+                ax.errorbar(
+                    at,
+                    [m for m, _ in stats],
+                    yerr=[s for _, s in stats],
+                    capsize=3,
+                    label=rule,
+                    c=colours[rule],
                 )
-                for f in px
-            ]
-            ax_p.errorbar(
-                px,
-                [m for m, _ in p],
-                yerr=[s for _, s in p],
-                capsize=3,
-                label=rule,
-                c=colours[rule],
-            )
         orc = paired(runs, "oracle", 1.0)
         if orc:
             ax_d.axhline(statistics.mean(orc), ls="--", c="green", label="oracle")
