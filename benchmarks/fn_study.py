@@ -88,31 +88,19 @@ def tag(frac: float) -> str:
 
 
 def recipe(d: Path, out: Path, seed: int, a: argparse.Namespace, alpha: float) -> list[str]:
+    """fn_regime.py's shared recipe (later keys win), with what this study changes: one
+    process a run, no per-anchor measure while training (it is read after), a checkpoint 8
+    epochs before the end kept for the flags' persistence."""
+    from fn_regime import recipe as shared
+
     steps = a.num_train // a.batch
     return [
-        "mode=clip",
-        "model.name=clipfnd-tiny-vit",
-        f"data.train={d / 'train'}",
-        f"data.val={d / 'val'}",
-        f"data.batch_size={a.batch}",
+        *shared(d, out, seed, a.epochs, alpha, START, a.batch),
         "data.num_workers=0",
-        f"output_dir={out}",
-        f"seed={seed}",
-        "optim.lr=2e-3",
-        "optim.warmup_steps=20",
-        f"train.epochs={a.epochs}",
-        f"fnd.alpha={alpha}",
-        "fnd.start_update=0",
-        f"fnd.start_mask={START}",
         "fnd.calibration_bank=0",
-        "train.progress=false",
-        "train.report_to=none",
-        "train.plots=false",
         f"train.log_every={max(1, steps // 2)}",
         f"train.checkpoint_every={steps * min(8, a.epochs // 2)}",
         "train.keep_checkpoints=2",
-        "eval.tasks=[retrieval,zeroshot]",
-        "overwrite=true",
     ]
 
 
