@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from clipfnd.config import load_config
+from clipfnd.config import detection_view, load_config
 from clipfnd.models import create_clip
 from clipfnd.state import StateTables
 from clipfnd.train.objective import ClipObjective
@@ -45,6 +45,8 @@ def make_step(
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
     images = torch.randn(batch, 3, size, size, device=dev)
+    if detection_view(cfg) == "clean":  # GloFND's clean view beside the training view
+        images = torch.stack([images, torch.randn_like(images)], dim=1)
     text = bundle.tokenizer(["a red circle in the top left"] * batch).to(dev)
     tables = StateTables(num_rows, dev)
     objective = ClipObjective(cfg, tables, has_labels=True)
@@ -62,18 +64,9 @@ def make_step(
     )
 
     def step() -> None:
-        index = next(batches)
-        out = model(image=images, text=text)
+        batch = {"image": images, "text": text, "index": next(batches), "label": labels}
         # an unlogged step: detection quality is scored on logged steps only (1 in log_every)
-        res = objective(
-            out["image_features"],
-            out["text_features"],
-            out["logit_scale"],
-            index,
-            labels,
-            epoch=1,
-            measure=False,
-        )
+        res = objective.batch_loss(model, batch, dev, epoch=1, measure=False)
         objective.commit(res)
         res.loss.backward()
         opt.step()

@@ -161,6 +161,10 @@ class FNDConfig:
     calibration_every: int = 0
     calibration_bank: int = 1024
     calibration_anchors: int = 256
+    # the image view a detector reads (image-text): train (the augmented view the loss sees) |
+    # clean (the evaluation transform's resize and centre crop, one more image-tower forward
+    # without gradient per step) | auto (clean for glofnd, train otherwise)
+    view: str = "auto"
     removal: str = "eliminate"  # eliminate | attract
     rescale: bool = True  # eliminate: rescale the kept negative sum to the full count
     state_on_cpu: bool = False  # keep per-sample tables in host memory (huge datasets)
@@ -310,6 +314,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fnd.init": ("constant", "quantile", "shared"),
     "fnd.optimizer": ("auto", "quantile", "adam", "sgd"),
     "fnd.removal": ("eliminate", "attract"),
+    "fnd.view": ("auto", "train", "clean"),
     "fnd.match": ("any", "all"),
     "fnd.kmeans_backend": ("auto", "torch", "faiss"),
     "fnd.state": ("replicated", "sharded"),
@@ -402,6 +407,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "fnd.state=sharded does not work with fnd.detector=ifnd: IFND clusters and ranks "
             "the whole training set, so every process needs every row; use fnd.state=replicated"
+        )
+    if cfg.fnd.view == "clean" and (cfg.mode, cfg.fnd.detector) != ("clip", "glofnd"):
+        raise ConfigError(
+            f"fnd.view=clean is for GloFND in image-text training (mode=clip, "
+            f"fnd.detector=glofnd), not mode={cfg.mode} with fnd.detector={cfg.fnd.detector}: "
+            "vision-only training detects on its two views; use fnd.view=train or auto"
         )
     positive = [
         "data.batch_size",
@@ -669,3 +680,11 @@ def describe_keys() -> list[tuple[str, str, str]]:
         return rows
 
     return walk(Config, "")
+
+
+def detection_view(cfg: Config) -> str:
+    """``fnd.view`` resolved: ``clean`` (GloFND reads the un-augmented image, one more
+    image-tower forward without gradient a step) or ``train`` (the view the loss sees)."""
+    if cfg.fnd.view != "auto":
+        return cfg.fnd.view
+    return "clean" if (cfg.mode, cfg.fnd.detector) == ("clip", "glofnd") else "train"

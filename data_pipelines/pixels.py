@@ -181,6 +181,42 @@ class Uint8TwoViews:
         return torch.stack([self.inner(image), self.inner(image)])
 
 
+class WithCleanView:
+    """An image's training view and its clean view, ``[2, 3, S, S]``: ``train``'s random
+    draw, then ``clean`` (the evaluation transform: resize and centre crop, no random draw),
+    for a detector that reads un-augmented similarities (``fnd.view=clean``). Both ``uint8``
+    with one ``normalize`` (``with_clean_view`` checks that their tails agree), or both the
+    model's float input (``normalize`` None)."""
+
+    def __init__(self, train: Any, clean: Any, normalize: Callable | None):
+        self.train, self.clean = train, clean
+        if normalize is not None:
+            self.normalize = normalize
+
+    def prepare(self, im: Image.Image) -> tuple[int, int, int, int] | None:
+        return self.train.prepare(im) if isinstance(self.train, Uint8Transform) else None
+
+    def __call__(self, image: Image.Image, plan: tuple[int, int, int, int] | None = None):
+        if isinstance(self.train, Uint8Transform):
+            first = self.train(image, plan)
+        else:
+            first = self.train(image)
+        return torch.stack([first, self.clean(image)])
+
+
+def with_clean_view(train: Any, clean: Any) -> WithCleanView:
+    """``train`` and ``clean`` (a model's ``preprocess_train`` and ``preprocess_val``) in one
+    worker transform, on the ``uint8`` path where both end in the same float tail. JPEGs are
+    decoded at full size (no ``draft``): the clean view is the whole image, so a reduction
+    drawn for the training crop would change it."""
+    fast_train, fast_clean = fast_transform(train, None), fast_transform(clean, None)
+    if isinstance(fast_train, Uint8Transform) and isinstance(fast_clean, Uint8Transform):
+        a, b = fast_train._tail, fast_clean._tail
+        if (a.mean, a.std, a.v2_scale) == (b.mean, b.std, b.v2_scale):
+            return WithCleanView(fast_train, fast_clean, fast_train.normalize)
+    return WithCleanView(train, clean, None)
+
+
 def fast_transform(transform: Any, reducing_gap: float | None = REDUCING_GAP) -> Any:
     """``transform`` as a ``Uint8Transform`` where it ends in a float-and-normalise tail (see
     the module docstring), else ``transform`` itself."""

@@ -37,6 +37,8 @@ CONFIGS = {
         "fnd.init_threshold": 0.0,
     },
     "simclr_glofnd": {"mode": "simclr", "fnd.detector": "glofnd", "fnd.init_threshold": 0.0},
+    # images [b, 2, ...]: the training view, then the clean view GloFND reads (fnd.view=clean)
+    "clip_glofnd_clean": {"fnd.detector": "glofnd", "fnd.lr": 0.3, "fnd.init_threshold": 0.0},
 }
 
 
@@ -57,9 +59,9 @@ class Towers(torch.nn.Module):
     def forward(self, views=None, image=None, text=None):
         if views is not None:
             return F.normalize(self.wi(views), dim=1)
-        return {
-            "image_features": F.normalize(self.wi(image), dim=1),
-            "text_features": F.normalize(self.wt(text), dim=1),
+        return {  # images [b, 1, 1, D_IN] stand for [b, C, H, W]
+            "image_features": F.normalize(self.wi(image.flatten(1)), dim=1),
+            "text_features": None if text is None else F.normalize(self.wt(text), dim=1),
             "logit_scale": self.logit_scale.exp(),
         }
 
@@ -73,11 +75,13 @@ def _data():
     )
 
 
-def _batch(idx, mode):
+def _batch(idx, mode, clean=False):
     xi, xt, xv = _data()
     b = {"index": idx, "label": idx % 5}
     if mode == "simclr":
         b["image"] = torch.stack([xi[idx], xv[idx]], dim=1)  # [b, 2, D_IN]: two "views"
+    elif clean:  # [b, 2, 1, 1, D_IN]: the training view, the clean view
+        b["image"], b["text"] = torch.stack([xi[idx], xv[idx]], dim=1)[:, :, None, None], xt[idx]
     else:
         b["image"], b["text"] = xi[idx], xt[idx]
     return b
@@ -106,7 +110,7 @@ def _step(rank, world, name, accumulate, epoch=1):
         out = cached_window(
             obj,
             model,
-            [_batch(m, mode) for m in mine],
+            [_batch(m, mode, name.endswith("_clean")) for m in mine],
             dev,
             epoch,
             True,
@@ -115,7 +119,8 @@ def _step(rank, world, name, accumulate, epoch=1):
             lambda loss: distributed.all_true(bool(torch.isfinite(loss)), dev),
         )
     else:  # one process, the whole K*B batch
-        out = obj.batch_loss(model, _batch(torch.cat(micro), mode), dev, epoch, True)
+        whole = _batch(torch.cat(micro), mode, name.endswith("_clean"))
+        out = obj.batch_loss(model, whole, dev, epoch, True)
         out.loss.backward()
     grads = {
         n: distributed.all_reduce_sum(p.grad) / world

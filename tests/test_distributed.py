@@ -110,6 +110,14 @@ CONFIGS = {
     },
     # every sample of the global batch twice, the copies spread over both ranks (as
     # data.resampled=true can draw them): copies are no negatives, rows written once
+    # a third feature (the clean view's, no gradient) is what GloFND reads (fnd.view=clean)
+    "clip_glofnd_clean": {
+        "fnd.detector": "glofnd",
+        "fnd.alpha": 0.05,
+        "fnd.queue": 32,
+        "fnd.start_mask": 1,
+        "clean": True,
+    },
     "clip_glofnd_repeats": {
         "fnd.detector": "glofnd",
         "fnd.start_mask": 1,
@@ -153,6 +161,7 @@ def run_steps(
 
     overrides = dict(overrides)
     repeats = overrides.pop("repeats", False)
+    clean_view = overrides.pop("clean", False)
     cfg = load_config(None, ["data.train=unused"] + [f"{k}={v}" for k, v in overrides.items()])
     g = torch.Generator().manual_seed(0)
     xi = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
@@ -190,7 +199,11 @@ def run_steps(
         idx = order[rank * b : (rank + 1) * b]
         img = F.normalize(wi(xi[idx]), dim=1)
         txt = F.normalize(wt(xt[idx]), dim=1)
-        out = obj(img, txt, log_scale.exp(), idx, labels[idx], epoch=step // 3)
+        feats = (img, txt)
+        if clean_view:
+            with torch.no_grad():
+                feats += (F.normalize(wi(xt[idx] + xi[idx]), dim=1),)
+        out = obj(*feats, log_scale.exp(), idx, labels[idx], epoch=step // 3)
         if B % world == 0:  # 3 processes use the first 15 of 16
             assert out.duplicates == (B // 2 if repeats else 0)
         obj.commit(out)

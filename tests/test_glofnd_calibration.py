@@ -398,3 +398,25 @@ def test_the_defaults_stay_calibrated_on_the_fn_testbed(tmp_path):
     assert len(ratios) == 32
     assert max(ratios) <= 1.5, max(ratios)
     assert 0.75 <= statistics.median(ratios[24:]) <= 4 / 3
+
+
+@pytest.mark.parametrize("alpha", [0.004, 0.05, 0.3])
+def test_visit_quantile_reads_only_the_order_statistics_it_needs(alpha):
+    """The estimate takes a top-k as deep as the deepest row needs (not a sort): rows with very
+    different numbers of negatives, ties among them, and a row with no order statistic that
+    high (NaN), each equal to the by-hand float64 estimate."""
+    from clipfnd.fnd.glofnd import visit_quantile
+
+    g = torch.Generator().manual_seed(3)
+    b, m = 12, 300
+    sims = (torch.rand(b, m, generator=g) * 2 - 1).round(decimals=2)  # ties
+    keep = torch.rand(b, m, generator=g) < torch.linspace(0.02, 1.0, b)[:, None]
+    keep[0] = False
+    keep[0, :2] = True  # two negatives: alpha (n + 1) < 1 for the smaller alphas
+    got = visit_quantile(sims, keep, alpha, 1)
+    for i in range(b):
+        negs = [float(v) for v in sims[i][keep[i]].double()]
+        if alpha * (len(negs) + 1) < 1:
+            assert math.isnan(got[i])
+        else:
+            assert float(got[i]) == pytest.approx(exact_visit_quantile(negs, alpha), abs=1e-12)

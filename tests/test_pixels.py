@@ -24,7 +24,7 @@ from clipfnd.models.factory import register_builtin_configs
 from data_pipelines.augment import TwoViews, simclr_augment
 from data_pipelines.images import to_rgb
 from data_pipelines.loader import LoaderState, ShardStream
-from data_pipelines.pixels import Uint8Transform, Uint8TwoViews, fast_transform
+from data_pipelines.pixels import Uint8Transform, Uint8TwoViews, fast_transform, with_clean_view
 from data_pipelines.shards import load_shard_set
 
 from img2dataset_shards import photo_jpeg
@@ -161,3 +161,43 @@ def test_loader_hands_over_uint8_and_resumes_bitwise(shapes, clip_train):
     assert len(head) + len(rest) == len(full)
     for a, b in zip(head + rest, full, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
+
+
+def test_clean_view_is_the_evaluation_transform_and_the_training_view_unchanged(shapes):
+    """``fnd.view=clean``: the worker hands over ``[2, 3, S, S]``: training's crop (the same
+    random draw as without the clean view, at full-size decoding) and the evaluation
+    transform's resize and centre crop, both normalised by one ``normalize``: the clean view
+    bitwise ``preprocess_val``'s image (the same PIL steps, the same float tail), through
+    the loader too."""
+    register_builtin_configs()
+    _, train, val = open_clip.create_model_and_transforms("clipfnd-tiny-vit")
+    both = with_clean_view(train, val)
+    alone = fast_transform(train, reducing_gap=None)
+    assert isinstance(both.train, Uint8Transform) and isinstance(both.clean, Uint8Transform)
+    for k, size in enumerate([(24, 20), (60, 50), (90, 70)]):
+        data = photo_jpeg(k, size)
+        torch.manual_seed(k)
+        with Image.open(io.BytesIO(data)) as im:
+            raw = both(to_rgb(im), both.prepare(im))
+        torch.manual_seed(k)
+        with Image.open(io.BytesIO(data)) as im:
+            want = alone(to_rgb(im), alone.prepare(im))
+        assert raw.dtype == torch.uint8 and raw.shape == (2, *want.shape)
+        assert torch.equal(raw[0], want)
+        clean = both.normalize(raw)[1]
+        assert torch.equal(clean, val(to_rgb(Image.open(io.BytesIO(data)))))
+        assert not torch.equal(raw[0], raw[1])  # the crop is not the whole image
+    ss = load_shard_set(shapes / "train")
+    batch = next(
+        iter(
+            ShardStream(
+                ss, global_batch_size=8, image_transform=both, tokenize=None, num_workers=0
+            ).epoch(0)
+        )
+    )
+    assert batch["image"].shape[1] == 2 and batch["image"].dtype == torch.uint8
+    # a transform off the uint8 path: both views as the model's float input
+    floats = with_clean_view(T.Compose([T.Resize(32), T.ToTensor()]), val)
+    assert not hasattr(floats, "normalize")
+    out = floats(Image.new("RGB", (40, 40), (9, 99, 199)))
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32)

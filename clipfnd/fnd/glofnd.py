@@ -78,13 +78,16 @@ def visit_quantile(sims: torch.Tensor, neg: torch.Tensor, alpha: float, k: int) 
     between order statistics (``torch.quantile``'s position ``(n - 1)(1 - alpha)`` puts about
     ``alpha (n - 1) + 1`` above it: 1.4 x alpha at 127 negatives). The mean over a sample's ``k``
     rows; NaN for a row with ``alpha (n + 1) < 1`` (no order statistic lies that high)."""
-    x = sims.detach().to(torch.float64).masked_fill(~neg, float("-inf"))
-    top = x.sort(dim=1, descending=True).values
     n = neg.sum(1).to(torch.float64)
     r = alpha * (n + 1) - 1  # 0-based position from the top
     lo = r.floor().clamp(min=0)
     frac = (r - lo).unsqueeze(1)
-    i = lo.long().clamp(max=top.shape[1] - 1).unsqueeze(1)
+    # only the order statistics up to the deepest row's r + 1 are read: a top-k, not a sort
+    # (the values are the similarities themselves, so float64 after the selection is exact)
+    depth = min(int(lo.max()) + 2, sims.shape[1]) if lo.numel() else 0
+    x = sims.detach().masked_fill(~neg, float("-inf"))
+    top = x.topk(depth, dim=1, sorted=True).values.to(torch.float64)
+    i = lo.long().clamp(max=max(depth - 1, 0)).unsqueeze(1)
     j = (i + 1).clamp(max=(n.long() - 1).clamp(min=0).unsqueeze(1))
     v = (top.gather(1, i) * (1 - frac) + top.gather(1, j) * frac).squeeze(1)
     v = torch.where((r >= 0) & (n >= 1), v, torch.full_like(v, float("nan")))

@@ -28,11 +28,19 @@ from clipfnd_eval.layouts import open_dataset
 from clipfnd_eval.zeroshot import load_classnames
 from data_pipelines import DataError, ShardSet, load_shard_set
 from data_pipelines.loader import ShardStream
-from data_pipelines.pixels import REDUCING_GAP, fast_transform
+from data_pipelines.pixels import REDUCING_GAP, fast_transform, with_clean_view
 
 from .. import distributed
 from ..checkpoints import checkpoint_dir, list_checkpoints
-from ..config import Config, ConfigError, eval_tasks, report_to, to_dict, to_yaml
+from ..config import (
+    Config,
+    ConfigError,
+    detection_view,
+    eval_tasks,
+    report_to,
+    to_dict,
+    to_yaml,
+)
 from ..errors import UserError
 from ..methods import TemperaturePolicy
 from ..models import check_model_name, create_clip, lock_towers, set_grad_checkpointing
@@ -257,6 +265,8 @@ def build_run(cfg: Config) -> Run:
     # uint8 images from the workers, normalised on the device (data_pipelines/pixels.py)
     gap = REDUCING_GAP if cfg.data.reduced_jpeg_decoding else None
     transform = fast_transform(bundle.preprocess_train, reducing_gap=gap)
+    if detection_view(cfg) == "clean":  # GloFND reads un-augmented images (fnd.view)
+        transform = with_clean_view(bundle.preprocess_train, bundle.preprocess_val)
     objective = OBJECTIVES[cfg.mode](
         cfg,
         tables,

@@ -89,6 +89,9 @@ class BatchPairs:
     self_col: torch.Tensor | None = None
     columns_index: torch.Tensor | None = None
     column_ids: torch.Tensor | None = None  # [M] every column's dataset index (both modes)
+    # what the detector reads instead of (anchors, others), detached ({anchor type: ([n, d],
+    # [M, d])}; None: the features the loss sees): CLIP's clean view (``fnd.view=clean``)
+    detect: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def truth(self) -> dict[str, torch.Tensor]:
         """Per anchor type, the negatives that share the anchor's label (one label per
@@ -143,9 +146,10 @@ class Objective(ABC):
 
     @abstractmethod
     def features(
-        self, model: torch.nn.Module, batch: dict, device: torch.device
+        self, model: torch.nn.Module, batch: dict, device: torch.device, detect: bool = True
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """``(per-sample feature tensors, each [b, d]; logit_scale)`` of one batch."""
+        """``(per-sample feature tensors, each [b, d]; logit_scale)`` of one batch; with
+        ``detect``, also what only the detector reads (CLIP's clean view, no gradient), last."""
 
     @abstractmethod
     def pairs(
@@ -198,10 +202,11 @@ class Objective(ABC):
         truth = None
         if self.has_labels and (measure or (masking and det.needs_labels)):
             truth = p.truth()
+        view = p.detect or {t: (p.anchors[t].detach(), p.others[t].detach()) for t in p.anchors}
         sims: dict[str, torch.Tensor] = {}
         if det.needs_similarities and (masking or updating):
             with torch.no_grad():
-                sims = {t: p.anchors[t] @ p.others[t].T for t in p.anchors}
+                sims = {t: a @ o.T for t, (a, o) in view.items()}
         found = det.detect(
             DetectionInput(
                 sims,
@@ -214,11 +219,7 @@ class Objective(ABC):
                 p.rows_per_sample,
                 p.columns_index,
                 measure=logged,
-                features=(
-                    {t: (p.anchors[t].detach(), p.others[t].detach()) for t in p.anchors}
-                    if det.needs_features and (masking or updating)
-                    else None
-                ),
+                features=view if det.needs_features and (masking or updating) else None,
                 column_ids=p.column_ids,
             )
         )
@@ -292,14 +293,26 @@ class Objective(ABC):
 class ClipObjective(Objective):
     """Loss of one batch for CLIP training, with optional false-negative detection."""
 
-    def features(self, model, batch, device):
-        out = model(image=self.images(batch, device), text=batch["text"].to(device))
+    def features(self, model, batch, device, detect=True):
+        """Images ``[b, C, H, W]``, or ``[b, 2, C, H, W]``: the training view, then the clean
+        view (``fnd.view=clean``), whose features (a forward without gradient, in the model's
+        mode) come third."""
+        image = self.images(batch, device)
+        clean = None
+        if image.dim() == 5:
+            image, clean = image[:, 0], image[:, 1]
+        out = model(image=image, text=batch["text"].to(device))
+        feats = (out["image_features"], out["text_features"])
+        if clean is not None and detect:
+            with torch.no_grad():
+                feats += (model(image=clean)["image_features"],)
         # 0-d (a 1-element vector under FSDP, gathered in the forward)
-        return (out["image_features"], out["text_features"]), out["logit_scale"].reshape(())
+        return feats, out["logit_scale"].reshape(())
 
     def pairs(self, feats, index, label):
         """Image anchors against the gathered texts and text anchors against the gathered
-        images; ``N_i``: the other ``B - 1`` samples, less copies of the anchor's sample."""
+        images; ``N_i``: the other ``B - 1`` samples, less copies of the anchor's sample. A
+        third feature (the clean view's) is what the detector reads in place of the images."""
         dtype = torch.promote_types(feats[0].dtype, torch.float32)  # bf16/fp16 -> fp32
         img, txt = feats[0].to(dtype), feats[1].to(dtype)
         b, dev = img.shape[0], img.device
@@ -317,6 +330,13 @@ class ClipObjective(Objective):
             copies = index[:, None] == index_all.to(dev)[None, :]
             copies[torch.arange(b, device=dev), pos] = False
             num_neg = num_neg - copies.sum(1)
+        detect = None
+        if len(feats) > 2:
+            clean = feats[2].detach().to(dtype)
+            detect = {
+                "img": (clean, txt_all.detach()),
+                "txt": (txt.detach(), distributed.gather(clean)),
+            }
         return BatchPairs(
             {"img": img, "txt": txt},
             {"img": txt_all, "txt": img_all},
@@ -328,6 +348,7 @@ class ClipObjective(Objective):
             label_all.to(dev),
             duplicates,
             column_ids=index_all.to(dev),
+            detect=detect,
         )
 
 
@@ -344,7 +365,7 @@ class SimCLRObjective(Objective):
 
     anchor_types = ANCHOR_TYPES["simclr"]
 
-    def features(self, model, batch, device):
+    def features(self, model, batch, device, detect=True):
         image = self.images(batch, device)  # [b, 2, C, H, W]
         b = image.shape[0]
         views = image.transpose(0, 1).reshape(-1, *image.shape[2:])  # [2b, C, H, W]

@@ -158,9 +158,12 @@ def cached_window(
     for j, batch in enumerate(batches):
         last = j == k - 1
         with sync(last):
-            live, logit_scale = objective.features(model, batch, device)
-            parts = [live if i == j else cached[i] for i in range(k)]
-            feats = tuple(torch.cat([p[c] for p in parts]) for c in range(len(live)))
+            # what only the detector reads (no gradient) is taken from the cache
+            live, logit_scale = objective.features(model, batch, device, detect=False)
+            feats = tuple(
+                torch.cat([live[c] if i == j and c < len(live) else cached[i][c] for i in range(k)])
+                for c in range(len(cached[0]))
+            )
             scale = logit_scale if last else logit_scale.detach()
             out = objective.loss_from(feats, scale, index, label, epoch, logged and last)
             if not all_finite(out.loss.detach()):
