@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clipfnd.cli.main import main
-from clipfnd.config import ConfigError, load_config
+from clipfnd.config import ConfigError, detection_view, load_config
 from clipfnd.registry import load_run_config
 
 
@@ -112,6 +112,7 @@ def test_paper_recipes_follow_the_reference_code():
     for path in [*configs.glob("cc3m_*.yaml"), *configs.glob("imagenet100_*glofnd.yaml")]:
         cfg = load_config(path)  # the paper's thresholds: a constant start, no offset
         assert (cfg.fnd.init, cfg.fnd.offset) == ("constant", False), path
+        assert detection_view(cfg) == "train", path  # on the view the loss sees
 
 
 def test_every_package_is_installed_and_eval_under_its_own_name():
