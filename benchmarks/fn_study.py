@@ -5,10 +5,14 @@ training on, the detector learning from the first step):
 
 - ``none``: plain CLIP;
 - ``paper``: GloFND's per-sample rule as the paper writes it (constant start, Adam/SGD on the
-  pinball loss, no offset);
-- ``default``: the calibrated default (only ``fnd.detector`` and ``fnd.alpha`` set);
+  pinball loss, no offset), on the training view;
+- ``default``: the calibrated default (only ``fnd.detector`` and ``fnd.alpha`` set): GloFND
+  reads the clean view (``fnd.view=clean``);
+- ``trainview``: the same on the training view (``fnd.view=train``), the default before the
+  clean view;
 - ``global``: one threshold for every anchor, the global batch's (1 - alpha) quantile (the
-  default's offset over thresholds that never move): no per-sample information;
+  default's offset over thresholds that never move), on the training view: no per-sample
+  information;
 - ``oracle``: every same-concept negative removed.
 
 alpha runs over rate/8, rate/4, rate/2 and rate, where rate is the testbed's true
@@ -65,10 +69,12 @@ from fn_benefit import CONCEPT_KEYS, _figure, mean_sd, testbed, write_section  #
 
 RULES: dict[str, list[str]] = {
     "none": [],
-    "paper": ["fnd.detector=glofnd", "fnd.init=constant", "fnd.offset=false"],
+    "paper": ["fnd.detector=glofnd", "fnd.init=constant", "fnd.offset=false", "fnd.view=train"],
     "default": ["fnd.detector=glofnd"],
+    "trainview": ["fnd.detector=glofnd", "fnd.view=train"],
     "global": [
         "fnd.detector=glofnd",
+        "fnd.view=train",
         "fnd.init=constant",
         "fnd.optimizer=sgd",
         "fnd.lr=1e-9",  # thresholds that do not move (fnd.lr must be > 0)
@@ -76,7 +82,7 @@ RULES: dict[str, list[str]] = {
     ],
     "oracle": ["fnd.detector=oracle"],
 }
-PER_ALPHA = ("paper", "default", "global")  # the rules whose runs depend on alpha
+PER_ALPHA = ("paper", "default", "trainview", "global")  # the rules whose runs depend on alpha
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)  # alpha over the testbed's true rate
 SIGNALS = ("agreement", "mutual", "persistence")
 START = "60%"
@@ -332,8 +338,11 @@ def render(study: dict, meta: dict) -> str:
         f"flags used from {START} of training on (the detector learns from step 0), seeds "
         f"{', '.join(map(str, meta['seeds']))}, paired by seed. Rules: `none` (CLIP), `paper` "
         "(`fnd.init=constant fnd.offset=false`: the paper's per-sample rule), `default` (only "
-        "`fnd.detector=glofnd` and `fnd.alpha`), `global` (one threshold, the global batch's "
-        "(1 - alpha) quantile: `fnd.init=constant fnd.optimizer=sgd fnd.lr=1e-9`), `oracle`. "
+        "`fnd.detector=glofnd` and `fnd.alpha`: GloFND reads the clean view), `trainview` "
+        "(the same with `fnd.view=train`: the augmented view the loss sees, the default before "
+        "the clean view), `global` (one threshold, the global batch's (1 - alpha) quantile: "
+        "`fnd.init=constant fnd.optimizer=sgd fnd.lr=1e-9`), `oracle`; `paper` and `global` "
+        "read the training view. "
         "Precision, recall and the per-anchor shares are the final checkpoint's thresholds "
         "against the final model's un-augmented similarities over the whole training split; "
         "'train precision' is the logged `fnd/precision` over the steps that used flags "
@@ -405,7 +414,12 @@ def plot(study: dict, path: Path, sig_path: Path) -> None:
     fig = Figure(figsize=(8.4, 3.0 * len(names)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(names), 2, squeeze=False).ravel()
-    colours = {"paper": "#1f77b4", "default": "#d62728", "global": "#7f7f7f"}
+    colours = {
+        "paper": "#1f77b4",
+        "default": "#d62728",
+        "trainview": "#ff7f0e",
+        "global": "#7f7f7f",
+    }
     for k, name in enumerate(names):
         runs = study[name]["runs"]
         ax_d, ax_p = axes[2 * k], axes[2 * k + 1]
