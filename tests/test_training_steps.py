@@ -163,8 +163,8 @@ def test_cached_accumulation_with_a_non_finite_micro_batch_changes_nothing(ready
     tables, params = _tables(s), _params(s)
     features, calls = s.objective.features, []
 
-    def nan_second(model, batch, device):
-        feats, scale = features(model, batch, device)
+    def nan_second(model, batch, device, detect=True):
+        feats, scale = features(model, batch, device, detect)
         calls.append(1)
         if len(calls) == 2:  # the cached forward of micro-batch 2
             feats = tuple(f * float("nan") for f in feats)
