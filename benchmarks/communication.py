@@ -31,7 +31,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the gloo group runner the tests use
 
 SETTINGS = {
     "open_clip ClipLoss(gather_with_grad)": None,
@@ -157,7 +156,7 @@ def main() -> None:
     # processes of the GloFND settings at b = 256 sometimes abort in the interpreter's
     # teardown, after their results are written ("terminate called without an active
     # exception", no Python frame): end them with os._exit
-    from gloo import run_group
+    from clipfnd.testing.gloo import run_group
 
     print(f"d = {a.dim}, float32 features; bytes each process sends per step; median step time")
     print(f"{'W':>2} {'b':>4}  {'setting':<50} {'KiB sent':>9} {'ms':>8}  collectives")

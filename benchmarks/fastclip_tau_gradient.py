@@ -8,14 +8,11 @@ code had before (which learns as if rho were one larger). Run from the repositor
 """
 
 import math
-import sys
 
 import torch
 
-sys.path.insert(0, "tests")
-from test_fastclip_temperature import B, _features, _lambdas, _setup, closed_form_dF_dlogscale  # noqa: E402
-
-import clipfnd.methods.global_contrastive as mgc  # noqa: E402
+import clipfnd.methods.global_contrastive as mgc
+from clipfnd.testing.fastclip import B, closed_form_dF_dlogscale, features, lambdas, setup
 
 
 def old_loss(g, u, tau, attract=None):  # the code before the fix: a live prefactor
@@ -28,13 +25,13 @@ def grad(glofnd, patched):
     if patched:
         mgc.global_contrastive_loss = old_loss
     try:
-        cfg, tables, obj, data = _setup(glofnd)
+        cfg, tables, obj, data = setup(glofnd)
         idx = torch.arange(B)
         ls = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
-        img, txt, scale = _features(data, idx, ls)
+        img, txt, scale = features(data, idx, ls)
         obj(img, txt, scale, idx, torch.full((B,), -1), epoch=0).loss.backward()
         want = closed_form_dF_dlogscale(
-            img.detach(), txt.detach(), 0.07, _lambdas(tables, idx, glofnd)
+            img.detach(), txt.detach(), 0.07, lambdas(tables, idx, glofnd)
         )
         return ls.grad.item(), want
     finally:

@@ -5,7 +5,7 @@ byte of the same shards with webdataset's tar reader (what a count by streaming 
                                       [--workers 2] [--rounds 3] [--dir DIR]
 
 The shards are written once into ``--dir`` (default: a temporary folder, removed after) by
-``tests/img2dataset_shards.py``: keys like ``000010023``, ``.jpg``/``.txt``/``.json`` with url,
+``clipfnd/testing/shards.py``: keys like ``000010023``, ``.jpg``/``.txt``/``.json`` with url,
 caption and status, one sample in four unusable (a failed download without an image, an
 empty caption, a zero-byte image), a ``_stats.json`` per shard; the JPEGs are noise, so their
 bytes are about the size of real photos. Rounds alternate the order of the three settings
@@ -19,19 +19,16 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the shard writer the tests use
 
 import webdataset as wds  # noqa: E402
 
+from clipfnd.testing.shards import write_shards  # noqa: E402
 from data_pipelines.index import index_shards  # noqa: E402
-
-from img2dataset_shards import write_shards  # noqa: E402
 
 
 def stream_all(files: list[Path]) -> int:

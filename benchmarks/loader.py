@@ -39,9 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the photo-like JPEGs the pixel tests use too
 
-from img2dataset_shards import photo_jpeg  # noqa: E402
+from clipfnd.testing.shards import photo_jpeg  # noqa: E402
 
 SETTINGS = ("webdataset", "clipfnd, float", "clipfnd, uint8", "clipfnd, uint8 + draft")
 

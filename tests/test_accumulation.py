@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from clipfnd import distributed
 from clipfnd.config import load_config
 from clipfnd.state import StateTables
+from clipfnd.testing.gloo import run_group
 from clipfnd.train.objective import OBJECTIVES
 from clipfnd.train.step import cached_window
-
-from gloo import run_group
 
 N, D_IN, D = 96, 10, 8
 K, B = 3, 24  # micro-batches per step, global micro-batch

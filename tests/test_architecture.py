@@ -190,3 +190,38 @@ def test_data_pipelines_and_eval_stay_below_training():
     assert _project_imports(ROOT / "data_pipelines") == set()
     allowed = {"clipfnd.checkpoints", "clipfnd.models", "clipfnd.distributed", "clipfnd.errors"}
     assert _project_imports(ROOT / "eval") <= allowed
+
+
+def test_no_benchmark_reaches_into_the_tests():
+    """Helpers the benchmarks share with the tests live in ``clipfnd.testing``: no benchmark
+    puts ``tests/`` on ``sys.path`` or imports a module of ``tests/``."""
+    test_modules = {p.stem for p in (ROOT / "tests").glob("*.py")}
+    found = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            found += [f"{path.name}: imports {n}" for n in names if n.split(".")[0] in test_modules]
+        found += [
+            f"{path.name}: {line.strip()}"
+            for line in text.splitlines()
+            if "sys.path" in line and "tests" in line
+        ]
+    assert not found, found
+
+
+def test_nothing_of_the_package_imports_its_testing_helpers():
+    """``clipfnd.testing`` serves the tests and benchmarks: training, evaluation, the report and
+    the CLI never import it."""
+    users = sorted(
+        n
+        for n, deps in _graph().items()
+        if not n.startswith("clipfnd.testing")
+        and any(d.startswith("clipfnd.testing") for d in deps)
+    )
+    assert not users, users

@@ -10,9 +10,8 @@ from clip_path import clip_loss
 from clipfnd import distributed
 from clipfnd.config import load_config
 from clipfnd.state import StateTables
+from clipfnd.testing.gloo import run_group
 from clipfnd.train.objective import ClipObjective
-
-from gloo import run_group
 
 pytestmark = pytest.mark.distributed
 

@@ -239,7 +239,7 @@ def _logged(rank: int, world: int) -> dict[str, float]:
 
 
 def test_two_processes_log_the_per_anchor_measure_of_one():
-    from gloo import run_group
+    from clipfnd.testing.gloo import run_group
 
     one = _logged(0, 1)
     assert one["fnd/anchors_img_measured"] < 20  # the anchors never visited are left out

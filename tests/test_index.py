@@ -1,6 +1,6 @@
 """``clipfnd data index``: img2dataset-shaped shards read in place.
 
-The shards are written by the test (``img2dataset_shards``): keys like ``000010023``,
+The shards are written by the test (``clipfnd.testing.shards``): keys like ``000010023``,
 ``.jpg``/``.txt``/``.json`` with url, caption and status, failed downloads without an image,
 empty captions, zero-byte images, and a ``_stats.json`` per shard. Every usable sample's
 ``.json`` carries ``class = expected index % 13``, so each batch shows whether the loader gave
@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipfnd.testing.shards import CLASSES, write_shards
 from data_pipelines import DataError, load_shard_set
 from data_pipelines.index import expand_sources, index_shards
 from data_pipelines.loader import LoaderState
 from data_pipelines.loader.worker import RankStream, _ErrorLog
 
-from img2dataset_shards import CLASSES, write_shards
 from test_data import stream as data_stream
 
 SHARDS, PER_SHARD = 4, 48  # 36 usable per shard (12 made unusable), 144 in all

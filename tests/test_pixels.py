@@ -21,13 +21,12 @@ from PIL import Image
 from torchvision import transforms as T
 
 from clipfnd.models.factory import register_builtin_configs
+from clipfnd.testing.shards import photo_jpeg
 from data_pipelines.augment import TwoViews, simclr_augment
 from data_pipelines.images import to_rgb
 from data_pipelines.loader import LoaderState, ShardStream
 from data_pipelines.pixels import Uint8Transform, Uint8TwoViews, fast_transform, with_clean_view
 from data_pipelines.shards import load_shard_set
-
-from img2dataset_shards import photo_jpeg
 
 
 def _old_and_new(transform, fast, data: bytes, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,11 +28,11 @@ import pytest
 from test_index import stream
 
 from clipfnd.cli.main import main
+from clipfnd.testing.shards import write_shards
 from data_pipelines import DataError, load_shard_set
 from data_pipelines.index import index_shards
 from data_pipelines.shards import iter_tar_samples
 
-from img2dataset_shards import write_shards
 from runs import launch_cmd, write_config
 from servers import http_server, s3_server_with_credentials
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from test_index import stream
 
+from clipfnd.testing.shards import write_shards
 from data_pipelines import DataError, load_shard_set
 from data_pipelines.index import index_shards
 from data_pipelines.loader import LoaderState
 from data_pipelines.verify import verify_split
 
-from img2dataset_shards import write_shards
 from runs import assert_same_losses, launch, write_config
 from servers import FaultyHandler
 

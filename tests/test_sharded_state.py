@@ -11,8 +11,7 @@ from test_distributed import CONFIGS, N, run_steps
 from clipfnd.config import ConfigError, load_config
 from clipfnd.state import ShardedTables, StateTables
 from clipfnd.state.files import read_full_tables
-
-from gloo import run_group
+from clipfnd.testing.gloo import run_group
 
 pytestmark = pytest.mark.distributed
 

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from clipfnd import distributed
 from clipfnd.config import load_config
 from clipfnd.state import StateTables
+from clipfnd.testing.gloo import run_group
 from clipfnd.train.objective import SimCLRObjective
-
-from gloo import run_group
 
 pytestmark = pytest.mark.distributed
 
