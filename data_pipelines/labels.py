@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .shards import DataError
+from .errors import DataError
 
 INT_TEXT = re.compile(r"\s*\+?\d+\s*")
 

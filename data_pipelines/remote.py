@@ -27,7 +27,8 @@ from http import HTTPStatus
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from .shards import DataError, ShardInfo
+from .errors import DataError
+from .records import ShardInfo
 from .tars import HeaderCheck, read_members
 from .urls import public, redact, secret_in
 

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import DataError
 from .progress import bar_disable
+from .records import RawSample, ShardInfo, SkippedInput
 from .tars import tar_fingerprint
 from .urls import is_remote
 
@@ -44,52 +46,6 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 FORMAT_NAME = "clipfnd-shards"
 FORMAT_VERSION = 1
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
-
-
-class DataError(RuntimeError):
-    """Bad data or a bad data location; the message names the file, sample or key."""
-
-
-@dataclass
-class RawSample:
-    """One sample before it gets its dataset index: encoded image bytes and a caption."""
-
-    image: bytes
-    image_ext: str
-    caption: str
-    label: int | None = None
-    source: str = ""  # where it came from (a path or a row), for messages
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class SkippedInput:
-    """An input that yields no sample at all (e.g. a missing image file): counted, not written."""
-
-    reason: str
-    source: str
-
-
-@dataclass
-class ShardInfo:
-    """One shard. ``num_samples`` counts its usable samples. Shards indexed in place
-    (``clipfnd data index``) also have ``offset`` (the dataset index of their first usable
-    sample), ``num_raw`` (all samples, usable or not), and the size and mtime they had when
-    indexed; shards written by clipfnd carry each sample's index in its ``.json`` instead."""
-
-    path: str
-    num_samples: int
-    offset: int | None = None
-    num_raw: int | None = None
-    weight: float = 1.0  # upsampling factor under data.resampled
-    # a remote shard (``data_pipelines.remote``): its size and ETag when indexed, checked
-    # before each read (None: the store gave none)
-    size: int | None = None
-    etag: str | None = None
-    # its tar headers' digest, whole and per chunk (``data_pipelines.tars``), checked as a
-    # remote shard is read
-    fingerprint: str | None = None
-    fingerprint_chunks: list[str] | None = None
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .shards import DataError
+from .errors import DataError
 
 SPLIT_NAME = re.compile(r"(train|test|validation|valid|val)(?:[-_.]|$)")
 # the split evaluation takes when several are there and none was asked for

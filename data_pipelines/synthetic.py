@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shards import DataError, RawSample
+from .errors import DataError
+from .records import RawSample
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
