@@ -6,6 +6,8 @@ and refuses where it should."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from clipfnd.config import ConfigError, detection_view, load_config
 from clipfnd.methods import AnchorRows
 from clipfnd.state import StateTables
 from clipfnd.train.objective import ClipObjective
+from clipfnd.train.step import cached_window
 
 N, D = 32, 6
 OVER = ["data.train=unused", "fnd.detector=glofnd", "fnd.alpha=0.1", "fnd.queue=0"]
@@ -44,7 +47,7 @@ def _objective():
 
 def test_the_detector_reads_the_clean_view_and_the_loss_the_training_view():
     img, txt, clean = _features()
-    scale = torch.tensor(10.0, dtype=torch.float64)
+    scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)  # the temperature
     index, label = torch.arange(N), torch.arange(N) % 4
     both, flags_both = _objective()
     alone, flags_clean = _objective()  # the clean view as the only image features
@@ -69,9 +72,69 @@ def test_the_detector_reads_the_clean_view_and_the_loss_the_training_view():
     }
     expected = both.method.loss(rows, index, scale, 2).loss
     torch.testing.assert_close(out.loss, expected, atol=1e-12, rtol=0)
+    got = torch.autograd.grad(out.loss, (img, txt, scale), retain_graph=True)
+    want = torch.autograd.grad(expected, (img, txt, scale))
+    for g, w in zip(got, want, strict=True):  # the features' and the temperature's
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+    assert got[2].abs() > 0
     out.loss.backward()
     assert img.grad is not None and img.grad.abs().sum() > 0
     assert clean.grad is None  # no gradient through the clean view
+
+
+class _Towers(torch.nn.Module):
+    """Linear towers standing for a CLIP model; counts the image-only forwards (the clean
+    view's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi = torch.nn.Linear(D, D, dtype=torch.float64)
+        self.wt = torch.nn.Linear(D, D, dtype=torch.float64)
+        self.clean_forwards = 0
+
+    def forward(self, image=None, text=None):
+        if text is None:
+            self.clean_forwards += 1
+        return {
+            "image_features": F.normalize(self.wi(image.flatten(1)), dim=1),
+            "text_features": None if text is None else F.normalize(self.wt(text), dim=1),
+            "logit_scale": torch.tensor(10.0, dtype=torch.float64),
+        }
+
+
+def test_the_clean_forward_runs_only_while_the_detector_reads_it():
+    """Before ``fnd.start_update`` (and ``start_mask``) GloFND reads nothing: no clean forward,
+    in one batch and in cached accumulation; from then on, one per micro-batch."""
+    cfg = load_config(None, [*OVER, "fnd.start_update=2", "fnd.start_mask=2"])
+    obj = ClipObjective(cfg, StateTables(N), has_labels=True)
+    model = _Towers()
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(N, 2, 1, 1, D, generator=g, dtype=torch.float64)  # train, clean views
+    batch = {"image": image, "text": torch.randn(N, D, generator=g, dtype=torch.float64)}
+    batch |= {"index": torch.arange(N), "label": torch.arange(N) % 4}
+    obj.batch_loss(model, batch, torch.device("cpu"), epoch=0, measure=False)
+    assert model.clean_forwards == 0
+    halves = [
+        {k: v[: N // 2] for k, v in batch.items()},
+        {k: v[N // 2 :] for k, v in batch.items()},
+    ]
+    for epoch, want in ((1, 0), (2, 2)):
+        model.clean_forwards = 0
+        cached_window(
+            obj,
+            model,
+            halves,
+            torch.device("cpu"),
+            epoch,
+            False,
+            lambda loss: loss.backward(),
+            lambda last: contextlib.nullcontext(),
+            lambda loss: True,
+        )
+        assert model.clean_forwards == want, epoch
+    model.clean_forwards = 0
+    obj.batch_loss(model, batch, torch.device("cpu"), epoch=2, measure=False)
+    assert model.clean_forwards == 1
 
 
 def test_view_resolves_and_refuses():

@@ -264,9 +264,10 @@ def build_run(cfg: Config) -> Run:
     tables = _tables(cfg, shard_set, accelerator)
     # uint8 images from the workers, normalised on the device (data_pipelines/pixels.py)
     gap = REDUCING_GAP if cfg.data.reduced_jpeg_decoding else None
-    transform = fast_transform(bundle.preprocess_train, reducing_gap=gap)
     if detection_view(cfg) == "clean":  # GloFND reads un-augmented images (fnd.view)
         transform = with_clean_view(bundle.preprocess_train, bundle.preprocess_val)
+    else:
+        transform = fast_transform(bundle.preprocess_train, reducing_gap=gap)
     objective = OBJECTIVES[cfg.mode](
         cfg,
         tables,

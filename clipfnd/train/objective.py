@@ -181,11 +181,16 @@ class Objective(ABC):
         *feats, logit_scale, index, label = args
         return self.loss_from(tuple(feats), logit_scale, index, label, epoch, measure)
 
+    def detecting(self, epoch: int) -> bool:
+        """Whether the detector reads this step's pairs (it masks or learns): the forward of
+        what only it reads (CLIP's clean view) is skipped otherwise."""
+        return self.detector.masking(epoch) or self.detector.updating(epoch)
+
     def batch_loss(
         self, model: torch.nn.Module, batch: dict, device: torch.device, epoch: int, measure: bool
     ) -> StepOutput:
         """Forward ``batch`` through ``model`` and return this rank's loss and rows."""
-        feats, logit_scale = self.features(model, batch, device)
+        feats, logit_scale = self.features(model, batch, device, self.detecting(epoch))
         return self.loss_from(
             feats, logit_scale, batch["index"].to(device), batch["label"].to(device), epoch, measure
         )

@@ -151,7 +151,8 @@ def cached_window(
     """
     k = len(batches)
     with torch.no_grad():
-        cached = [objective.features(model, b, device)[0] for b in batches]
+        detect = objective.detecting(epoch)
+        cached = [objective.features(model, b, device, detect)[0] for b in batches]
     index = torch.cat([b["index"] for b in batches]).to(device)
     label = torch.cat([b["label"] for b in batches]).to(device)
     out = None
